@@ -1,0 +1,6 @@
+"""fxcompress: a torch.fx graph-rewriting compiler for compression-aware training."""
+from .compiled import CompressedModel, compile  # noqa: F401
+from .errors import BadInput, FxcError, PolicyError, RunFailure, TraceError  # noqa: F401
+from .policy import load_policy  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""fxcompress transform MODEL --policy P.yaml: trace, plan, rewrite, write."""
+from __future__ import annotations
+
+import argparse
+
+from ..report import plan_table, summary
+from .common import add_model_args, compile_from_args, print_json
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("transform", help="rewrite a model's graph by a policy",
+                       description="Trace MODEL, resolve the policy against its graph and rewrite it. "
+                       "Prints the per-layer plan; with -o DIR writes the rewritten module as Python, "
+                       "its weights, report.json and graph pictures.")
+    add_model_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan only; rewrite nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-o", "--output", metavar="DIR", help="write module.py, weights, report.json, graph.dot/svg")
+    return p
+
+
+def _auto_leaf_lines(cm) -> list:
+    return [f"auto-leaf: {a.path} ({a.type}) at {a.where}: {a.reason}" for a in cm.trace_info.auto_leaves]
+
+
+def run(args) -> int:
+    if args.dry_run:
+        return _dry_run(args)
+    loaded, inputs, cm = compile_from_args(args)
+    written = []
+    if args.output:
+        from ..export import export
+
+        written = export(cm, args.output, loaded.source)
+    if args.json:
+        print_json({"summary": summary(cm), "report": cm.report(), "written": [str(w) for w in written]})
+        return 0
+    for line in _auto_leaf_lines(cm):
+        print(line)
+    print(plan_table(cm.plan))
+    s = summary(cm)
+    print(f"\n{s['selected_nodes']} nodes selected, treated: {s['treated_nodes'] or 'none'}, "
+          f"{s['inserted']} nodes/modules inserted")
+    for r in cm.pass_results.values():
+        for note in r.notes:
+            print(f"note: {note}")
+    for w in written:
+        print(f"wrote {w}")
+    return 0
+
+
+def _dry_run(args) -> int:
+    # The plan needs a traced graph and shapes but no rewrite: compile with
+    # no passes, which resolves and validates everything a real run would.
+    from ..compiled import compile
+    from ..loading import example_inputs, load_model
+    from ..policy import load_policy
+
+    loaded = load_model(args.model, args.model_fn)
+    inputs = example_inputs(loaded, args.input_shape, args.input_dtype)
+    cm = compile(loaded.model, load_policy(args.policy), inputs, passes=[])
+    if args.json:
+        print_json({"summary": summary(cm), "auto_leaves": [vars(a) for a in cm.trace_info.auto_leaves],
+                    "plan": cm.plan.to_json()["nodes"]})
+        return 0
+    for line in _auto_leaf_lines(cm):
+        print(line)
+    print(plan_table(cm.plan))
+    s = summary(cm)
+    print(f"\n(dry run) {s['selected_nodes']} nodes selected, would treat: {s['treated_nodes'] or 'none'}")
+    return 0

@@ -1,0 +1,9 @@
+"""The passes, in the one order they run.
+
+Order matters: passes that change how weights reach their ops (scaled
+gradients, masks, dual precision) run before the activation pass, so that the
+activation pass sees the final ops whose saved tensors it compresses.
+"""
+from .base import Pass, PassResult, add_submodule, fxc_name  # noqa: F401
+
+PASS_ORDER: list = []

@@ -1,0 +1,67 @@
+"""What every pass is: a small unit `(GraphModule, Plan) -> PassResult`."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..plan import Plan
+    from ..runtime.controller import Controller
+
+
+@dataclass
+class PassResult:
+    modified: bool = False
+    #: names of nodes and submodules the pass inserted (all start with fxc_)
+    inserted: List[str] = field(default_factory=list)
+    #: training-time state the pass created, by name
+    controllers: Dict[str, "Controller"] = field(default_factory=dict)
+    #: one line per thing a user should know (fallbacks, skipped nodes)
+    notes: List[str] = field(default_factory=list)
+
+
+class Pass:
+    """A graph rewrite for one treatment kind.
+
+    Subclasses set `name`, and when they consume a per-node policy key,
+    `key` (the policy key, e.g. "scaled_grad") and `config` (its dataclass).
+    `applies_to` says whether a node can take the treatment (None = yes, else
+    the reason why not, shown in the plan); `run` rewrites the graph in place.
+    """
+
+    name: ClassVar[str] = "pass"
+    key: ClassVar[Optional[str]] = None
+    config: ClassVar[Optional[type]] = None
+
+    def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
+        return None
+
+    def run(self, gm: fx.GraphModule, plan: "Plan") -> PassResult:  # pragma: no cover
+        raise NotImplementedError
+
+
+_SAFE = re.compile(r"[^0-9a-zA-Z_]")
+
+
+def fxc_name(gm: fx.GraphModule, *parts: str) -> str:
+    """A deterministic attribute name `fxc_<parts>` not yet used on `gm`.
+
+    Determinism matters: the same model and policy always give the same
+    names, so state_dicts and golden code snapshots are stable.
+    """
+    base = "fxc_" + "_".join(_SAFE.sub("_", p) for p in parts if p)
+    name, i = base, 1
+    while hasattr(gm, name) or name in {n.name for n in gm.graph.nodes}:
+        name = f"{base}_{i}"
+        i += 1
+    return name
+
+
+def add_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
+    assert name.startswith("fxc_"), "inserted submodules carry the fxc_ prefix"
+    gm.add_submodule(name, module)
+    return name
