@@ -135,7 +135,7 @@ def load_model(spec: str, model_fn: Optional[str] = None) -> LoadedModel:
 
 def parse_shape(text: str) -> Tuple[int, ...]:
     try:
-        dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+        dims = tuple(int(p) for p in text.replace("x", ",").split(","))
     except ValueError:
         raise BadInput(f"--input-shape must be comma-separated integers like 1,3,32,32, got '{text}'") from None
     if not dims or any(d <= 0 for d in dims):

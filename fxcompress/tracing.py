@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import ShapeError, TraceError
 
@@ -123,6 +123,36 @@ def _trace_error(model, path, mtype, err, where, auto_leaf) -> TraceError:
         "or fix the input in trace.concrete_args")
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and stores each node's TensorMetadata, like torch's
+    ShapeProp, but lets the first failure through untouched (ShapeProp prints
+    a traceback of its own) so we can name the node in one line."""
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise _NodeFailed(n, e) from e
+        metas = []
+
+        def record(obj):
+            if isinstance(obj, torch.Tensor):
+                metas.append(_extract_tensor_metadata(obj))
+            return obj
+
+        fx.node.map_aggregate(result, record)
+        if metas:
+            n.meta["tensor_meta"] = metas[0]
+        n.meta["type"] = type(result)
+        return result
+
+
+class _NodeFailed(Exception):
+    def __init__(self, node: fx.Node, error: BaseException):
+        super().__init__(str(error))
+        self.node, self.error = node, error
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> None:
     """Fill node.meta['tensor_meta'] by running the graph once.
 
@@ -134,11 +164,19 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Non
     try:
         gm.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as e:
+            _ShapeRecorder(gm).run(*example_inputs)
+    except (_NodeFailed, TypeError) as f:
         shapes = ", ".join(str(tuple(t.shape)) if torch.is_tensor(t) else type(t).__name__ for t in example_inputs)
-        raise ShapeError(f"the example input ({shapes}) does not fit the model: {_first_line(e)} "
-                         f"(at {_user_frame(e)}); give the input shape with --input-shape or example_inputs()") from None
+        err = f.error if isinstance(f, _NodeFailed) else f
+        at = ""
+        if isinstance(f, _NodeFailed):
+            from .plan import node_qualname
+
+            at = f" at node '{node_qualname(f.node)}'"
+            where = _user_frame(err)
+            at += f" ({where})" if where != "<unknown>" else ""
+        raise ShapeError(f"the example input ({shapes}) does not fit the model{at}: {_first_line(err)}; "
+                         "give the right shape with --input-shape or example_inputs()") from None
     finally:
         for m, mode in modes.items():
             m.training = mode
