@@ -153,6 +153,45 @@ class _NodeFailed(Exception):
         self.node, self.error = node, error
 
 
+# Leaf modules whose output has the input's shape and dtype: on the meta
+# device their kernels are slow Python decompositions, and we only need shapes.
+_SAME_SHAPE = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+               nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+               nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.modules.dropout._DropoutNd)
+
+
+class _MetaShapeRecorder(_ShapeRecorder):
+    """Shape propagation on the meta device: no arithmetic, no memory.
+
+    Parameters and buffers are swapped for meta tensors only for the call
+    and put back at once, so the model itself is never modified."""
+
+    def call_module(self, target, args, kwargs):
+        mod = self.fetch_attr(target)
+        if isinstance(mod, _SAME_SHAPE) and args and torch.is_tensor(args[0]) and not kwargs:
+            return torch.empty_like(args[0])
+        saved = []
+        try:
+            for m in mod.modules():
+                for d in (m._parameters, m._buffers):
+                    for k, v in d.items():
+                        if v is not None:
+                            saved.append((d, k, v))
+                            d[k] = v.to("meta")
+            return mod(*args, **kwargs)
+        finally:
+            for d, k, v in saved:
+                d[k] = v
+
+    def get_attr(self, target, args, kwargs):
+        v = super().get_attr(target, args, kwargs)
+        return v.to("meta") if torch.is_tensor(v) else v
+
+
+def _to_meta(x):
+    return fx.node.map_aggregate(x, lambda t: t.to("meta") if torch.is_tensor(t) else t)
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> None:
     """Fill node.meta['tensor_meta'] by running the graph once.
 
@@ -164,7 +203,12 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Non
     try:
         gm.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            _ShapeRecorder(gm).run(*example_inputs)
+            try:
+                _MetaShapeRecorder(gm).run(*_to_meta(tuple(example_inputs)))
+            except Exception:
+                # Ops without meta kernels, or a real shape error: run for
+                # real, which either fills the shapes or names the bad node.
+                _ShapeRecorder(gm).run(*example_inputs)
     except (_NodeFailed, TypeError) as f:
         shapes = ", ".join(str(tuple(t.shape)) if torch.is_tensor(t) else type(t).__name__ for t in example_inputs)
         err = f.error if isinstance(f, _NodeFailed) else f

@@ -268,11 +268,12 @@ def fit_amq(bits: int, dist: TruncNormMixture, lr: float = 0.7, epochs: int = 40
         starts.append(float(previous))
     best_p, best_v = None, np.inf
     for p in starts:
-        for _ in range(epochs):
+        # a fixed step can overshoot a narrow valley; keep the best iterate seen
+        for _ in range(epochs + 1):
+            v = variance(exponential_levels(bits, p), dist)
+            if v < best_v:
+                best_p, best_v = p, v
             p = float(np.clip(p - lr * amq_gradient(p, bits, dist), P_MIN, P_MAX))
-        v = variance(exponential_levels(bits, p), dist)
-        if v < best_v:
-            best_p, best_v = p, v
     return best_p, exponential_levels(bits, best_p)
 
 

@@ -1,0 +1,263 @@
+"""Gradient quantization kernels: encode (normalise + stochastic round + pack)
+and decode (unpack + scale + average over ranks), for the ALQ/AMQ DDP hook.
+
+Wire format: fxcompress/distributed/wire.py. Randomness comes from a
+counter-based hash of (seed, coordinate index) rather than a stateful RNG, so
+the Triton kernel and the torch reference draw the *same* uniform number for
+each coordinate and their codes can be compared one by one; it also makes a
+rank's codes reproducible from (seed, step, rank, bucket) alone.
+
+Both paths work in float32. The norm is a reduction whose order differs
+between the paths, so a coordinate whose rounding probability lies within an
+ulp of its uniform draw may round differently; everything else is identical.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..distributed.wire import GROUP, Layout, assemble, check_bits, check_bucket_size, pack_codes, split, unpack_codes
+from ..errors import BadInput
+from .dispatch import use_triton
+
+EPS = 1e-7  # r = x / (||x|| + EPS): an all-zero bucket encodes as zeros, not NaN
+MASK32 = 0xFFFFFFFF
+# multipliers of a 32-bit integer finaliser (xor-shift-multiply); kept below
+# 2^31 so the int64 products of the torch path never overflow
+MUL1, MUL2 = 0x7FEB352D, 0x2C1B3C6D
+NORMS = ("l2", "linf")
+
+
+# ------------------------------------------------------------------ hashing
+
+def _mix32(h: int) -> int:
+    h &= MASK32
+    h ^= h >> 16
+    h = (h * MUL1) & MASK32
+    h ^= h >> 15
+    h = (h * MUL2) & MASK32
+    h ^= h >> 16
+    return h
+
+
+def stream_keys(seed: int):
+    """Two 32-bit keys derived from a seed; the kernels only see the keys."""
+    k1 = _mix32(seed & MASK32)
+    return k1, _mix32(k1 ^ 0x5BD1E995)
+
+
+def _mix32_t(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = (h * MUL1) & MASK32
+    h = h ^ (h >> 15)
+    h = (h * MUL2) & MASK32
+    return h ^ (h >> 16)
+
+
+def uniform_reference(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """u in [0, 1) on a 2^-24 grid (exact in float32) for each index."""
+    k1, k2 = stream_keys(seed)
+    h = _mix32_t((index.to(torch.int64) + k1) & MASK32)
+    h = _mix32_t(h ^ k2)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+# ------------------------------------------------------- torch reference
+
+def _levels32(levels) -> torch.Tensor:
+    return torch.as_tensor(levels, dtype=torch.float32)
+
+
+def bucket_matrix(x: torch.Tensor, bucket_size: int) -> torch.Tensor:
+    """Flat x -> (num_buckets, bucket_size), zero-padded (zeros change neither norm)."""
+    flat = x.reshape(-1).to(torch.float32)
+    nb = max(1, -(-flat.numel() // bucket_size))
+    pad = nb * bucket_size - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(nb, bucket_size)
+
+
+def bucket_norms(xb: torch.Tensor, norm: str) -> torch.Tensor:
+    return xb.abs().amax(dim=1) if norm == "linf" else torch.linalg.vector_norm(xb, dim=1)
+
+
+def round_reference(r: torch.Tensor, levels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Unbiased stochastic rounding of r in [-1, 1] to a level index: up with
+    probability (r - lo) / (hi - lo), so E[level] = r."""
+    r = r.clamp(-1.0, 1.0)
+    k = torch.searchsorted(levels[1:-1].contiguous(), r.contiguous(), right=True)
+    lo, hi = levels[k], levels[k + 1]
+    p = (r - lo) / (hi - lo)
+    return k + (u < p).to(k.dtype)
+
+
+def encode_reference(x, levels, bits, bucket_size, norm="l2", seed=0) -> torch.Tensor:
+    lv = _levels32(levels).to(x.device)
+    xb = bucket_matrix(x, bucket_size)
+    norms = bucket_norms(xb, norm)
+    r = (xb / (norms[:, None] + EPS)).reshape(-1)[: x.numel()]
+    u = uniform_reference(seed, torch.arange(x.numel(), device=x.device))
+    codes = round_reference(r, lv, u)
+    return assemble(norms, pack_codes(codes, bits), Layout(x.numel(), bucket_size, bits))
+
+
+def decode_reference(messages, levels, bits, numel, bucket_size) -> torch.Tensor:
+    """Mean over ranks of the decoded messages (rows), in rank order."""
+    layout = Layout(numel, bucket_size, bits)
+    msgs = messages.reshape(-1, layout.nbytes)
+    lv = _levels32(levels).to(msgs.device)
+    bucket = torch.arange(numel, device=msgs.device) // bucket_size
+    acc = torch.zeros(numel, dtype=torch.float32, device=msgs.device)
+    all_norms, all_packed = split(msgs, layout)
+    for w in range(msgs.shape[0]):
+        codes = unpack_codes(all_packed[w], bits, numel)
+        acc = acc + lv[codes] * all_norms[w][bucket]
+    return acc / msgs.shape[0]
+
+
+# ------------------------------------------------------------------ Triton
+
+try:  # CPU-only installs have no triton; the torch reference serves them
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+
+
+if triton is not None:
+    @triton.jit
+    def _mix(h):
+        # literals, not MUL1 / MUL2: jit code cannot read module globals
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x2C1B3C6D
+        return h ^ (h >> 16)
+
+    @triton.jit
+    def _encode_kernel(x_ptr, levels_ptr, norms_ptr, codes_ptr, numel, bucket_size, key1, key2,
+                       BLOCK: tl.constexpr, NUM_LEVELS: tl.constexpr, BITS: tl.constexpr,
+                       LINF: tl.constexpr):
+        # one program per bucket: the norm is a reduction over the whole bucket
+        b = tl.program_id(0)
+        start = b * bucket_size
+        offs = tl.arange(0, BLOCK)
+        idx = start + offs
+        valid = (offs < bucket_size) & (idx < numel)
+        x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        if LINF:
+            nrm = tl.max(tl.abs(x), axis=0)
+        else:
+            nrm = tl.sqrt(tl.sum(x * x, axis=0))
+        tl.store(norms_ptr + b, nrm)
+        r = x / (nrm + 1e-7)  # EPS
+        r = tl.minimum(tl.maximum(r, -1.0), 1.0)
+        k = tl.zeros([BLOCK], dtype=tl.int32)
+        for j in tl.static_range(1, NUM_LEVELS - 1):
+            k += (r >= tl.load(levels_ptr + j)).to(tl.int32)
+        lo = tl.load(levels_ptr + k)
+        hi = tl.load(levels_ptr + k + 1)
+        p = (r - lo) / (hi - lo)
+        # uint32 arithmetic wraps mod 2^32, which the torch path gets by masking
+        h = _mix(idx.to(tl.uint32) + key1.to(tl.uint32))
+        h = _mix(h ^ key2.to(tl.uint32))
+        u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        code = k + (u < p).to(tl.int32)
+        code = tl.where(valid, code, 0)  # padding codes are zero, as in the reference
+        groups = tl.reshape(code.to(tl.int64), [BLOCK // 8, 8])
+        shifts = tl.arange(0, 8).to(tl.int64) * BITS
+        word = tl.sum(groups << shifts[None, :], axis=1)
+        gidx = tl.arange(0, BLOCK // 8)
+        g = start // 8 + gidx
+        gvalid = (gidx * 8 < bucket_size) & (g * 8 < numel)
+        for i in tl.static_range(BITS):
+            tl.store(codes_ptr + g * BITS + i, ((word >> (8 * i)) & 255).to(tl.uint8), mask=gvalid)
+
+    @triton.jit
+    def _decode_kernel(codes_ptr, norms_ptr, levels_ptr, out_ptr, numel, bucket_size, world,
+                       codes_stride, norms_stride, BLOCK: tl.constexpr, BITS: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < numel
+        bitpos = (offs % 8) * BITS
+        byte = (offs // 8) * BITS + bitpos // 8
+        shift = bitpos % 8
+        spans = valid & (shift + BITS > 8)  # the code continues into the next byte
+        bucket = offs // bucket_size
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for w in range(world):  # ranks in order, as the reference sums them
+            row = codes_ptr + w * codes_stride
+            b0 = tl.load(row + byte, mask=valid, other=0).to(tl.int32)
+            b1 = tl.load(row + byte + 1, mask=spans, other=0).to(tl.int32)
+            code = ((b0 | (b1 << 8)) >> shift) & ((1 << BITS) - 1)
+            lvl = tl.load(levels_ptr + code, mask=valid, other=0.0)
+            nrm = tl.load(norms_ptr + w * norms_stride + bucket, mask=valid, other=0.0)
+            acc = acc + lvl * nrm
+        tl.store(out_ptr + offs, acc / world, mask=valid)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def encode_triton(x, levels, bits, bucket_size, norm="l2", seed=0) -> torch.Tensor:
+    layout = Layout(x.numel(), bucket_size, bits)
+    flat = x.reshape(-1).contiguous()
+    lv = _levels32(levels).to(flat.device).contiguous()
+    msg = torch.zeros(layout.nbytes, dtype=torch.uint8, device=flat.device)
+    norms, codes = split(msg, layout)
+    if flat.numel() == 0:
+        norms.zero_()
+        return msg
+    k1, k2 = stream_keys(seed)
+    _encode_kernel[(layout.num_buckets,)](
+        flat, lv, norms, codes, flat.numel(), bucket_size, k1, k2,
+        BLOCK=_next_pow2(bucket_size), NUM_LEVELS=lv.numel(), BITS=bits, LINF=(norm == "linf"))
+    return msg
+
+
+def decode_triton(messages, levels, bits, numel, bucket_size, block: int = 4096) -> torch.Tensor:
+    layout = Layout(numel, bucket_size, bits)
+    msgs = messages.reshape(-1, layout.nbytes).contiguous()
+    world = msgs.shape[0]
+    norms, codes = split(msgs, layout)
+    lv = _levels32(levels).to(msgs.device).contiguous()
+    out = torch.empty(numel, dtype=torch.float32, device=msgs.device)
+    if numel == 0:
+        return out
+    grid = (triton.cdiv(numel, block),)
+    _decode_kernel[grid](codes, norms, lv, out, numel, bucket_size, world,
+                        msgs.stride(0), norms.stride(0), BLOCK=block, BITS=bits)
+    return out
+
+
+# ---------------------------------------------------------------- public
+
+def _check(levels, bits, bucket_size, norm):
+    check_bits(bits)
+    check_bucket_size(bucket_size)
+    if norm not in NORMS:
+        raise BadInput(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    n = len(levels)
+    if not 2 <= n <= (1 << bits):
+        raise BadInput(f"{n} levels do not fit in {bits}-bit codes (at most {1 << bits})")
+
+
+def encode(x: torch.Tensor, levels, bits: int, bucket_size: int = 8192, norm: str = "l2",
+           seed: int = 0) -> torch.Tensor:
+    """Quantize flat gradient x to one wire message (uint8, `Layout.nbytes`)."""
+    _check(levels, bits, bucket_size, norm)
+    if use_triton(x):
+        return encode_triton(x, levels, bits, bucket_size, norm, seed)
+    return encode_reference(x, levels, bits, bucket_size, norm, seed)
+
+
+def decode(messages: torch.Tensor, levels, bits: int, numel: int, bucket_size: int = 8192) -> torch.Tensor:
+    """Average of the gradients in `messages` (one row per rank) -> float32 (numel,)."""
+    _check(levels, bits, bucket_size, "l2")
+    if use_triton(messages):
+        return decode_triton(messages, levels, bits, numel, bucket_size)
+    return decode_reference(messages, levels, bits, numel, bucket_size)
+
+
+__all__ = ["encode", "decode", "encode_reference", "decode_reference", "encode_triton", "decode_triton",
+           "uniform_reference", "stream_keys", "GROUP"]
