@@ -1,0 +1,78 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fxcompress.cli import COMMANDS, build_parser
+from tests.helpers import run_cli
+
+CNN = os.path.join(os.path.dirname(__file__), "models", "small_cnn.py")
+GATED = os.path.join(os.path.dirname(__file__), "models", "gated.py")
+
+
+@pytest.fixture
+def policy(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("version: 1\nrules:\n  - match: {type: [Conv2d, Linear]}\n")
+    return str(p)
+
+
+def available_commands():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return list(sub.choices)
+
+
+def test_every_command_has_help():
+    cmds = available_commands()
+    assert {"transform", "validate"} <= set(cmds)
+    for cmd in cmds:
+        code, out, err = run_cli([cmd, "--help"])
+        assert code == 0 and "usage: fxcompress " + cmd in out
+
+
+def test_no_command_prints_help_and_exits_2():
+    code, out, err = run_cli([])
+    assert code == 2 and "COMMAND" in out
+
+
+def test_dry_run_prints_the_plan_table(policy):
+    code, out, err = run_cli(["transform", CNN, "--policy", policy, "--dry-run"])
+    assert code == 0, err
+    assert "conv1" in out and "2x8x16x16" in out and "(dry run) 3 nodes selected" in out
+
+
+def test_dry_run_json(policy):
+    code, out, err = run_cli(["transform", CNN, "--policy", policy, "--dry-run", "--json"])
+    data = json.loads(out)
+    assert [n["qualname"] for n in data["plan"]] == ["conv1", "conv2", "fc"]
+    assert data["plan"][2]["shape"] == [2, 10]
+
+
+def test_transform_reports_auto_leaf(policy, tmp_path):
+    p = tmp_path / "lin.yaml"
+    p.write_text("rules:\n  - match: {type: Linear}\n")
+    code, out, err = run_cli(["transform", GATED, "--policy", str(p)])
+    assert code == 0, err
+    assert "auto-leaf: block.gate (Gate)" in out and "gated.py:12" in out
+
+
+def test_transform_torchvision_with_input_shape(policy):
+    code, out, err = run_cli(["transform", "torchvision:mobilenet_v3_small", "--policy", policy,
+                              "--input-shape", "1,3,32,32", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["summary"]["selected_nodes"] > 10
+
+
+def test_validate_ok(policy):
+    code, out, err = run_cli(["validate", policy, CNN])
+    assert code == 0 and "ok (1 rules, 3 nodes selected" in out
+
+
+def test_console_script_entry_point(policy):
+    """The installed script and `python -m fxcompress` both exit with 2 on bad input."""
+    r = subprocess.run([sys.executable, "-m", "fxcompress", "validate", policy + ".missing"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "policy file not found" in r.stderr and "Traceback" not in r.stderr
