@@ -4,3 +4,4 @@ from .errors import BadInput, FxcError, PolicyError, RunFailure, TraceError  # n
 from .policy import load_policy  # noqa: F401
 
 __version__ = "0.1.0"
+from . import inspect  # noqa: E402,F401  (fxcompress.inspect: code, diff, table, graph pictures)
