@@ -51,8 +51,12 @@ class DataBundle:
     std: Tuple[float, ...] = ()
 
     def example_batch(self, n: int = 2) -> torch.Tensor:
-        """A batch of real training images (example inputs for compile())."""
-        return torch.stack([self.train[i][0] for i in range(min(n, len(self.train)))])
+        """A batch of real images (example inputs for compile()).
+
+        From the test split, which is never augmented: taking them draws no
+        random numbers, so it cannot shift a seeded run.
+        """
+        return torch.stack([self.test[i][0] for i in range(min(n, len(self.test)))])
 
     def describe(self) -> dict:
         return {"name": self.name, "train": len(self.train), "test": len(self.test),
@@ -70,13 +74,18 @@ class ImageSet(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, scale: float,
                  mean: Sequence[float], std: Sequence[float], size: int,
-                 mode: str = "nearest", augment: Optional[str] = None):
+                 mode: str = "nearest", augment: Optional[str] = None, channels: Optional[int] = None):
         if images.dim() != 4:
             raise ValueError(f"images must be NCHW, got shape {tuple(images.shape)}")
         self.labels = labels.long()
         self.size = int(size)
         self.mode = mode
         self.augment = augment
+        # The training loop gives augmentation its own generator, reseeded per
+        # epoch, so that a compressed run and its baseline crop alike even when
+        # a method draws random numbers (stochastic rounding) in between.
+        self.generator: Optional[torch.Generator] = None
+        self.channels = channels or images.shape[1]
         self._scale = float(scale)
         self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -95,6 +104,8 @@ class ImageSet(Dataset):
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             kw = {"align_corners": False} if self.mode == "bilinear" else {}
             x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, **kw)
+        if x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1).contiguous()  # grey to RGB for 3-channel models
         return x if batched else x[0]
 
     def __len__(self) -> int:
@@ -103,18 +114,18 @@ class ImageSet(Dataset):
     def __getitem__(self, i: int):
         x = self.images[i] if self._ready else self._prepare(self.images[i])
         if self.augment:
-            x = _augment(x, self.augment)
+            x = _augment(x, self.augment, self.generator)
         return x, int(self.labels[i])
 
 
-def _augment(x: torch.Tensor, kind: str) -> torch.Tensor:
+def _augment(x: torch.Tensor, kind: str, gen: Optional[torch.Generator] = None) -> torch.Tensor:
     # The seeds' CIFAR recipe: pad 4 (scaled to the image), random crop, and
     # a horizontal flip except for digits, where a flip changes the class.
     pad = max(1, x.shape[-1] // 8)
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
+    dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
     x = padded[:, dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
-    if kind == "crop_flip" and bool(torch.rand(()) < 0.5):
+    if kind == "crop_flip" and bool(torch.rand((), generator=gen) < 0.5):
         x = x.flip(-1)
     return x.contiguous()
 
@@ -155,22 +166,40 @@ def _check_upscale(upscale, native: int) -> int:
 
 
 def load_data(spec: str = "digits", upscale: Optional[int] = None, seed: int = 0,
-              upscale_mode: Optional[str] = None, augment: Optional[bool] = None) -> DataBundle:
+              upscale_mode: Optional[str] = None, augment: Optional[bool] = None,
+              channels: Optional[int] = None) -> DataBundle:
     """Load a data set by spec; see the module docstring.
 
     `seed` picks the digits train/test split only (0 is the split every
     benchmark uses). `upscale_mode` defaults to nearest for integer factors and
     bilinear otherwise. `augment` (random crop, plus flips for CIFAR) defaults
-    to on for CIFAR and off for digits and MNIST.
+    to on for CIFAR and off for digits and MNIST. `channels=3` repeats grey
+    images into three channels, for models built for RGB (torchvision's).
     """
     kind, path = parse_spec(spec)
     if upscale_mode is not None and upscale_mode not in UPSCALE_MODES:
         raise BadInput(f"upscale mode must be one of {', '.join(UPSCALE_MODES)}, got {upscale_mode!r}")
     if kind == "digits":
-        return _digits(upscale, seed, upscale_mode, bool(augment))
-    if kind == "mnist":
-        return _mnist(path, upscale, upscale_mode, bool(augment))
-    return _cifar(kind, path, upscale, upscale_mode, True if augment is None else bool(augment))
+        bundle = _digits(upscale, seed, upscale_mode, bool(augment))
+    elif kind == "mnist":
+        bundle = _mnist(path, upscale, upscale_mode, bool(augment))
+    else:
+        bundle = _cifar(kind, path, upscale, upscale_mode, True if augment is None else bool(augment))
+    return _with_channels(bundle, channels)
+
+
+def _with_channels(bundle: DataBundle, channels: Optional[int]) -> DataBundle:
+    if channels is None or channels == bundle.in_channels:
+        return bundle
+    if bundle.in_channels != 1:
+        raise BadInput(f"cannot turn {bundle.in_channels}-channel {bundle.name} images into {channels} channels")
+    for ds in (bundle.train, bundle.test):
+        ds.channels = channels
+        if ds._ready:
+            ds.images = ds.images.expand(-1, channels, -1, -1).contiguous()
+    bundle.in_channels = channels
+    bundle.mean, bundle.std = bundle.mean * channels, bundle.std * channels
+    return bundle
 
 
 def _mode_for(native: int, size: int, mode: Optional[str]) -> str:
@@ -244,7 +273,7 @@ def _find_root(path: str, folder: str, files: List[str], spec: str) -> str:
     for root, inner in candidates:
         if all(os.path.isfile(os.path.join(inner, f)) for f in files):
             return root
-    root, inner = candidates[-1] if len(candidates) == 1 else candidates[0]
+    root, inner = candidates[0]  # report against the layout the user most likely meant
     missing = [os.path.join(inner, f) for f in files if not os.path.isfile(os.path.join(inner, f))]
     raise BadInput(f"--data {spec}: missing {len(missing)} of {len(files)} files: {', '.join(missing)} "
                    f"(expected the files under {inner}; fxcompress never downloads)")

@@ -2,8 +2,6 @@
 import os
 import pickle
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch
 from fxcompress.data import load_data, parse_spec
 from fxcompress.errors import BadInput
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .helpers import run_cli
 
 
 # --- writers for the real formats ------------------------------------------------
@@ -217,10 +215,19 @@ def test_mnist_missing_files_named(tmp_path):
 
 
 def test_missing_data_exits_2_with_one_line(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-m", "fxcompress", "train", "--data", f"cifar10:{tmp_path}",
-                        "--epochs", "1", "--no-progress", "--run-dir", str(tmp_path / "run")],
-                       capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "data_batch_1" in lines[0] and "Traceback" not in r.stderr
+    code, out, err = run_cli(["train", "--data", f"cifar10:{tmp_path}", "--epochs", "1", "--no-progress",
+                              "--run-dir", str(tmp_path / "run")])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "data_batch_1" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # a run that cannot start leaves no directory
+
+
+def test_grey_to_rgb_for_rgb_models():
+    b = load_data("digits", channels=3)
+    x, _ = b.train[5]
+    assert b.in_channels == 3 and x.shape == (3, 8, 8)
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+    assert torch.equal(x[0], load_data("digits").train[5][0][0])
+    with pytest.raises(BadInput, match="upscale mode"):
+        load_data("digits", upscale_mode="cubic")

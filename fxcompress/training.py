@@ -1,0 +1,710 @@
+"""The training loop behind `fxcompress train`: a model, a policy, real data.
+
+One run = seed, build the model, compile it with the policy (if any), train
+with SGD/Adam under a step or cosine schedule, evaluate each epoch, and keep a
+run directory:
+
+    RUN_DIR/report.json     config, data, model, every figure of every epoch
+    RUN_DIR/checkpoint.pt   written after each epoch; resumes the run exactly
+    RUN_DIR/final_model.pt  the trained weights (state_dict)
+    RUN_DIR/plots/*.png     curves, method figures, per-layer pictures
+    RUN_DIR/baseline/...    the same for the uncompressed baseline (--baseline)
+
+Determinism: the data order and the augmentation of epoch e come from
+generators seeded by (seed, e), not from a running stream, and the global
+RNGs are saved in each checkpoint; so a run stopped after any epoch and
+resumed ends bitwise equal to one that never stopped (on CPU), and a baseline
+sees exactly the batches the compressed run saw.
+
+Controllers are driven duck-typed (`attach_optimizer`, `on_epoch_start`,
+`step`, `on_epoch_end`, `figures`), so a plain nn.Module trains too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from .errors import BadInput, RunFailure
+
+CHECKPOINT = "checkpoint.pt"
+REPORT = "report.json"
+FINAL_MODEL = "final_model.pt"
+BASELINE_DIR = "baseline"
+FORMAT = 1
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "constant")
+# Digits are 8x8; at 16x16 the three ResNet stages see 16, 8 and 4 pixels,
+# which keeps the CIFAR architecture meaningful and the main job fast.
+DIGITS_DEFAULT_UPSCALE = 16
+
+
+@dataclass
+class TrainConfig:
+    model: Optional[str] = None  # model .py, torchvision:NAME, or None: the built-in CIFAR ResNet
+    model_fn: Optional[str] = None
+    policy: Optional[str] = None  # policy YAML; None trains uncompressed
+    data: str = "digits"
+    upscale: Optional[int] = None  # None: 16 for digits, the native size otherwise
+    depth: int = 20
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    decay_epochs: Optional[List[int]] = None  # step schedule; None: at 50 % and 75 % of the epochs
+    gamma: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    # Intra-op CPU threads. 1 by default: the small convolutions of the main
+    # job gain little from a second thread on an idle 2-core machine and lose
+    # 2-3x when the other core is busy (measured, BENCHMARKS.md). Part of the
+    # config because the thread count changes float summation order, and a
+    # resumed run must match bitwise.
+    threads: int = 1
+    run_dir: Optional[str] = None
+    baseline: bool = False
+    progress: bool = True
+    train_limit: Optional[int] = None  # first N training images only (smoke tests)
+    test_limit: Optional[int] = None
+    stop_after: Optional[int] = None  # stop (resumably) after this many epochs
+    plots: bool = True
+    eval_batch_size: int = 500
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# --- checks -----------------------------------------------------------------------
+
+def check_config(cfg: TrainConfig) -> None:
+    def positive_int(name, v, allow_none=False):
+        if v is None and allow_none:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+    positive_int("epochs", cfg.epochs)
+    positive_int("batch_size", cfg.batch_size)
+    positive_int("eval_batch_size", cfg.eval_batch_size)
+    positive_int("threads", cfg.threads)
+    for name in ("train_limit", "test_limit", "stop_after"):
+        positive_int(name, getattr(cfg, name), allow_none=True)
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise BadInput(f"--lr must be a positive number, got {cfg.lr!r}")
+    if not (0 <= cfg.weight_decay < 1):
+        raise BadInput(f"--weight-decay must lie in [0, 1), got {cfg.weight_decay!r}")
+    if not (0 <= cfg.momentum < 1):
+        raise BadInput(f"--momentum must lie in [0, 1), got {cfg.momentum!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise BadInput(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise BadInput(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0):
+        raise BadInput("--nesterov needs --optimizer sgd with a non-zero --momentum")
+    if not (0 < cfg.gamma <= 1):
+        raise BadInput(f"--gamma must lie in (0, 1], got {cfg.gamma!r}")
+    for e in cfg.decay_epochs or []:
+        if isinstance(e, bool) or not isinstance(e, int) or not 0 < e < cfg.epochs:
+            raise BadInput(f"--decay-epochs must be epochs between 1 and {cfg.epochs - 1}, got {e!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise BadInput(f"--seed must be a non-negative integer, got {cfg.seed!r}")
+    if cfg.stop_after is not None and cfg.stop_after > cfg.epochs:
+        raise BadInput(f"--stop-after {cfg.stop_after} is past --epochs {cfg.epochs}")
+    if cfg.policy is not None and isinstance(cfg.policy, str) and not os.path.isfile(cfg.policy):
+        raise BadInput(f"policy file not found: {cfg.policy}")
+    if cfg.baseline and not cfg.policy:
+        raise BadInput("--baseline compares a compressed run with an uncompressed one; give --policy P.yaml")
+    if cfg.model is None and cfg.model_fn:
+        raise BadInput("--model-fn needs a MODEL file")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return dev
+
+
+# --- seeds and RNG state ---------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(seed: int, epoch: int, stream: int) -> int:
+    # A fixed mix, not Python's hash() (salted per process for str, and we
+    # need the same number in a resumed process).
+    return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % 2**63
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every global RNG as tensors and plain values, so weights_only loading reads it."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+             "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                        "gauss": py_gauss}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- data, model, optimizer ------------------------------------------------------
+
+def build_data(cfg: TrainConfig, channels: Optional[int] = None):
+    from .data import load_data, parse_spec
+
+    kind, _ = parse_spec(cfg.data)
+    upscale = cfg.upscale
+    if upscale is None and kind == "digits":
+        upscale = DIGITS_DEFAULT_UPSCALE
+    bundle = load_data(cfg.data, upscale=upscale, channels=channels)
+    if cfg.train_limit:
+        bundle.train = _limit(bundle.train, cfg.train_limit)
+    if cfg.test_limit:
+        bundle.test = _limit(bundle.test, cfg.test_limit)
+    return bundle
+
+
+def _limit(ds, n: int):
+    return ds if n >= len(ds) else Subset(ds, list(range(n)))
+
+
+def _image_set(ds):
+    """The ImageSet under a Subset (to reach its augmentation generator)."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
+
+
+def _torchvision_model(name: str, num_classes: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    from .errors import closest
+    from .loading import torchvision_names
+
+    names = torchvision_names()
+    if name not in names:
+        hint = closest(name, names)
+        raise BadInput(f"unknown torchvision classification model '{name}'"
+                       + (f" (did you mean '{hint}'?)" if hint else ""))
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    return tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+def model_channels(cfg: TrainConfig) -> Optional[int]:
+    """torchvision models expect RGB: grey data is repeated into 3 channels for them."""
+    return 3 if cfg.model and cfg.model.startswith("torchvision:") else None
+
+
+def build_model(cfg: TrainConfig, bundle) -> Tuple[nn.Module, Dict[str, Any]]:
+    if cfg.model is None:
+        from .models import default_model
+
+        return default_model(bundle, cfg.depth), {"kind": "builtin", "name": f"resnet{cfg.depth}_cifar",
+                                                  "depth": cfg.depth}
+    if cfg.model.startswith("torchvision:"):
+        name = cfg.model.split(":", 1)[1]
+        return _torchvision_model(name, bundle.num_classes), {"kind": "torchvision", "name": name}
+    from .loading import load_model
+
+    loaded = load_model(cfg.model, cfg.model_fn)
+    return loaded.model, loaded.source
+
+
+def check_model_fits(model: nn.Module, example: torch.Tensor, num_classes: int, what: str) -> None:
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as e:
+        raise BadInput(f"{what} fails on a data batch of shape {tuple(example.shape)}: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''} (try --upscale or another --data)") from None
+    finally:
+        model.train()
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape != (example.shape[0], num_classes):
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise BadInput(f"{what} returns {shape} for a batch of {example.shape[0]}; "
+                       f"training needs logits of shape ({example.shape[0]}, {num_classes}) for this data")
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def decay_epochs(cfg: TrainConfig) -> List[int]:
+    if cfg.decay_epochs:
+        return sorted(cfg.decay_epochs)
+    # The seeds decay at 50 % and 75 % of training (e.g. 82 and 123 of 164).
+    return sorted({max(1, round(cfg.epochs * 0.5)), max(1, round(cfg.epochs * 0.75))})
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of epoch `epoch` (0-based): a pure function, so resuming needs no scheduler state."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(epoch >= e for e in decay_epochs(cfg))
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+def _hook(model: nn.Module, name: str, *args) -> Any:
+    fn = getattr(model, name, None)
+    return fn(*args) if callable(fn) else None
+
+
+def _figures(model: nn.Module) -> Dict[str, float]:
+    raw = _hook(model, "figures") or {}
+    out = {}
+    for k, v in raw.items():
+        if torch.is_tensor(v):
+            v = v.item()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[str(k)] = float(v)
+    return out
+
+
+# --- one run ------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything one training run holds; `history` is the per-epoch record."""
+
+    cfg: TrainConfig
+    label: str
+    run_dir: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    bundle: Any
+    device: torch.device
+    source: Dict[str, Any]
+    compressed: bool
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    compile_report: Optional[Dict[str, Any]] = None
+
+
+def _make_loader(cfg: TrainConfig, ds, epoch: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0))
+    order = torch.randperm(len(ds), generator=gen)
+    _image_set(ds).generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 1))
+    # The loader draws a base seed from its generator when iterated: give it
+    # ours, so the global RNG (the model's) is untouched by data loading.
+    # A last batch of one image would break BatchNorm in training mode.
+    return DataLoader(ds, batch_size=cfg.batch_size, sampler=order.tolist(), generator=gen,
+                      drop_last=len(ds) % cfg.batch_size == 1)
+
+
+def evaluate(model: nn.Module, ds, device: torch.device, batch_size: int = 500) -> Tuple[float, float]:
+    """(mean loss, accuracy) on `ds` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            correct += int((out.argmax(1) == y).sum())
+            n += y.numel()
+    model.train(was_training)
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
+    cfg, model, opt = run.cfg, run.model, run.optimizer
+    lr = lr_at(cfg, epoch)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    _hook(model, "on_epoch_start", epoch)
+    loader = _make_loader(cfg, run.bundle.train, epoch)
+    bar = _progress(len(loader), f"{run.label} {epoch + 1}/{cfg.epochs}", progress)
+    loss_sum, correct, n = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if not torch.isfinite(loss):
+            raise RunFailure(f"{run.label}: loss became {loss.item()} in epoch {epoch + 1} (try a smaller --lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _hook(model, "step")
+        loss_sum += loss.item() * y.numel()
+        correct += int((out.detach().argmax(1) == y).sum())
+        n += y.numel()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}%", refresh=False)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    train_time = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    _hook(model, "on_epoch_end", epoch)
+    # Figures describe the training epoch: read them before the evaluation
+    # forward passes, which save nothing for backward and may reset counters.
+    figures = _figures(model)
+    test_loss, test_acc = evaluate(model, run.bundle.test, run.device, cfg.eval_batch_size)
+    return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
+            "test_loss": test_loss, "test_acc": test_acc, "time_s": train_time,
+            "img_per_s": n / train_time if train_time > 0 else 0.0, "figures": figures}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def epoch_line(run: Run, rec: Dict[str, Any]) -> str:
+    parts = [f"{run.label} epoch {rec['epoch']}/{run.cfg.epochs}", f"loss {rec['train_loss']:.4f}",
+             f"train {100 * rec['train_acc']:.2f}%", f"test {100 * rec['test_acc']:.2f}%",
+             f"lr {rec['lr']:.4g}", f"{rec['img_per_s']:.0f} img/s", f"{rec['time_s']:.1f} s"]
+    parts += [f"{k} {v:.4g}" for k, v in rec["figures"].items()]
+    return "  ".join(parts)
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+def save_checkpoint(run: Run) -> str:
+    path = os.path.join(run.run_dir, CHECKPOINT)
+    state = {"format": FORMAT, "epoch": len(run.history), "model": run.model.state_dict(),
+             "optimizer": run.optimizer.state_dict(), "schedule": {"kind": run.cfg.schedule,
+                                                                    "lr": run.history[-1]["lr"]},
+             "rng": rng_state(), "history": run.history}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+    return path
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BadInput(f"no checkpoint to resume from: {path}") from None
+    except Exception as e:
+        raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise BadInput(f"{path} is not an fxcompress training checkpoint (format {FORMAT})")
+    return state
+
+
+def restore(run: Run, state: Dict[str, Any]) -> None:
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise BadInput(f"{run.run_dir}: the checkpoint does not fit the model this run builds: "
+                       f"{str(e).splitlines()[0]}") from None
+    run.history = list(state["history"])
+    set_rng_state(state["rng"])
+
+
+# --- reports --------------------------------------------------------------------------
+
+def summarise(history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    if not history:
+        return {}
+    last = history[-1]
+    total_time = sum(h["time_s"] for h in history)
+    # Images over time, not a mean of per-epoch rates: one stalled epoch on a
+    # shared machine must weigh by how long it took.
+    images = sum(h["img_per_s"] * h["time_s"] for h in history)
+    return {"epochs": len(history), "test_acc": last["test_acc"],
+            "best_test_acc": max(h["test_acc"] for h in history), "train_acc": last["train_acc"],
+            "train_loss": last["train_loss"], "test_loss": last["test_loss"],
+            "time_per_epoch_s": total_time / len(history), "img_per_s": images / total_time if total_time else 0.0,
+            "figures": dict(last["figures"])}
+
+
+def file_digest(path: Optional[str]) -> Optional[str]:
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def run_report(run: Run, status: str) -> Dict[str, Any]:
+    params = sum(p.numel() for p in run.model.parameters())
+    return {"label": run.label, "status": status, "run_dir": run.run_dir, "config": asdict(run.cfg),
+            "policy_sha256": file_digest(run.cfg.policy),
+            "data": run.bundle.describe(), "model": {**run.source, "parameters": params},
+            "compressed": run.compressed, "device": str(run.device), "epochs": run.history,
+            "final": summarise(run.history), "compile": run.compile_report}
+
+
+def write_json(path: str, data: Dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+# --- building and running ---------------------------------------------------------------
+
+def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bundle=None) -> Run:
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    bundle = bundle or build_data(cfg, model_channels(cfg))
+    # Seed right before building, so the compressed model and its baseline
+    # start from the same initial weights.
+    seed_everything(cfg.seed)
+    model, source = build_model(cfg, bundle)
+    what = f"model {source.get('name') or source.get('path')}"
+    example = bundle.example_batch(2)
+    check_model_fits(model, example, bundle.num_classes, what)
+    compile_report = None
+    compressed = bool(use_policy and cfg.policy)
+    if compressed:
+        from .compiled import compile as fx_compile
+
+        model = fx_compile(model, cfg.policy, (example,))
+        compile_report = _hook(model, "report")
+    model = model.to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    _hook(model, "attach_optimizer", optimizer)
+    # Whatever the compiler drew from the RNG, training starts from one state.
+    seed_everything(derived_seed(cfg.seed, 0, 2))
+    return Run(cfg, label, run_dir, model, optimizer, bundle, device, source, compressed,
+               compile_report=_jsonable(compile_report))
+
+
+def _jsonable(obj):
+    if obj is None:
+        return None
+    return json.loads(json.dumps(obj, default=str))
+
+
+def execute(run: Run, log: Optional[Callable[[str], None]] = None) -> str:
+    """Train `run` from its current epoch; returns "done" or "stopped"."""
+    cfg = run.cfg
+    os.makedirs(run.run_dir, exist_ok=True)
+    log = log or (lambda s: None)
+    stop = cfg.stop_after or cfg.epochs
+    for epoch in range(len(run.history), cfg.epochs):
+        if epoch >= stop:
+            break
+        rec = train_epoch(run, epoch, cfg.progress)
+        run.history.append(rec)
+        save_checkpoint(run)
+        write_json(os.path.join(run.run_dir, REPORT), run_report(run, "running"))
+        log(epoch_line(run, rec))
+    status = "done" if len(run.history) >= cfg.epochs else "stopped"
+    finish(run, status)
+    return status
+
+
+def finish(run: Run, status: str) -> None:
+    if status == "done":
+        torch.save({"format": FORMAT, "model": run.source, "data": run.bundle.describe(),
+                    "epochs": len(run.history), "state_dict": run.model.state_dict()},
+                   os.path.join(run.run_dir, FINAL_MODEL))
+    report = run_report(run, status)
+    if hasattr(run.model, "controllers"):
+        report["controllers"] = _jsonable({n: _hook(c, "report") for n, c in run.model.controllers.items()})
+    write_json(os.path.join(run.run_dir, REPORT), report)
+
+
+def new_run_dir(base: str = "runs") -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, i = os.path.join(base, stamp), 1
+    while os.path.exists(path):
+        path, i = os.path.join(base, f"{stamp}-{i}"), i + 1
+    return path
+
+
+def _claim_run_dir(path: str) -> str:
+    if os.path.exists(os.path.join(path, REPORT)) or os.path.exists(os.path.join(path, CHECKPOINT)):
+        raise BadInput(f"--run-dir {path} already holds a run; continue it with --resume {path} "
+                       "or choose another --run-dir")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise BadInput(f"--run-dir {path} exists and is not a folder")
+    return path  # created by the first epoch, so a run that fails to start leaves nothing behind
+
+
+def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Train per `cfg` (and its baseline with cfg.baseline) in a new run directory."""
+    check_config(cfg)
+    run_dir = _claim_run_dir(cfg.run_dir or new_run_dir())
+    # Absolute paths, so that --resume works from any working directory.
+    policy = os.path.abspath(cfg.policy) if isinstance(cfg.policy, str) else cfg.policy
+    model = cfg.model
+    if model and not model.startswith("torchvision:"):
+        model = os.path.abspath(model)
+    cfg = dataclasses.replace(cfg, run_dir=run_dir, policy=policy, model=model)
+    return _train_job(cfg, {}, log)
+
+
+def resume(run_dir: str, log: Optional[Callable[[str], None]] = None,
+           **overrides) -> Dict[str, Any]:
+    """Continue the run in `run_dir` where its last checkpoint left it.
+
+    Only settings that do not change the result may be overridden: device,
+    progress, plots, stop_after.
+    """
+    allowed = {"device", "progress", "plots", "stop_after"}
+    bad = set(overrides) - allowed
+    if bad:
+        raise BadInput(f"--resume continues a run as it was configured; these cannot change: {', '.join(sorted(bad))}")
+    report_path = os.path.join(run_dir, REPORT)
+    if not os.path.isfile(report_path):
+        raise BadInput(f"--resume {run_dir}: no {REPORT} there (not a run directory)")
+    try:
+        with open(report_path) as f:
+            saved = json.load(f)
+        cfg = TrainConfig.from_dict(saved["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"--resume {run_dir}: {REPORT} is unreadable: {e}") from None
+    cfg = dataclasses.replace(cfg, **{"run_dir": run_dir, "stop_after": None, **overrides})
+    check_config(cfg)
+    if saved.get("policy_sha256") != file_digest(cfg.policy):
+        raise BadInput(f"--resume {run_dir}: the policy file {cfg.policy} changed since the run started; "
+                       "a resumed run must use the same policy")
+    return _train_job(cfg, {"resumed": True}, log)
+
+
+def _train_job(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
+    run_dir = cfg.run_dir
+    bundle = build_data(cfg, model_channels(cfg))
+    main = prepare_run(cfg, run_dir, "compressed" if cfg.policy else "run", use_policy=True, bundle=bundle)
+    _resume_if_saved(main)
+    if log:
+        log(describe_run(main))
+    status = execute(main, log)
+    result = {"run_dir": run_dir, **extra, "main": run_report(main, status), "baseline": None}
+    base = None
+    if cfg.baseline and status == "done":
+        base_cfg = dataclasses.replace(cfg, run_dir=os.path.join(run_dir, BASELINE_DIR), stop_after=None)
+        base = prepare_run(base_cfg, base_cfg.run_dir, "baseline", use_policy=False, bundle=bundle)
+        _resume_if_saved(base)
+        execute(base, log)
+        result["baseline"] = run_report(base, "done")
+    result["status"] = status
+    if cfg.baseline and base is not None:
+        result["comparison"] = comparison_rows(result["main"], result["baseline"])
+    if cfg.plots:
+        result["plots"] = _plots(main, base)
+    write_json(os.path.join(run_dir, REPORT), _job_report(main, status, result))
+    return result
+
+
+def describe_run(run: Run) -> str:
+    b = run.bundle
+    params = sum(p.numel() for p in run.model.parameters())
+    name = run.source.get("name") or os.path.basename(run.source.get("path", "model"))
+    text = (f"data {b.name}: {len(b.train)} train / {len(b.test)} test images, {b.in_channels}x{b.image_size}x"
+            f"{b.image_size}, {b.num_classes} classes; model {name} ({params / 1e6:.2f} M parameters); "
+            f"policy {run.cfg.policy or 'none'}; device {run.device}; run dir {run.run_dir}")
+    if run.history:
+        text += f"; resuming after epoch {len(run.history)}"
+    return text
+
+
+def _job_report(main: Run, status: str, result: Dict[str, Any]) -> Dict[str, Any]:
+    report = run_report(main, status)
+    if hasattr(main.model, "controllers"):
+        report["controllers"] = _jsonable({n: _hook(c, "report") for n, c in main.model.controllers.items()})
+    for key in ("baseline", "comparison", "plots", "resumed"):
+        if key in result:
+            report[key] = result[key]
+    return report
+
+
+def _resume_if_saved(run: Run) -> None:
+    path = os.path.join(run.run_dir, CHECKPOINT)
+    if os.path.isfile(path):
+        restore(run, load_checkpoint(path))
+
+
+def _plots(main: Run, base: Optional[Run]) -> List[str]:
+    from .plots import write_plots
+
+    reports = {}
+    if hasattr(main.model, "controllers"):
+        reports = _jsonable({n: _hook(c, "report") for n, c in main.model.controllers.items()}) or {}
+    title = f"{main.source.get('name', 'model')} on {main.bundle.name}"
+    written = write_plots(main.run_dir, main.history, reports, base.history if base else None, title)
+    if base is not None:
+        written += write_plots(base.run_dir, base.history, None, None, title + " (baseline)")
+    return written
+
+
+# --- the side-by-side table --------------------------------------------------------------
+
+def comparison_rows(main: Dict[str, Any], base: Dict[str, Any]) -> List[List[Any]]:
+    """[measure, compressed, baseline, difference] rows for the final table."""
+    m, b = main["final"], base["final"]
+
+    def pct(v):
+        return None if v is None else round(100 * v, 2)
+
+    rows = [["test accuracy (%)", pct(m.get("test_acc")), pct(b.get("test_acc"))],
+            ["best test accuracy (%)", pct(m.get("best_test_acc")), pct(b.get("best_test_acc"))],
+            ["train accuracy (%)", pct(m.get("train_acc")), pct(b.get("train_acc"))],
+            ["train loss", m.get("train_loss"), b.get("train_loss")],
+            ["test loss", m.get("test_loss"), b.get("test_loss")],
+            ["time/epoch (s)", m.get("time_per_epoch_s"), b.get("time_per_epoch_s")],
+            ["throughput (img/s)", m.get("img_per_s"), b.get("img_per_s")],
+            ["parameters", main["model"]["parameters"], base["model"]["parameters"]]]
+    for name, v in m.get("figures", {}).items():
+        rows.append([name, v, b.get("figures", {}).get(name)])
+    out = []
+    for name, a, c in rows:
+        diff = a - c if isinstance(a, (int, float)) and isinstance(c, (int, float)) else None
+        out.append([name, a, c, diff])
+    return out
+
+
+def comparison_table(rows: List[List[Any]]) -> str:
+    from .table import format_table
+
+    return format_table(["", "compressed", "baseline", "difference"], rows)
