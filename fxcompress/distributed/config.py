@@ -9,6 +9,7 @@ communication:
   refit: {iterations: [0, 100, 2000], every: 10000}
   num_top_buckets: 50
   seed: 0
+  distribution: truncnorm   # or empirical (not in the paper; see BENCHMARKS.md)
 ```
 
 Loaded with `fxcompress.config.from_dict(CommunicationConfig, ...)`; `check()`
@@ -70,6 +71,9 @@ class CommunicationConfig:
     amq_lr: float = 0.7
     amq_epochs: int = 40
     verify_levels: bool = True  # all-reduce the levels each refit to prove all ranks agree
+    # the model of f the levels are fit to: SPEC's truncated normals, or the
+    # normalised coordinates themselves (an option for heavy-tailed gradients)
+    distribution: Literal["truncnorm", "empirical"] = "truncnorm"
 
     def check(self) -> None:
         if self.method == "terngrad" and self.bits not in (None, 2):

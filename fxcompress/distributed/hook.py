@@ -1,5 +1,8 @@
 """The DDP communication hook: quantize, all-gather, decode, average.
 
+(No `from __future__ import annotations` here: DDP compares the hook's return
+annotation with the real `torch.futures.Future[torch.Tensor]` object.)
+
 Quantized gradients cannot be summed in place (the sum of two codes means
 nothing), so each rank encodes its bucket into one uint8 message (codes +
 norms, fxcompress/distributed/wire.py), the messages are all-gathered, and
@@ -17,14 +20,13 @@ refit iteration every bucket adds its statistics, and when DDP hands over the
 iteration's last bucket, rank 0 fits, broadcasts and all ranks check they hold
 identical levels before that bucket is encoded.
 """
-from __future__ import annotations
 
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..errors import RunFailure
+from ..errors import BadInput, RunFailure
 from ..kernels import gradquant
 from .config import CommunicationConfig
 from .levels import BucketStats
@@ -79,6 +81,13 @@ class QuantizedCommState:
     def compression_ratio(self) -> float:
         return self.fp32_bytes_step / self.wire_bytes_step if self.wire_bytes_step else 1.0
 
+    def figures(self) -> Dict[str, float]:
+        """For the run report: bytes this rank sends per step, and vs fp32."""
+        return {"comm.wire_bytes_per_step": float(self.wire_bytes_step),
+                "comm.fp32_bytes_per_step": float(self.fp32_bytes_step),
+                "comm.compression_vs_fp32": self.compression_ratio(),
+                "comm.refits": float(len(self.refits))}
+
     def refit_due(self) -> bool:
         return self.quantizer is not None and self.quantizer.adaptive and self.config.refit.due(self.iteration)
 
@@ -93,13 +102,22 @@ class QuantizedCommState:
         q = self.quantizer
         n = len(q.levels)
         payload = torch.zeros(2 + n, dtype=torch.float64)
+        error = None
         if self.rank == 0:
-            q.fit(BucketStats.concat(self._stats))
-            payload[0] = float(self.iteration)
+            try:
+                q.fit(BucketStats.concat(self._stats))
+            except BadInput:
+                pass  # an all-zero gradient says nothing about the distribution: keep the levels
+            except Exception as e:  # the other ranks are already waiting in the broadcast
+                error = f"{type(e).__name__}: {e}"
+            payload[0] = -1.0 if error else float(self.iteration)
             payload[1] = float("nan") if q.p is None else q.p
             payload[2:] = torch.as_tensor(q.levels, dtype=torch.float64)
         self._stats = []
         dist.broadcast(payload, src=dist.get_global_rank(self.group, 0), group=self.group)
+        if payload[0] < 0:
+            raise RunFailure(f"refitting the {q.method} levels on rank 0 at iteration {self.iteration} failed"
+                             + (f": {error}" if error else ""))
         p = None if torch.isnan(payload[1]) else float(payload[1])
         q.set_levels(payload[2:].numpy().copy())
         q.p = p
@@ -122,8 +140,9 @@ class QuantizedCommState:
     # ----------------------------------------------------- bookkeeping
     def _gather_buffer(self, bucket_index: int, world: int, nbytes: int, device) -> torch.Tensor:
         buf = self._gather_buffers.get(bucket_index) if self.iteration >= 1 else None
-        if buf is None or buf.shape != (world, nbytes) or buf.device != device:
-            buf = torch.empty((world, nbytes), dtype=torch.uint8, device=device)
+        if buf is None or buf.numel() != world * nbytes or buf.device != device:
+            # flat: gloo's all_gather_into_tensor splits a 1-D output by rank
+            buf = torch.empty(world * nbytes, dtype=torch.uint8, device=device)
             if self.iteration >= 1:
                 self._gather_buffers[bucket_index] = buf
         return buf
@@ -157,7 +176,7 @@ class QuantizedCommState:
         self._gather_buffers.clear()  # a resumed DDP builds its buckets afresh
 
 
-def quantized_hook(state: QuantizedCommState, bucket) -> torch.futures.Future:
+def quantized_hook(state: QuantizedCommState, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook (`ddp.register_comm_hook(state, quantized_hook)`)."""
     buf = bucket.buffer()
     world = state.world_size
@@ -165,22 +184,29 @@ def quantized_hook(state: QuantizedCommState, bucket) -> torch.futures.Future:
         return _allreduce_mean(state, bucket, buf, world)
     q = state.quantizer
     if state.refit_due():
-        state._stats.append(q.stats(buf))
+        if state.rank == 0:  # only rank 0 fits; the others receive its levels
+            state._stats.append(q.stats(buf))
         if bucket.is_last():
             state.refit()
     levels = q.levels32.to(buf.device)  # the levels this bucket is encoded with, even if a refit follows
     msg = gradquant.encode(buf.reshape(-1), levels, q.bits, q.bucket_size, q.norm, state.seed_for(bucket.index()))
     gathered = state._gather_buffer(bucket.index(), world, msg.numel(), buf.device)
-    work = dist.all_gather_into_tensor(gathered, msg, group=state.group, async_op=True)
+    work = _all_gather(gathered, msg, state.group)
     numel = buf.numel()
     state._end_bucket(bucket.is_last(), msg.numel(), 4 * numel)
 
     def finish(fut):
-        mean = gradquant.decode(gathered, levels, q.bits, numel, q.bucket_size)
+        mean = gradquant.decode(gathered.view(world, -1), levels, q.bits, numel, q.bucket_size)
         buf.copy_(mean.view(buf.shape))
         return buf
 
     return work.get_future().then(finish)
+
+
+def _all_gather(out: torch.Tensor, msg: torch.Tensor, group):
+    # all_gather_into_tensor is deprecated in newer torch in favour of all_gather_single
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, msg, group=group, async_op=True)
 
 
 def _allreduce_mean(state: QuantizedCommState, bucket, buf: torch.Tensor, world: int):
@@ -195,3 +221,17 @@ def register(ddp_model, config: Optional[CommunicationConfig] = None, process_gr
     state = QuantizedCommState(config, process_group)
     ddp_model.register_comm_hook(state, quantized_hook)
     return state
+
+
+def wrap(model: torch.nn.Module, config: Optional[CommunicationConfig] = None, device=None, process_group=None,
+         **ddp_kwargs):
+    """DistributedDataParallel(model) with the policy's communication hook.
+    Call after the process group is up (launch.init_from_env or inside
+    run_data_parallel). Returns (ddp_model, state)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if device is not None and torch.device(device).type == "cuda":
+        model = model.to(device)
+        ddp_kwargs.setdefault("device_ids", [torch.device(device).index or 0])
+    ddp = DDP(model, process_group=process_group, **ddp_kwargs)
+    return ddp, register(ddp, config, process_group)

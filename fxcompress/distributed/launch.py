@@ -95,10 +95,8 @@ def run_data_parallel(train_fn: Callable[..., Any], nproc: int, args: Sequence[A
             mp.start_processes(_worker, args=(train_fn, nproc, free_port(), backend, tuple(args), out_dir,
                                               threads_per_worker),
                                nprocs=nproc, join=True, start_method="spawn")
-        except mp.ProcessRaisedException as e:
-            raise RunFailure(_first_error(out_dir, nproc) or str(e)) from None
-        except mp.ProcessExitedException as e:
-            raise RunFailure(_first_error(out_dir, nproc) or f"a worker died: {e}") from None
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            raise _first_error(out_dir, nproc) or RunFailure(f"a worker failed: {e}") from None
         results = []
         for rank in range(nproc):
             path = os.path.join(out_dir, f"rank{rank}.pt")
@@ -111,11 +109,13 @@ def run_data_parallel(train_fn: Callable[..., Any], nproc: int, args: Sequence[A
         return results
 
 
-def _first_error(out_dir: str, nproc: int) -> Optional[str]:
+def _first_error(out_dir: str, nproc: int):
+    """The first failing rank's error, as BadInput when the user can fix it."""
     for rank in range(nproc):
         path = os.path.join(out_dir, f"rank{rank}.pt")
         if os.path.exists(path):
             rec = torch.load(path, weights_only=False)
             if not rec["ok"]:
-                return f"rank {rank}: {rec['error']}"
+                cls = BadInput if rec.get("exit_code") == 2 else RunFailure
+                return cls(f"rank {rank}: {rec['error']}")
     return None

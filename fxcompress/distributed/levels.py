@@ -72,6 +72,9 @@ class BucketStats:
     means: np.ndarray
     stds: np.ndarray
     norms: np.ndarray
+    #: the normalised coordinates of each bucket, kept only for the
+    #: `distribution: empirical` option
+    samples: Optional[list] = None
 
     def __len__(self) -> int:
         return len(self.norms)
@@ -81,12 +84,19 @@ class BucketStats:
         parts = [p for p in parts if len(p)]
         if not parts:
             return BucketStats(np.zeros(0), np.zeros(0), np.zeros(0))
-        return BucketStats(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("means", "stds", "norms")))
+        samples = None
+        if all(p.samples is not None for p in parts):
+            samples = [s for p in parts for s in p.samples]
+        return BucketStats(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("means", "stds", "norms")),
+                           samples=samples)
+
+    def select(self, keep) -> "BucketStats":
+        samples = None if self.samples is None else [self.samples[i] for i in keep]
+        return BucketStats(self.means[keep], self.stds[keep], self.norms[keep], samples)
 
     def top(self, k: int) -> "BucketStats":
         """The k buckets with the largest norms: they carry most of the variance."""
-        keep = np.argsort(-self.norms, kind="stable")[:k]
-        return BucketStats(self.means[keep], self.stds[keep], self.norms[keep])
+        return self.select(np.argsort(-self.norms, kind="stable")[:k])
 
     def pooled(self) -> Tuple[float, float]:
         """Mean and std of all coordinates of the kept buckets taken together
@@ -153,8 +163,53 @@ def pooled_from_stats(stats: BucketStats, num_top: int = 50) -> TruncNormMixture
 
 
 def _nonzero(stats: BucketStats) -> BucketStats:
-    keep = stats.norms > 0
-    return BucketStats(stats.means[keep], stats.stds[keep], stats.norms[keep])
+    return stats.select(np.flatnonzero(stats.norms > 0))
+
+
+class EmpiricalDistribution:
+    """f as the (weighted) normalised coordinates themselves; an option beside
+    the SPEC's truncated normals, for gradients whose buckets are far from
+    normal (heavy tails). Partial moments are cumulative sums over the sorted
+    sample, so V and the ALQ step stay exact for this f."""
+
+    def __init__(self, samples, weights):
+        r = np.asarray(samples, dtype=np.float64)
+        w = np.asarray(weights, dtype=np.float64)
+        if r.size == 0 or w.sum() <= 0:
+            raise BadInput("cannot fit levels: no gradient buckets with a non-zero norm")
+        order = np.argsort(r, kind="stable")
+        self.r, w = np.clip(r[order], LO, HI), w[order] / w.sum()
+        zero = np.zeros(1)
+        self.cF = np.concatenate([zero, np.cumsum(w)])
+        self.cM = np.concatenate([zero, np.cumsum(w * self.r)])
+        self.cS = np.concatenate([zero, np.cumsum(w * self.r ** 2)])
+
+    def moments(self, x):
+        i = np.searchsorted(self.r, np.clip(np.asarray(x, dtype=np.float64), LO, HI), side="right")
+        return self.cF[i], self.cM[i], self.cS[i]
+
+    def cdf(self, x):
+        return self.moments(x)[0]
+
+    def ppf(self, u: float) -> float:
+        if u <= 0.0:
+            return LO
+        if u >= 1.0:
+            return HI
+        return float(self.r[min(len(self.r) - 1, np.searchsorted(self.cF, u, side="left") - 1)])
+
+
+def empirical_from_stats(stats: BucketStats, num_top: int = 50, pooled: bool = False) -> EmpiricalDistribution:
+    """Samples of the top buckets, each coordinate weighted by its bucket's
+    norm^2: that is how it enters E||Q(g) - g||^2, so V on this f is the
+    sampled gradient's actual expected error (up to a constant). Pooled (-N
+    methods): every coordinate the same weight."""
+    s = _nonzero(stats).top(num_top)
+    if s.samples is None:
+        raise BadInput("the empirical distribution needs the buckets' samples (Quantizer.stats keeps them "
+                       "when distribution is 'empirical')")
+    weights = [np.full(len(x), 1.0 if pooled else n * n) for x, n in zip(s.samples, s.norms)]
+    return EmpiricalDistribution(np.concatenate(s.samples), np.concatenate(weights))
 
 
 # ---------------------------------------------------------------- objective
@@ -288,14 +343,18 @@ def initial_levels(method: str, bits: int) -> np.ndarray:
 
 
 def fit_levels(method: str, bits: int, stats: BucketStats, num_top: int = 50, sweeps: int = 30,
-               amq_lr: float = 0.7, amq_epochs: int = 40, previous_p: Optional[float] = None):
+               amq_lr: float = 0.7, amq_epochs: int = 40, previous_p: Optional[float] = None,
+               distribution: str = "truncnorm"):
     """Fit `method`'s levels to the statistics. Returns (levels, p or None)."""
-    if method in ("alq", "amq"):
-        dist = mixture_from_stats(stats, num_top)
-    elif method in ("alqn", "amqn"):
-        dist = pooled_from_stats(stats, num_top)
-    else:
+    if method not in ("alq", "alqn", "amq", "amqn"):
         raise BadInput(f"method {method!r} has fixed levels; only alq, alqn, amq, amqn are fit")
+    pooled = method.endswith("n")
+    if distribution == "empirical":
+        dist = empirical_from_stats(stats, num_top, pooled)
+    elif distribution == "truncnorm":
+        dist = pooled_from_stats(stats, num_top) if pooled else mixture_from_stats(stats, num_top)
+    else:
+        raise BadInput(f"distribution must be truncnorm or empirical, got {distribution!r}")
     if method.startswith("alq"):
         return fit_alq(bits, dist, sweeps), None
     p, lv = fit_amq(bits, dist, amq_lr, amq_epochs, previous_p)

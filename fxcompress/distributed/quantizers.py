@@ -44,7 +44,7 @@ class Quantizer:
 
     def __init__(self, method: str = "alq", bits: Optional[int] = None, bucket_size: int = 8192,
                  norm: Optional[str] = None, num_top_buckets: int = 50, alq_sweeps: int = 30,
-                 amq_lr: float = 0.7, amq_epochs: int = 40):
+                 amq_lr: float = 0.7, amq_epochs: int = 40, distribution: str = "truncnorm"):
         self.method = check_method(method)
         if self.method in FULL_PRECISION:
             raise BadInput(f"method {method!r} sends full precision; it has no quantizer")
@@ -59,13 +59,16 @@ class Quantizer:
             raise BadInput(f"norm must be l2 or linf, got {self.norm!r}")
         self.num_top_buckets = num_top_buckets
         self.alq_sweeps, self.amq_lr, self.amq_epochs = alq_sweeps, amq_lr, amq_epochs
+        if distribution not in ("truncnorm", "empirical"):
+            raise BadInput(f"distribution must be truncnorm or empirical, got {distribution!r}")
+        self.distribution = distribution
         self.p: Optional[float] = None
         self.set_levels(lv.initial_levels(self.method, self.bits))
 
     @classmethod
     def from_config(cls, cfg: CommunicationConfig) -> "Quantizer":
         return cls(cfg.method, cfg.resolved_bits, cfg.bucket_size, cfg.resolved_norm, cfg.num_top_buckets,
-                   cfg.alq_sweeps, cfg.amq_lr, cfg.amq_epochs)
+                   cfg.alq_sweeps, cfg.amq_lr, cfg.amq_epochs, cfg.distribution)
 
     # ------------------------------------------------------------ levels
     @property
@@ -85,20 +88,25 @@ class Quantizer:
         flat = x.detach().reshape(-1).to(torch.float32)
         xb = gradquant.bucket_matrix(flat, self.bucket_size)
         norms = gradquant.bucket_norms(xb, self.norm)
-        counts = torch.full((xb.shape[0],), float(self.bucket_size))
+        counts = torch.full((xb.shape[0],), float(self.bucket_size), device=xb.device)
         counts[-1] = flat.numel() - (xb.shape[0] - 1) * self.bucket_size  # the partial last bucket
         r = xb / (norms[:, None] + gradquant.EPS)
         mean = r.sum(dim=1) / counts
         var = (r * r).sum(dim=1) / counts - mean * mean
-        return lv.BucketStats(mean.double().numpy(), var.clamp_min(0).sqrt().double().numpy(),
-                              norms.double().numpy())
+        samples = None
+        if self.distribution == "empirical":
+            rows = r.cpu().numpy()
+            samples = [rows[i, : int(c)].copy() for i, c in enumerate(counts.tolist())]
+        return lv.BucketStats(mean.double().cpu().numpy(), var.clamp_min(0).sqrt().double().cpu().numpy(),
+                              norms.double().cpu().numpy(), samples)
 
     def fit(self, stats: lv.BucketStats) -> np.ndarray:
         """Refit the levels of an adaptive method to gradient statistics."""
         if not self.adaptive:
             return self.levels
         levels, p = lv.fit_levels(self.method, self.bits, stats, self.num_top_buckets, self.alq_sweeps,
-                                  self.amq_lr, self.amq_epochs, previous_p=self.p)
+                                  self.amq_lr, self.amq_epochs, previous_p=self.p,
+                                  distribution=self.distribution)
         if p is not None:
             self.p = p
         self.set_levels(levels)
@@ -127,13 +135,14 @@ class Quantizer:
         xb = gradquant.bucket_matrix(x.detach(), self.bucket_size).double()
         norms = gradquant.bucket_norms(xb, self.norm)
         r = (xb / (norms[:, None] + gradquant.EPS)).clamp(-1, 1)
-        levels = torch.as_tensor(self.levels32, dtype=torch.float64)
+        levels = self.levels32.to(device=xb.device, dtype=torch.float64)
         k = torch.searchsorted(levels[1:-1].contiguous(), r.contiguous(), right=True)
         var = (r - levels[k]) * (levels[k + 1] - r)
         return float((norms ** 2 * var.sum(dim=1)).sum())
 
     def describe(self) -> dict:
         return {"method": self.method, "bits": self.bits, "bucket_size": self.bucket_size, "norm": self.norm,
+                "distribution": self.distribution,
                 "levels": [float(v) for v in self.levels], "p": self.p}
 
     def state_dict(self) -> dict:

@@ -46,18 +46,20 @@ def stream_keys(seed: int):
 
 
 def _mix32_t(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = (h * MUL1) & MASK32
-    h = h ^ (h >> 15)
-    h = (h * MUL2) & MASK32
-    return h ^ (h >> 16)
+    # in place: this hash is most of the reference encoder's time
+    h = h.clone()
+    h.bitwise_xor_(h >> 16)
+    h.mul_(MUL1).bitwise_and_(MASK32)
+    h.bitwise_xor_(h >> 15)
+    h.mul_(MUL2).bitwise_and_(MASK32)
+    return h.bitwise_xor_(h >> 16)
 
 
 def uniform_reference(seed: int, index: torch.Tensor) -> torch.Tensor:
     """u in [0, 1) on a 2^-24 grid (exact in float32) for each index."""
     k1, k2 = stream_keys(seed)
     h = _mix32_t((index.to(torch.int64) + k1) & MASK32)
-    h = _mix32_t(h ^ k2)
+    h = _mix32_t(h.bitwise_xor_(k2))
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
