@@ -483,6 +483,12 @@ class _Writer:
             raise _NoExpr(f"{expr} raised {type(e).__name__}: {e}") from None
 
     def _source_module_name(self) -> str:
+        # The same file may be loaded under several names (imported by a test
+        # and loaded by fxcompress.loading); the model's classes come from
+        # the module the loader recorded, so prefer that one.
+        recorded = (self.source or {}).get("module")
+        if recorded in sys.modules and _file_of(recorded) == self.refs.source_file:
+            return recorded
         for name, mod in list(sys.modules.items()):
             if _file_of(name) == self.refs.source_file:
                 return name

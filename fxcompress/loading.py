@@ -115,7 +115,8 @@ def _load_file(path: str, model_fn: Optional[str]) -> LoadedModel:
         fn_name = classes[0].__name__
     if not isinstance(model, nn.Module):
         raise BadInput(f"{path}: '{fn_name}' returned {type(model).__name__}, not an nn.Module")
-    return LoadedModel(model, {"kind": "file", "path": os.path.abspath(path), "model_fn": fn_name}, ex, ns)
+    return LoadedModel(model, {"kind": "file", "path": os.path.abspath(path), "model_fn": fn_name,
+                                "module": module.__name__}, ex, ns)
 
 
 def _no_required_args(cls) -> bool:

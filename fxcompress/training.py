@@ -10,6 +10,24 @@ run directory:
     RUN_DIR/plots/*.png     curves, method figures, per-layer pictures
     RUN_DIR/baseline/...    the same for the uncompressed baseline (--baseline)
 
+Data-parallel (`nproc > 1`, or under torchrun): N workers joined by
+torch.distributed (gloo on CPU, NCCL on GPU) train one model through
+DistributedDataParallel, with the policy's `communication:` section as the
+DDP comm hook (fxcompress/distributed; full-precision all-reduce when the
+policy has none, and for the baseline). `batch_size` stays the global batch:
+each worker takes `batch_size // nproc` images a step from its shard of the
+same seeded epoch permutation, so a run has the number of steps, learning-rate
+schedule and averaged gradient of the single-process run. Only rank 0 writes
+the run directory and evaluates (the model it saves is the one it tests);
+per-epoch figures add the bytes each worker puts on the wire per step beside
+what fp32 would send. A checkpoint holds every rank's RNG state and the hook's
+state (learned levels, refit position), so a stopped run resumes where it
+left off. Bitwise equal to an uninterrupted run with fp32 all-reduce; with a
+quantizing hook not quite, because a fresh DDP hands its first step's
+gradients over in its initial bucket layout (parameter order), which the
+uninterrupted run had already rebuilt, so that one step quantizes other
+buckets with other random streams.
+
 Determinism: the data order and the augmentation of epoch e come from
 generators seeded by (seed, e), not from a running stream, and the global
 RNGs are saved in each checkpoint; so a run stopped after any epoch and
@@ -25,6 +43,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -34,6 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
@@ -85,6 +105,9 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop (resumably) after this many epochs
     plots: bool = True
     eval_batch_size: int = 500
+    # Data-parallel workers (torch.distributed: gloo on CPU, NCCL on GPU).
+    # batch_size is the global batch, split evenly over the workers.
+    nproc: int = 1
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -105,6 +128,10 @@ def check_config(cfg: TrainConfig) -> None:
     positive_int("batch_size", cfg.batch_size)
     positive_int("eval_batch_size", cfg.eval_batch_size)
     positive_int("threads", cfg.threads)
+    positive_int("nproc", cfg.nproc)
+    if cfg.nproc > 1 and (cfg.batch_size % cfg.nproc or cfg.batch_size // cfg.nproc < 2):
+        raise BadInput(f"--batch-size {cfg.batch_size} is the global batch and must split evenly into at least "
+                       f"2 images per worker over --nproc {cfg.nproc}")
     for name in ("train_limit", "test_limit", "stop_after"):
         positive_int(name, getattr(cfg, name), allow_none=True)
     if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
@@ -323,17 +350,34 @@ class Run:
     compressed: bool
     history: List[Dict[str, Any]] = field(default_factory=list)
     compile_report: Optional[Dict[str, Any]] = None
+    # data-parallel: the DDP wrapper trained through, the comm hook's state
+    ddp: Optional[nn.Module] = None
+    comm: Any = None
+    rank: int = 0
+    world: int = 1
+    backend: Optional[str] = None
 
 
-def _make_loader(cfg: TrainConfig, ds, epoch: int) -> DataLoader:
+def _make_loader(cfg: TrainConfig, ds, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
     gen = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 0))
     order = torch.randperm(len(ds), generator=gen)
-    _image_set(ds).generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 1))
+    batch = cfg.batch_size
+    aug_stream = 1
+    if world > 1:
+        # Every rank draws the same permutation and takes every world-th image
+        # of it (DistributedSampler's split, with our per-epoch seeds); the
+        # shards are cut to one length, since DDP needs every rank to take
+        # the same number of steps. Augmentation draws differ per rank.
+        per_rank = len(ds) // world
+        order = order[rank::world][:per_rank]
+        batch = cfg.batch_size // world
+        aug_stream = 1 if rank == 0 else 10_000 + rank
+    _image_set(ds).generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, aug_stream))
     # The loader draws a base seed from its generator when iterated: give it
     # ours, so the global RNG (the model's) is untouched by data loading.
     # A last batch of one image would break BatchNorm in training mode.
-    return DataLoader(ds, batch_size=cfg.batch_size, sampler=order.tolist(), generator=gen,
-                      drop_last=len(ds) % cfg.batch_size == 1)
+    return DataLoader(ds, batch_size=batch, sampler=order.tolist(), generator=gen,
+                      drop_last=len(order) % batch == 1)
 
 
 def evaluate(model: nn.Module, ds, device: torch.device, batch_size: int = 500) -> Tuple[float, float]:
@@ -359,13 +403,14 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
         group["lr"] = lr
     model.train()
     _hook(model, "on_epoch_start", epoch)
-    loader = _make_loader(cfg, run.bundle.train, epoch)
-    bar = _progress(len(loader), f"{run.label} {epoch + 1}/{cfg.epochs}", progress)
+    loader = _make_loader(cfg, run.bundle.train, epoch, run.rank, run.world)
+    forward = run.ddp if run.ddp is not None else model
+    bar = _progress(len(loader), f"{run.label} {epoch + 1}/{cfg.epochs}", progress and run.rank == 0)
     loss_sum, correct, n = 0.0, 0, 0
     t0 = time.perf_counter()
     for x, y in loader:
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        out = model(x)
+        out = forward(x)
         loss = F.cross_entropy(out, y)
         if not torch.isfinite(loss):
             raise RunFailure(f"{run.label}: loss became {loss.item()} in epoch {epoch + 1} (try a smaller --lr)")
@@ -384,11 +429,21 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
     train_time = time.perf_counter() - t0
     if bar is not None:
         bar.close()
+    if run.world > 1:
+        # the epoch's loss, accuracy and throughput over all workers' images
+        totals = torch.tensor([loss_sum, correct, n], dtype=torch.float64, device=run.device)
+        dist.all_reduce(totals)
+        loss_sum, correct, n = float(totals[0]), int(totals[1]), int(totals[2])
     _hook(model, "on_epoch_end", epoch)
     # Figures describe the training epoch: read them before the evaluation
     # forward passes, which save nothing for backward and may reset counters.
     figures = _figures(model)
-    test_loss, test_acc = evaluate(model, run.bundle.test, run.device, cfg.eval_batch_size)
+    if run.comm is not None:
+        figures.update({k: float(v) for k, v in run.comm.figures().items()})
+    if run.rank == 0:
+        test_loss, test_acc = evaluate(model, run.bundle.test, run.device, cfg.eval_batch_size)
+    else:  # rank 0 tests the model it saves; the others go on to the next step
+        test_loss = test_acc = float("nan")
     return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
             "test_loss": test_loss, "test_acc": test_acc, "time_s": train_time,
             "img_per_s": n / train_time if train_time > 0 else 0.0, "figures": figures}
@@ -412,12 +467,25 @@ def epoch_line(run: Run, rec: Dict[str, Any]) -> str:
 
 # --- checkpoints ----------------------------------------------------------------------
 
-def save_checkpoint(run: Run) -> str:
+def save_checkpoint(run: Run) -> Optional[str]:
+    """Write the checkpoint (rank 0; every rank must call it: the RNG states are gathered)."""
     path = os.path.join(run.run_dir, CHECKPOINT)
+    rng = rng_state()
+    rng_ranks = None
+    if run.world > 1:
+        rng_ranks = [None] * run.world if run.rank == 0 else None
+        dist.gather_object(rng, rng_ranks, dst=0)
+    if run.rank != 0:
+        return None
     state = {"format": FORMAT, "epoch": len(run.history), "model": run.model.state_dict(),
              "optimizer": run.optimizer.state_dict(), "schedule": {"kind": run.cfg.schedule,
                                                                     "lr": run.history[-1]["lr"]},
-             "rng": rng_state(), "history": run.history}
+             "rng": rng, "history": run.history}
+    if run.world > 1:
+        state["rng_ranks"] = rng_ranks
+        state["world"] = run.world
+    if run.comm is not None:
+        state["comm"] = run.comm.state_dict()
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
@@ -443,8 +511,19 @@ def restore(run: Run, state: Dict[str, Any]) -> None:
     except (RuntimeError, ValueError, KeyError) as e:
         raise BadInput(f"{run.run_dir}: the checkpoint does not fit the model this run builds: "
                        f"{str(e).splitlines()[0]}") from None
+    if run.comm is not None:
+        if "comm" not in state:
+            raise BadInput(f"{run.run_dir}: the checkpoint has no communication state; it was not written by "
+                           f"a data-parallel run")
+        run.comm.load_state_dict(state["comm"])
     run.history = list(state["history"])
-    set_rng_state(state["rng"])
+    if run.world > 1:
+        if state.get("world") != run.world:
+            raise BadInput(f"{run.run_dir}: the checkpoint was written by {state.get('world', 1)} workers, "
+                           f"this run has {run.world}")
+        set_rng_state(state["rng_ranks"][run.rank])
+    else:
+        set_rng_state(state["rng"])
 
 
 # --- reports --------------------------------------------------------------------------
@@ -479,7 +558,20 @@ def run_report(run: Run, status: str) -> Dict[str, Any]:
             "policy_sha256": file_digest(run.cfg.policy),
             "data": run.bundle.describe(), "model": {**run.source, "parameters": params},
             "compressed": run.compressed, "device": str(run.device), "epochs": run.history,
-            "final": summarise(run.history), "compile": run.compile_report}
+            "final": summarise(run.history), "compile": run.compile_report,
+            "distributed": _distributed_report(run)}
+
+
+def _distributed_report(run: Run) -> Optional[Dict[str, Any]]:
+    if run.world <= 1:
+        return None
+    out = {"nproc": run.world, "backend": run.backend, "batch_per_worker": run.cfg.batch_size // run.world,
+           "global_batch": run.cfg.batch_size, "written_by_rank": run.rank}
+    if run.comm is not None:
+        out["communication"] = _jsonable(asdict(run.comm.config))
+        out["wire"] = {k: float(v) for k, v in run.comm.figures().items()}
+        out["refits"] = _jsonable(run.comm.refits)
+    return out
 
 
 def write_json(path: str, data: Dict[str, Any]) -> None:
@@ -512,10 +604,30 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     model = model.to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     _hook(model, "attach_optimizer", optimizer)
-    # Whatever the compiler drew from the RNG, training starts from one state.
-    seed_everything(derived_seed(cfg.seed, 0, 2))
-    return Run(cfg, label, run_dir, model, optimizer, bundle, device, source, compressed,
-               compile_report=_jsonable(compile_report))
+    run = Run(cfg, label, run_dir, model, optimizer, bundle, device, source, compressed,
+              compile_report=_jsonable(compile_report))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from .distributed import CommunicationConfig
+        from .distributed.hook import wrap
+
+        comm = _communication(cfg) if use_policy else None
+        # the baseline, and a policy without a communication: section, all-reduce in fp32
+        comm = comm or CommunicationConfig(method="fp32")
+        run.ddp, run.comm = wrap(model, comm, device)
+        run.rank, run.world, run.backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
+    # Whatever the compiler drew from the RNG, training starts from one state
+    # (on each rank its own: stochastic methods must not draw alike on all).
+    seed_everything(derived_seed(cfg.seed, 0, 2) if run.rank == 0 else derived_seed(cfg.seed, 0, 20_000 + run.rank))
+    return run
+
+
+def _communication(cfg: TrainConfig):
+    """The policy's `communication:` section, or None."""
+    if not cfg.policy:
+        return None
+    from .policy import load_policy
+
+    return load_policy(cfg.policy).section("communication")
 
 
 def _jsonable(obj):
@@ -527,8 +639,9 @@ def _jsonable(obj):
 def execute(run: Run, log: Optional[Callable[[str], None]] = None) -> str:
     """Train `run` from its current epoch; returns "done" or "stopped"."""
     cfg = run.cfg
-    os.makedirs(run.run_dir, exist_ok=True)
-    log = log or (lambda s: None)
+    if run.rank == 0:
+        os.makedirs(run.run_dir, exist_ok=True)
+    log = log if (log and run.rank == 0) else (lambda s: None)
     stop = cfg.stop_after or cfg.epochs
     for epoch in range(len(run.history), cfg.epochs):
         if epoch >= stop:
@@ -536,10 +649,12 @@ def execute(run: Run, log: Optional[Callable[[str], None]] = None) -> str:
         rec = train_epoch(run, epoch, cfg.progress)
         run.history.append(rec)
         save_checkpoint(run)
-        write_json(os.path.join(run.run_dir, REPORT), run_report(run, "running"))
+        if run.rank == 0:
+            write_json(os.path.join(run.run_dir, REPORT), run_report(run, "running"))
         log(epoch_line(run, rec))
     status = "done" if len(run.history) >= cfg.epochs else "stopped"
-    finish(run, status)
+    if run.rank == 0:
+        finish(run, status)
     return status
 
 
@@ -581,7 +696,7 @@ def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict
     if model and not model.startswith("torchvision:"):
         model = os.path.abspath(model)
     cfg = dataclasses.replace(cfg, run_dir=run_dir, policy=policy, model=model)
-    return _train_job(cfg, {}, log)
+    return _launch(cfg, {}, log)
 
 
 def resume(run_dir: str, log: Optional[Callable[[str], None]] = None,
@@ -609,7 +724,58 @@ def resume(run_dir: str, log: Optional[Callable[[str], None]] = None,
     if saved.get("policy_sha256") != file_digest(cfg.policy):
         raise BadInput(f"--resume {run_dir}: the policy file {cfg.policy} changed since the run started; "
                        "a resumed run must use the same policy")
-    return _train_job(cfg, {"resumed": True}, log)
+    return _launch(cfg, {"resumed": True}, log)
+
+
+# --- data-parallel workers ----------------------------------------------------------------
+
+class StreamLog:
+    """A picklable `log` that prints to stdout or stderr (the spawned workers' rank 0 logs with it)."""
+
+    def __init__(self, stream: str = "stdout"):
+        self.stream = stream
+
+    def __call__(self, text: str) -> None:
+        print(text, file=getattr(sys, self.stream), flush=True)
+
+
+def _launch(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
+    """One process, N spawned workers (cfg.nproc > 1), or this process's rank under torchrun."""
+    from .distributed.launch import default_backend, init_from_env, run_data_parallel, under_torchrun
+
+    if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        world = int(os.environ["WORLD_SIZE"])
+        if cfg.nproc not in (1, world):
+            raise BadInput(f"--nproc {cfg.nproc} differs from torchrun's {world} workers; drop --nproc "
+                           f"under torchrun")
+        cfg = dataclasses.replace(cfg, nproc=world)
+        device = resolve_device(cfg.device)
+        init_from_env(default_backend(device.type))
+        rank = dist.get_rank()
+        # every rank must train in the same run directory: rank 0's
+        names = [cfg.run_dir]
+        dist.broadcast_object_list(names, src=0)
+        cfg = dataclasses.replace(cfg, run_dir=names[0])
+        return _ddp_entry(rank, world, cfg, extra, log)
+    if cfg.nproc > 1:
+        device = resolve_device(cfg.device)
+        if log is not None:
+            try:
+                pickle.dumps(log)
+            except Exception:
+                log = StreamLog("stdout")
+        results = run_data_parallel(_ddp_entry, cfg.nproc, (cfg, extra, log), backend=default_backend(device.type),
+                                    threads_per_worker=cfg.threads)
+        return results[0]
+    return _train_job(cfg, extra, log)
+
+
+def _ddp_entry(rank: int, world: int, cfg: TrainConfig, extra: Dict[str, Any], log) -> Optional[Dict[str, Any]]:
+    """One worker of a data-parallel run (spawned, or a torchrun rank); rank 0 returns the result."""
+    if resolve_device(cfg.device).type == "cuda":
+        cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+    result = _train_job(cfg, extra, log if rank == 0 else None)
+    return result if rank == 0 else None
 
 
 def _train_job(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
@@ -619,6 +785,9 @@ def _train_job(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
     _resume_if_saved(main)
     if log:
         log(describe_run(main))
+        if main.world == 1 and _communication(cfg) is not None:
+            log(f"note: the policy's communication: section applies only to data-parallel training "
+                f"(--nproc > 1); this run has one process")
     status = execute(main, log)
     result = {"run_dir": run_dir, **extra, "main": run_report(main, status), "baseline": None}
     base = None
@@ -631,6 +800,8 @@ def _train_job(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
     result["status"] = status
     if cfg.baseline and base is not None:
         result["comparison"] = comparison_rows(result["main"], result["baseline"])
+    if main.rank != 0:
+        return result
     if cfg.plots:
         result["plots"] = _plots(main, base)
     write_json(os.path.join(run_dir, REPORT), _job_report(main, status, result))
@@ -644,6 +815,11 @@ def describe_run(run: Run) -> str:
     text = (f"data {b.name}: {len(b.train)} train / {len(b.test)} test images, {b.in_channels}x{b.image_size}x"
             f"{b.image_size}, {b.num_classes} classes; model {name} ({params / 1e6:.2f} M parameters); "
             f"policy {run.cfg.policy or 'none'}; device {run.device}; run dir {run.run_dir}")
+    if run.world > 1:
+        comm = run.comm.config
+        wire = "fp32 all-reduce" if comm.full_precision else f"{comm.method} {comm.resolved_bits}-bit"
+        text += (f"; {run.world} {run.backend} workers x {run.cfg.batch_size // run.world} images a step, "
+                 f"gradients as {wire}")
     if run.history:
         text += f"; resuming after epoch {len(run.history)}"
     return text
@@ -661,8 +837,37 @@ def _job_report(main: Run, status: str, result: Dict[str, Any]) -> Dict[str, Any
 
 def _resume_if_saved(run: Run) -> None:
     path = os.path.join(run.run_dir, CHECKPOINT)
-    if os.path.isfile(path):
-        restore(run, load_checkpoint(path))
+    if run.world == 1:
+        if os.path.isfile(path):
+            restore(run, load_checkpoint(path))
+        return
+    # rank 0 reads (the run directory may exist on its machine only) and sends
+    # the checkpoint, or the error, to every rank, so all fail or resume alike
+    box = [None]
+    if run.rank == 0 and os.path.isfile(path):
+        try:
+            box[0] = ("ok", load_checkpoint(path))
+        except BadInput as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        return
+    kind, state = box[0]
+    if kind == "error":
+        raise BadInput(state)
+    if run.device.type == "cuda":
+        state = _to_cpu(state)
+    restore(run, state)
+
+
+def _to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _plots(main: Run, base: Optional[Run]) -> List[str]:

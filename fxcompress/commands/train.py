@@ -14,7 +14,7 @@ from ..training import OPTIMIZERS, SCHEDULES, TrainConfig
 # resumed run must continue exactly as it was configured.
 CONFIG_FLAGS = ["model", "model_fn", "policy", "data", "upscale", "depth", "epochs", "batch_size", "lr",
                 "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "decay_epochs", "gamma",
-                "seed", "threads", "run_dir", "baseline", "train_limit", "test_limit"]
+                "seed", "threads", "run_dir", "baseline", "train_limit", "test_limit", "nproc"]
 RESUME_FLAGS = ["device", "stop_after"]
 
 
@@ -58,7 +58,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, help=f"step schedule factor (default {d.gamma})")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--threads", type=int, help=f"CPU threads for torch (default {d.threads})")
+    g.add_argument("--threads", type=int, help=f"CPU threads for torch, per worker (default {d.threads})")
+    g.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel workers through torch.distributed (gloo on CPU, NCCL on GPU, one GPU "
+                   "each); the policy's communication: section chooses how gradients travel (default: fp32 "
+                   "all-reduce). --batch-size stays the global batch, split over the workers. Under torchrun "
+                   "the workers are torchrun's. (default 1)")
     g = p.add_argument_group("run")
     g.add_argument("--baseline", action="store_true", default=None,
                    help="also train without the policy (same seed, same data order) and compare")
@@ -82,8 +87,8 @@ def config_from_args(args) -> TrainConfig:
 def run(args) -> int:
     from .. import training
 
-    out = sys.stderr if args.json else sys.stdout
-    log = functools.partial(print, file=out, flush=True)
+    # picklable, so that rank 0 of spawned data-parallel workers logs the same way
+    log = training.StreamLog("stderr" if args.json else "stdout")
     if args.resume:
         clashing = [f"--{k.replace('_', '-')}" for k in CONFIG_FLAGS if getattr(args, k, None) is not None]
         if clashing:

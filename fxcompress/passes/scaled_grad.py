@@ -1,0 +1,248 @@
+"""PSGD position-based scaled gradients: the `scaled_grad` policy key.
+
+Every selected weight gets a node between itself and its use:
+
+    fxc_scaled_grad_layer1_0_conv1 = self.fxc_scaled_grad_layer1_0_conv1(layer1_0_conv1_weight)
+    conv2d_3 = torch.conv2d(relu_1, fxc_scaled_grad_layer1_0_conv1, None, (1, 1), (1, 1), (1, 1), 1)
+
+identity in forward, backward scales the gradient (fxcompress/runtime/scaled_grad.py).
+Which nodes take it:
+- call_module Conv1d/2d/3d and Linear: the module call becomes the functional
+  call (F.conv*/F.linear with the module's own hyper-parameters) whose weight
+  reads the parameter through a get_attr and the fxc_ node. The module stays
+  in the graph module and owns its parameters, so state_dict names are the
+  original model's.
+- call_function F.conv*/F.linear whose weight is a get_attr of a parameter,
+  and get_attr parameter nodes feeding such a call as its weight.
+One ScaledGrad module per parameter, shared by every use of it.
+
+Policy key choice: the scale is `lambda_s` (the authors' flag name, and
+`lambda` is a Python keyword that a dataclass field cannot be); a policy
+that writes `lambda` gets "did you mean 'lambda_s'".
+
+First/last rule (authors' first_last_quant): the first and the last weight
+layer in graph order use `first_last_bits` (default 8) when `bits` < 4.
+To keep them full precision as the authors' first_last_quant=0 does, opt
+them out with a later rule (`scaled_grad: null`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from ..config import ConfigError, check_range
+from ..runtime.scaled_grad import ScaledGrad, ScaledGradController
+from .base import Pass, PassResult, add_submodule, fxc_name
+
+#: below this width the first and last layers use first_last_bits (the authors' rule)
+FIRST_LAST_BELOW = 4
+
+
+@dataclass
+class ScaledGradConfig:
+    #: target weight width b: the symmetric grid has 2^b - 1 levels
+    bits: int = 4
+    #: lambda_s of the paper: the scale is lambda_s * |w - Q(w)| (+ epsilon)
+    lambda_s: float = 150.0
+    #: added to the scale; 0 as in the authors' code (gradient exactly 0 on the grid)
+    epsilon: float = 0.0
+    #: optimizer steps (CompressedModel.step() calls) before scaling starts
+    start_step: int = 0
+    #: "uniform": the b-bit grid; "zero": the sparse variant (grid {0}, scale lambda_s*|w|)
+    grid: Literal["uniform", "zero"] = "uniform"
+    #: width of the first and last weight layers when bits < 4 (null: no special case)
+    first_last_bits: Optional[int] = 8
+    #: also scale the layer's bias (the authors do it for the last linear layer)
+    bias: bool = False
+
+    def check(self):
+        check_range("bits", self.bits, 2, 8, "the symmetric grid needs 2^b - 1 >= 3 levels; PSGD targets 2..8 bits")
+        if not (math.isfinite(self.lambda_s) and self.lambda_s > 0):
+            raise ConfigError("lambda_s", f"must be a positive number, got {self.lambda_s}")
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise ConfigError("epsilon", f"must be a number >= 0, got {self.epsilon}")
+        if self.start_step < 0:
+            raise ConfigError("start_step", f"must be >= 0 optimizer steps, got {self.start_step}")
+        check_range("first_last_bits", self.first_last_bits, 2, 8)
+
+
+_MODULE_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.Linear: F.linear}
+_WEIGHT_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d)
+
+
+def _param(gm: fx.GraphModule, target: str) -> Optional[nn.Parameter]:
+    try:
+        p = gm.get_parameter(target)
+    except AttributeError:
+        return None
+    return p if isinstance(p, nn.Parameter) else None
+
+
+def _weight_arg(node: fx.Node) -> Optional[fx.Node]:
+    """The weight argument of a functional conv/linear call, if it is a node."""
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return w if isinstance(w, fx.Node) else None
+
+
+def _module_reason(m: nn.Module) -> Optional[str]:
+    base = next((c for c in _MODULE_FN if type(m) is c or (isinstance(m, c) and type(m).forward is c.forward)),
+                None)
+    if base is None:
+        return "scaled_grad acts on the weights of Conv1d/2d/3d and Linear (this module's forward is another)"
+    if getattr(m, "padding_mode", "zeros") != "zeros":
+        return f"padding_mode '{m.padding_mode}' is not supported by scaled_grad (only 'zeros')"
+    if m._forward_hooks or m._forward_pre_hooks:
+        return "the module has forward hooks, which rewriting it into a functional call would drop"
+    if not isinstance(getattr(m, "weight", None), nn.Parameter):
+        return "the module has no weight parameter"
+    return None
+
+
+def _functional_reason(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
+    w = _weight_arg(node)
+    if w is None or w.op != "get_attr" or _param(gm, w.target) is None:
+        return "the weight of this call is not a parameter read by get_attr"
+    return None
+
+
+class ScaledGradPass(Pass):
+    name = "scaled_grad"
+    key = "scaled_grad"
+    config = ScaledGradConfig
+
+    def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
+        if node.op == "call_module":
+            return _module_reason(gm.get_submodule(node.target))
+        if node.op == "call_function" and node.target in _WEIGHT_FNS:
+            return _functional_reason(node, gm)
+        if node.op == "get_attr":
+            if _param(gm, node.target) is None:
+                return "not a parameter"
+            if not any(u.op == "call_function" and u.target in _WEIGHT_FNS and _weight_arg(u) is node
+                       for u in node.users):
+                return "this parameter is not the weight of a conv/linear call"
+            return None
+        return "scaled_grad acts on Conv/Linear weights (call_module, F.conv*/F.linear, or their get_attr weight)"
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _weight_layers(gm: fx.GraphModule) -> List[str]:
+        """Weight parameter names of all conv/linear layers, in graph order
+        (what first/last means), whether the policy selects them or not."""
+        names: List[str] = []
+        for n in gm.graph.nodes:
+            if n.op == "call_module" and _module_reason(gm.get_submodule(n.target)) is None:
+                names.append(f"{n.target}.weight")
+            elif n.op == "call_function" and n.target in _WEIGHT_FNS and _functional_reason(n, gm) is None:
+                names.append(str(_weight_arg(n).target))
+        return names
+
+    def run(self, gm: fx.GraphModule, plan) -> PassResult:
+        result = PassResult()
+        order = self._weight_layers(gm)
+        first, last = (order[0], order[-1]) if order else (None, None)
+        self._gm, self._plan, self._result = gm, plan, result
+        self._modules: Dict[str, ScaledGrad] = {}
+        self._names: Dict[str, str] = {}
+        self._params: Dict[str, nn.Parameter] = {}
+        self._roles = {first: "first", last: "last"} if first else {}
+        for node, cfg in list(plan.selected(self.key)):
+            if getattr(node, "_erased", False):  # a get_attr an earlier rewrite here replaced
+                continue
+            if node.op == "call_module":
+                self._rewrite_module(node, cfg)
+            elif node.op == "call_function":
+                w = _weight_arg(node)
+                self._wrap_use(node, w, cfg)
+            else:  # get_attr: every conv/linear use of it as a weight
+                for user in list(node.users):
+                    if user.op == "call_function" and user.target in _WEIGHT_FNS and _weight_arg(user) is node:
+                        self._wrap_use(user, node, cfg)
+        fl = sorted({f"{n} ({m.bits} bits)" for n, m in self._modules.items() if m.role})
+        if fl:
+            result.notes.append("first/last layer: " + ", ".join(fl))
+        starts = sorted({m.start_step for m in self._modules.values() if m.start_step > 0})
+        if starts:
+            result.notes.append(f"gradients pass unscaled until optimizer step {', '.join(map(str, starts))} (start_step)")
+        if self._modules:
+            result.controllers["scaled_grad"] = ScaledGradController(self._modules, self._params)
+        return result
+
+    def _bits(self, param_name: str, cfg: ScaledGradConfig) -> Tuple[int, str]:
+        role = self._roles.get(param_name, "")
+        if role and cfg.first_last_bits is not None and cfg.bits < FIRST_LAST_BELOW:
+            return cfg.first_last_bits, role
+        return cfg.bits, role
+
+    def _scaled(self, param_name: str, cfg: ScaledGradConfig, anchor: fx.Node, layer_weight: str) -> fx.Node:
+        """A get_attr of the parameter followed by its ScaledGrad node, inserted
+        before `anchor`. `layer_weight` names the layer's weight, which decides
+        the first/last rule (a bias follows its layer's width)."""
+        gm = self._gm
+        mod = self._modules.get(param_name)
+        if mod is None:
+            bits, role = self._bits(layer_weight, cfg)
+            mod = ScaledGrad(param_name, bits, cfg.lambda_s, cfg.epsilon, cfg.grid, cfg.start_step, role)
+            name = fxc_name(gm, self.name, param_name)
+            add_submodule(gm, name, mod)
+            self._names[param_name] = name
+            self._result.inserted.append(name)
+            self._modules[param_name] = mod
+            self._params[param_name] = _param(gm, param_name)
+        p = self._params[param_name]
+        with gm.graph.inserting_before(anchor):
+            w = gm.graph.get_attr(param_name)
+            w.meta["tensor_meta"] = _extract_tensor_metadata(p)
+            s = gm.graph.call_module(self._names[param_name], (w,))  # fx names it after the target
+            s.meta["tensor_meta"] = w.meta["tensor_meta"]
+        if s.name not in self._result.inserted:
+            self._result.inserted.append(s.name)
+        return s
+
+    def _rewrite_module(self, node: fx.Node, cfg: ScaledGradConfig) -> None:
+        gm = self._gm
+        m = gm.get_submodule(node.target)
+        fn = next(f for c, f in _MODULE_FN.items() if isinstance(m, c))
+        wname = f"{node.target}.weight"
+        weight = self._scaled(wname, cfg, node, wname)
+        bias = None
+        if m.bias is not None:
+            if cfg.bias:
+                bias = self._scaled(f"{node.target}.bias", cfg, node, wname)
+            else:
+                with gm.graph.inserting_before(node):
+                    bias = gm.graph.get_attr(f"{node.target}.bias")
+                    bias.meta["tensor_meta"] = _extract_tensor_metadata(m.bias)
+        x = node.args[0] if node.args else node.kwargs["input"]
+        if fn is F.linear:
+            args = (x, weight, bias)
+        else:
+            args = (x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(fn, args)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        self._plan.replace_node(node.name, new)
+        self._result.modified = True
+
+    def _wrap_use(self, user: fx.Node, w: fx.Node, cfg: ScaledGradConfig) -> None:
+        param_name = str(w.target)
+        s = self._scaled(param_name, cfg, user, param_name)
+        user.replace_input_with(w, s)
+        if cfg.bias:
+            b = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
+            if isinstance(b, fx.Node) and b.op == "get_attr" and _param(self._gm, b.target) is not None:
+                user.replace_input_with(b, self._scaled(str(b.target), cfg, user, param_name))
+                if not b.users:
+                    self._gm.graph.erase_node(b)
+        if not w.users:
+            self._gm.graph.erase_node(w)  # the original get_attr, now read through the new one
+        self._result.modified = True

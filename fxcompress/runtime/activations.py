@@ -1,0 +1,508 @@
+"""Compressed saves: what the activations pass's `fxc_save` nodes run.
+
+Each rewritten node calls `fxc_save(spec, how, *args)`. The op runs inside
+`torch.autograd.graph.saved_tensors_hooks`, scoped to that one call, so every
+tensor autograd keeps for *this op's* backward goes through `spec.pack` and is
+stored in packed form; backward calls `spec.unpack` to get it back. Nothing
+else in the model is touched, and any op works, including ones we have no
+rule for: whatever it saves is quantized.
+
+What is stored, per saved tensor:
+- parameters, buffers and anything computed from them alone (a masked or
+  scaled weight): kept as they are (never compressed);
+- tensors below `min_numel` elements, and 1-D tensors (a norm's saved mean
+  and inverse std): kept (the bookkeeping would cost more, or they are not
+  activations);
+- bool tensors (dropout masks): 1 bit per element;
+- rule "relu": the op's result, which backward only tests for > 0: a 1-bit
+  mask; rule "hardtanh" (ReLU6): a 1-bit in-range mask, decoded to values
+  with the same backward; rule "maxpool": the input is needed for its shape
+  only, the int64 argmax indices become the position inside the pooling
+  window (4 bits for 3x3); rule "shape" (average pools): shape only;
+- every other floating tensor: quantized (fixed bits, zvc, or AutoQuant's
+  per-channel bits), per channel or per group.
+
+A storage saved by several ops (a ReLU output that the next convolution and
+the downsample convolution both save) is packed once: packed objects are
+shared through a registry keyed by storage, view geometry and version, whose
+entries die with the source tensor (weakref.finalize), so a reused address
+can never hit a stale entry.
+
+Accounting is measured, not estimated: per node, the bytes autograd would
+have kept (each storage counted once, across the whole graph) and the bytes
+of the packed tensors actually held.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..kernels import actpack
+
+# ----------------------------------------------------------------- ledger
+
+
+class Ledger:
+    """Per compiled graph: the shared-storage registry and the byte counts of
+    the current forward (reset by the first save node of each forward)."""
+
+    def __init__(self):
+        self.registry: Dict[tuple, Any] = {}
+        self.seen: set = set()  # storages already counted in this forward
+        self.counted: set = set()  # ids of packed objects already counted in this forward
+        self.nodes: Dict[str, Dict[str, float]] = {}
+        self.forwards = 0
+
+    def reset(self) -> None:
+        self.seen = set()
+        self.counted = set()
+        self.nodes = {}
+        self.forwards += 1
+
+    def totals(self) -> Dict[str, float]:
+        fp = sum(v["fp32_bytes"] for v in self.nodes.values())
+        st = sum(v["stored_bytes"] for v in self.nodes.values())
+        el = sum(v["quant_elements"] for v in self.nodes.values())
+        bits = sum(v["quant_bits"] for v in self.nodes.values())
+        return {"fp32_bytes": fp, "stored_bytes": st, "ratio": fp / st if st else float("inf") if fp else 1.0,
+                "avg_bits": bits / el if el else 0.0}
+
+
+def _node_stats(ledger: Ledger, name: str) -> Dict[str, float]:
+    d = ledger.nodes.get(name)
+    if d is None:
+        d = ledger.nodes[name] = {"fp32_bytes": 0.0, "stored_bytes": 0.0, "quant_elements": 0.0,
+                                  "quant_bits": 0.0, "kept": 0.0}
+    return d
+
+
+# ------------------------------------------------------------ stored forms
+
+
+class _Kept:
+    """A tensor stored as it is (parameter, tiny, integer)."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t):
+        self.t = t
+
+
+class _ShapeOnly:
+    """Backward needs only the shape (and layout) of this tensor."""
+
+    __slots__ = ("shape", "stride", "dtype", "device")
+
+    def __init__(self, t):
+        self.shape, self.stride, self.dtype, self.device = t.shape, t.stride(), t.dtype, t.device
+
+    def nbytes(self) -> int:
+        return 0
+
+
+class _Mask:
+    """1 bit per element; decoded to `on`/`off` values of the original dtype."""
+
+    __slots__ = ("packed", "on", "off", "dtype", "stride")
+
+    def __init__(self, packed, on, off, dtype):
+        self.packed, self.on, self.off, self.dtype = packed, on, off, dtype
+
+    def nbytes(self) -> int:
+        return self.packed.nbytes()
+
+
+class _WindowIndex:
+    """Max-pool argmax as the offset inside its pooling window."""
+
+    __slots__ = ("parts", "bits", "shape", "geom", "width")
+
+    def __init__(self, parts, bits, shape, geom, width):
+        self.parts, self.bits, self.shape, self.geom, self.width = parts, bits, shape, geom, width
+
+    def nbytes(self) -> int:
+        return sum(p.numel() for p in self.parts)
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, _Kept):
+        return obj.t.numel() * obj.t.element_size()
+    return obj.nbytes()
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - tensors without storage (sparse, meta)
+        ptr = id(t)
+    return (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version, t.device)
+
+
+# ------------------------------------------------------------------ spec
+
+
+@dataclass
+class SaveSettings:
+    """The resolved config of one node (from ActivationsConfig)."""
+
+    mode: str = "fixed"           # fixed | auto
+    bits: int = 8
+    zvc: bool = False
+    granularity: str = "channel"  # channel | group
+    group_size: int = 256
+    rounding: str = "nearest"
+    min_numel: int = 1024
+    masks: bool = True
+    max_bits: int = 16
+    eps_bits: float = 0.0
+
+
+class SaveSpec(nn.Module):
+    """One compressed node: its rule, settings, accounting, AutoQuant state.
+
+    A submodule of the rewritten GraphModule (named fxc_act_<node>), so that
+    printing the module shows every node's settings. It holds no parameters;
+    AutoQuant's error budget lives here (`dx2`, set by the controller) and is
+    saved in the controller's state, not here.
+    """
+
+    def __init__(self, node: str, op: str, rule: str, settings: SaveSettings, fn: Optional[Callable] = None,
+                 method: Optional[str] = None, weight_args: Tuple[int, ...] = (), geom: Optional[dict] = None,
+                 ledger: Optional[Ledger] = None, first: bool = False):
+        super().__init__()
+        self.node, self.op, self.rule, self.settings = node, op, rule, settings
+        self._fn = fn            # call_function target (None: a module passed as first argument)
+        self._method = method    # call_method name
+        self.weight_args = tuple(weight_args)
+        self.geom = geom or {}
+        self._ledger = ledger
+        self.first = first
+        # AutoQuant: allowed squared error per element; None until the
+        # controller has statistics (then `bits` is used)
+        self.dx2: Any = None
+        self.bn_terms: Optional[Dict[str, torch.Tensor]] = None
+        self.collect = False
+        self.snapshot: Dict[str, Any] = {}
+        self.bits_seen: List[float] = []  # per forward: avg bits of the quantized tensors
+        self._skip: set = set()
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        what = {"relu": "1-bit mask", "hardtanh": "1-bit range mask", "maxpool": "window index, input shape only",
+                "shape": "input shape only"}.get(self.rule)
+        if what is None or not s.masks:
+            what = ("auto bits" if s.mode == "auto" else f"{s.bits}-bit") + (" zvc" if s.zvc else "") + \
+                   f" per-{s.granularity}" + (f"({s.group_size})" if s.granularity == "group" else "") + \
+                   f" {s.rounding}"
+        return f"node={self.node}, op={self.op}, rule={self.rule}: {what}"
+
+    # --- the hooks ------------------------------------------------------------
+    def pack(self, t: torch.Tensor):
+        ledger = self._ledger
+        st = _node_stats(ledger, self.node)
+        if (t.requires_grad and t.is_leaf) or t.data_ptr() in self._skip:
+            return _Kept(t)  # a parameter, buffer or weight-derived tensor: never compressed
+        key = _storage_key(t)
+        if key not in ledger.seen:
+            ledger.seen.add(key)
+            st["fp32_bytes"] += t.numel() * t.element_size()
+            # once the tensor dies its address can be reused by another
+            # tensor of the same shape: that one must be counted again
+            weakref.finalize(t, ledger.seen.discard, key)
+        form = self._form(t)
+        rkey = key + (form,)
+        hit = ledger.registry.get(rkey)
+        if hit is not None:  # already stored by another save of this storage
+            if id(hit) not in ledger.counted:  # (made in an earlier forward: count it in this one)
+                ledger.counted.add(id(hit))
+                st["stored_bytes"] += _nbytes(hit)
+            return hit
+        obj = self._encode(t, form, st)
+        ledger.counted.add(id(obj))
+        st["stored_bytes"] += _nbytes(obj)
+        if not isinstance(obj, _Kept):
+            ledger.registry[rkey] = obj
+            reg = ledger.registry
+            weakref.finalize(t, reg.pop, rkey, None)
+        return obj
+
+    def unpack(self, obj):
+        if isinstance(obj, _Kept):
+            return obj.t
+        if isinstance(obj, _ShapeOnly):
+            return torch.empty_strided(obj.shape, obj.stride, dtype=obj.dtype, device=obj.device)
+        if isinstance(obj, _Mask):
+            if obj.on is None:
+                return actpack.unpack_mask(obj.packed)
+            return actpack.unpack_mask_values(obj.packed, obj.on, obj.off, obj.dtype)
+        if isinstance(obj, _WindowIndex):
+            return _decode_window_index(obj)
+        if isinstance(obj, actpack.PackedZVC):
+            return actpack.zvc_unpack(obj)
+        if isinstance(obj, actpack.PackedMixed):
+            return actpack.mixed_unpack(obj)
+        return actpack.unpack(obj)
+
+    # --- choosing and making the stored form --------------------------------------
+    def _form(self, t: torch.Tensor) -> str:
+        s = self.settings
+        if t.dtype == torch.bool:
+            return "mask"
+        if not t.is_floating_point():
+            return "window" if (self.rule == "maxpool" and s.masks and t.dtype == torch.int64) else "kept"
+        if s.masks and self.rule in ("maxpool", "shape"):
+            return "shape"
+        if t.numel() < s.min_numel or t.dim() < 2:
+            # tiny, or 1-D: per-channel statistics a norm saves (mean, inv-std), not activations
+            return "kept"
+        if s.masks and self.rule == "relu":
+            return "relu"
+        if s.masks and self.rule == "hardtanh":
+            return "hardtanh"
+        return "quant"
+
+    def _encode(self, t: torch.Tensor, form: str, st: Dict[str, float]):
+        s = self.settings
+        if form == "kept":
+            st["kept"] += t.numel() * t.element_size()
+            return _Kept(t)
+        if form == "shape":
+            return _ShapeOnly(t)
+        if form == "mask":
+            return _Mask(actpack.pack_mask(t), None, None, t.dtype)
+        if form == "relu":
+            # threshold_backward(grad, result, 0) only asks result > 0
+            return _Mask(actpack.pack_mask(t > 0), 1.0, 0.0, t.dtype)
+        if form == "hardtanh":
+            lo, hi = self.geom.get("min_val", -1.0), self.geom.get("max_val", 1.0)
+            # hardtanh_backward passes grad where lo < x < hi: any value inside does
+            return _Mask(actpack.pack_mask((t > lo) & (t < hi)), 0.5 * (lo + hi), lo, t.dtype)
+        if form == "window":
+            return _encode_window_index(t, self.geom)
+        x = t.contiguous()
+        cdim = 1 if x.dim() >= 3 else -1
+        x3 = actpack.view3(x, s.granularity, s.group_size, cdim)
+        amax, mn = actpack.stats(x3)
+        signed = bool(mn < 0)
+        # stochastic rounding: one draw from torch's global generator per tensor,
+        # so runs are reproducible and a resumed run (the driver restores the
+        # generator) continues the same stream
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if s.rounding == "stochastic" else 0
+        if s.mode == "auto" and self.dx2 is not None and s.granularity == "channel":
+            bits_c = self.auto_bits(amax, signed, x3.shape[1])
+            obj = (actpack.mixed_pack(x3, bits_c, s.rounding, seed, amax, signed, shape=t.shape)
+                   if not s.zvc else actpack.zvc_pack(x3, int(bits_c.max()), s.rounding, seed, amax, signed,
+                                                      shape=t.shape))
+            nbits = float((bits_c.double() * (x3.shape[0] * x3.shape[2])).sum())
+        else:
+            b = s.bits
+            obj = (actpack.zvc_pack(x3, b, s.rounding, seed, amax, signed, shape=t.shape) if s.zvc
+                   else actpack.quant_pack(x3, b, s.rounding, seed, amax, signed, shape=t.shape))
+            nbits = float(b * t.numel())
+        if isinstance(obj, actpack.PackedZVC):
+            nbits = float(obj.nnz * obj.bits + t.numel())
+        st["quant_elements"] += t.numel()
+        st["quant_bits"] += nbits
+        return obj
+
+    def auto_bits(self, amax: torch.Tensor, signed: bool, C: int) -> torch.Tensor:
+        """Per-channel bits from the error budget dx2 (SPEC section 1).
+
+        fbits = clip(trunc(-1/2 log2 dx2 - log2 s_c - 1), 1, 15), s_c = 1/(max|x_c| + 1e-6),
+        i.e. a grid step of 2^-(fbits+1) on the scaled value. Unsigned
+        tensors need fbits+1 bits for that grid, signed ones a sign bit more."""
+        dx2 = self.dx2
+        if self.bn_terms is not None:
+            dx2 = bn_dx2(self.bn_terms, amax)
+        dx2 = torch.as_tensor(dx2, dtype=torch.float64, device=amax.device).clamp_min(1e-30)
+        s_c = 1.0 / (amax.double() + actpack.EPS)
+        f = -0.5 * torch.log2(dx2) - torch.log2(s_c) - 1.0
+        fbits = torch.trunc(f).clamp(1, 15)
+        bits = fbits + (2 if signed else 1)
+        bits = bits.clamp(1, self.settings.max_bits).to(torch.int64).reshape(-1)
+        return bits.expand(C) if bits.numel() == 1 else bits
+
+    # --- the call -----------------------------------------------------------------
+    def call(self, args, kwargs):
+        if self._fn is not None:
+            return self._fn(*args, **kwargs)
+        if self._method is not None:
+            return getattr(args[0], self._method)(*args[1:], **kwargs)
+        return args[0](*args[1:], **kwargs)
+
+
+def bn_dx2(terms: Dict[str, torch.Tensor], amax: torch.Tensor) -> torch.Tensor:
+    """BatchNorm input budget per channel k (SPEC section 1):
+    dx2_k = e*|gx|^2*N*H*W / (K * g_k^2 * inv_std_k^4 * g2_k),
+    g2_k = inv_std_k^2 * nnz_k^2 * max(gz_k)^2 * (max|x_k|/2)^2 + (dL/dgamma_k)^2, floored at 2^-16."""
+    inv2 = terms["inv_std2"].to(amax.device).double()
+    g2 = inv2 * terms["nnz2"].double() * terms["gz2_max"].double() * (amax.double() / 2) ** 2 \
+        + terms["ggamma2"].double()
+    denom = terms["K"] * terms["gamma2"].double() * inv2 ** 2 * g2
+    dx2 = terms["numer"] / denom.clamp_min(1e-30)
+    return dx2.clamp_min(2.0 ** -16)
+
+
+# ---------------------------------------------------------- max-pool indices
+
+def _encode_window_index(idx: torch.Tensor, geom: dict) -> _WindowIndex:
+    kh, kw = geom["kernel"]
+    sh, sw = geom["stride"]
+    ph, pw = geom["padding"]
+    dh, dw = geom["dilation"]
+    W = geom["in_w"]
+    oh_n, ow_n = idx.shape[-2], idx.shape[-1]
+    ih, iw = idx // W, idx % W
+    oh = torch.arange(oh_n, device=idx.device).view(-1, 1)
+    ow = torch.arange(ow_n, device=idx.device).view(1, -1)
+    local = ((ih - oh * sh + ph) // dh) * kw + (iw - ow * sw + pw) // dw
+    bits = max(1, math.ceil(math.log2(kh * kw)))
+    return _WindowIndex(actpack.pack_codes(local.to(torch.int32), bits), bits, tuple(idx.shape), dict(geom), W)
+
+
+def _decode_window_index(obj: _WindowIndex) -> torch.Tensor:
+    g = obj.geom
+    kh, kw = g["kernel"]
+    sh, sw = g["stride"]
+    ph, pw = g["padding"]
+    dh, dw = g["dilation"]
+    n = 1
+    for s in obj.shape:
+        n *= s
+    local = actpack.unpack_codes(obj.parts, obj.bits, n).view(obj.shape).to(torch.int64)
+    oh_n, ow_n = obj.shape[-2], obj.shape[-1]
+    oh = torch.arange(oh_n, device=local.device).view(-1, 1)
+    ow = torch.arange(ow_n, device=local.device).view(1, -1)
+    ih = oh * sh - ph + (local // kw) * dh
+    iw = ow * sw - pw + (local % kw) * dw
+    return ih * obj.width + iw
+
+
+# ------------------------------------------------------------- graph entry
+
+def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
+    """Run one op with its saved tensors stored packed (`how` is for readers
+    of gm.code: what this node stores, e.g. 'Conv2d: 2-bit per-channel')."""
+    if not torch.is_grad_enabled():
+        return spec.call(args, kwargs)  # evaluation: nothing is saved, the last figures stay
+    if spec.first:
+        spec._ledger.reset()
+    skip = set()
+    if spec._fn is None and spec._method is None and isinstance(args[0], nn.Module):
+        for p in args[0].parameters():
+            skip.add(p.data_ptr())
+        for b in args[0].buffers():
+            skip.add(b.data_ptr())
+    for i in spec.weight_args:
+        if i < len(args) and torch.is_tensor(args[i]):
+            skip.add(args[i].data_ptr())
+    spec._skip = skip
+    if spec.rule == "maxpool":
+        x = args[1] if spec._fn is None and spec._method is None else args[0]
+        spec.geom["in_w"] = x.shape[-1]
+    with torch.autograd.graph.saved_tensors_hooks(spec.pack, spec.unpack):
+        out = spec.call(args, kwargs)
+    spec._skip = set()
+    if spec.collect and torch.is_tensor(out) and out.requires_grad:
+        from .autoquant import record_statistics
+
+        record_statistics(spec, args, out)
+    return out
+
+
+torch.fx.wrap("fxc_save")
+
+
+# ------------------------------------------------------------- measurement
+
+def _ledgers(model: nn.Module) -> List[Ledger]:
+    out, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, SaveSpec) and id(m._ledger) not in seen:
+            seen.add(id(m._ledger))
+            out.append(m._ledger)
+    return out
+
+
+def saved_figures(model: nn.Module) -> Dict[str, Any]:
+    """Totals and per-node bytes of the last forward of a compiled model."""
+    nodes: Dict[str, Dict[str, float]] = {}
+    for lg in _ledgers(model):
+        nodes.update({k: dict(v) for k, v in lg.nodes.items()})
+    fp = sum(v["fp32_bytes"] for v in nodes.values())
+    st = sum(v["stored_bytes"] for v in nodes.values())
+    el = sum(v["quant_elements"] for v in nodes.values())
+    bits = sum(v["quant_bits"] for v in nodes.values())
+    return {"fp32_bytes": fp, "stored_bytes": st, "ratio": (fp / st) if st else (float("inf") if fp else 1.0),
+            "avg_bits": bits / el if el else 0.0, "nodes": nodes}
+
+
+class _CountAll:
+    """saved_tensors_hooks that keep tensors and count them (uncompressed
+    baseline): activations only, so parameters and views of them (a linear
+    layer saves its weight transposed) are left out, as the packed path
+    leaves them out."""
+
+    def __init__(self, model: Optional[nn.Module] = None):
+        self.seen, self.bytes = set(), 0
+        self.param_storages = set()
+        if model is not None:
+            for p in list(model.parameters()) + list(model.buffers()):
+                self.param_storages.add(p.untyped_storage().data_ptr())
+
+    def pack(self, t):
+        if (t.requires_grad and t.is_leaf) or t.untyped_storage().data_ptr() in self.param_storages:
+            return t
+        key = _storage_key(t)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.bytes += t.numel() * t.element_size()
+        return t
+
+    def unpack(self, t):
+        return t
+
+
+def measure_saved(model: nn.Module, inputs, loss_fn: Optional[Callable] = None) -> Dict[str, Any]:
+    """One training forward and backward of `model` on `inputs`; returns the
+    activation bytes autograd kept.
+
+    For a model compiled with the activations pass: `fp32_bytes` (what the
+    saved tensors of the compressed nodes occupy uncompressed, each storage
+    once), `stored_bytes` (bytes of the packed tensors actually held),
+    `ratio`, `avg_bits` (of the quantized tensors) and per-node figures. For
+    any model, `all_saved_bytes` counts every tensor autograd saves in the
+    forward (parameters excluded, each storage once) as a baseline. The
+    model's parameters' .grad are restored afterwards."""
+    if torch.is_tensor(inputs):
+        inputs = (inputs,)
+    grads = {p: (p.grad.clone() if p.grad is not None else None) for p in model.parameters()}
+    was = model.training
+    model.train()
+    counter = _CountAll(model)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                out = model(*inputs)
+            figures = saved_figures(model)
+            loss = loss_fn(out) if loss_fn is not None else _default_loss(out)
+            loss.backward()
+    finally:
+        model.train(was)
+        for p, g in grads.items():
+            p.grad = g
+    figures["all_saved_bytes"] = counter.bytes
+    return figures
+
+
+def _default_loss(out):
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    return out.float().pow(2).mean()

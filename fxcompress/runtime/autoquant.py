@@ -1,0 +1,220 @@
+"""AutoQuant: per-layer, per-channel bit widths from AC-GC's error bound.
+
+The controller of the activations pass. For every node in `auto` mode it
+turns gradient statistics into an error budget dx2 (allowed squared error
+per element of the saved tensor), from which `SaveSpec.auto_bits` picks the
+bits of each channel at every step, with a fresh max|x_c| (SPEC section 1):
+
+- input of convolution(s)/linear(s) i (linear = 1x1 conv; a tensor that
+  several convolutions read, like a ResNet block input feeding conv1 and the
+  downsample, is one group with one budget, and so is stored once):
+      dx2 = e * sum_i |dL/dW_i|^2 / (2 * numel(x) * sum_i u_i |dL/dy_i|^2),
+      u_i = kernel area / stride product;
+- input of BatchNorm, per channel k: see runtime.activations.bn_dx2.
+
+Statistics schedule: a snapshot is measured in the forward/backward of step
+0 and then of every `stats_every`-th step; the budget uses the mean of the
+last `window` snapshots. Until the first snapshot exists (the very first
+step), auto nodes are stored at the config's `bits`.
+
+Measuring a snapshot costs a few tensor hooks (gradient norms of the
+outputs, weights and BN inputs) on those steps only.
+
+The controller also reports, for every mode, what the last forward stored:
+`saved_mb` (packed), `fp32_mb` (the same saved tensors uncompressed, each
+storage once), `ratio` and `avg_bits`.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Dict, List
+
+import torch
+import torch.nn as nn
+
+from .controller import Controller
+
+
+def _sumsq(g: torch.Tensor) -> float:
+    return float(g.detach().double().pow(2).sum())
+
+
+def _once(t: torch.Tensor, fn):
+    """A tensor hook that runs once and removes itself (parameters keep
+    hooks across iterations)."""
+    handle = None
+
+    def hook(g):
+        fn(g)
+        if handle is not None:
+            handle.remove()
+
+    handle = t.register_hook(hook)
+
+
+def record_statistics(spec, args, out: torch.Tensor) -> None:
+    """Install the hooks that measure this node's snapshot in this backward."""
+    snap = spec.snapshot = {}
+    is_module = spec._fn is None and spec._method is None
+    mod = args[0] if is_module else None
+    xs = args[1:] if is_module else args
+    x = xs[0] if xs else None
+    if spec.rule in ("conv", "linear"):
+        w = mod.weight if mod is not None else (args[1] if len(args) > 1 else None)
+        if not (torch.is_tensor(w) and w.requires_grad and torch.is_tensor(x)):
+            return
+        snap["numel"] = x.numel()
+        if spec.rule == "conv":
+            ks = w.shape[2:]
+            stride = spec.geom.get("stride", (1,) * len(ks))
+            area = 1
+            for k in ks:
+                area *= int(k)
+            sp = 1
+            for s in stride:
+                sp *= int(s)
+            snap["u"] = area / sp
+        else:
+            snap["u"] = 1.0
+        _once(out, lambda g: snap.__setitem__("gy2", _sumsq(g)))
+        _once(w, lambda g: snap.__setitem__("gw2", _sumsq(g)))
+    elif spec.rule == "bn" and mod is not None and torch.is_tensor(x) and x.dim() >= 2:
+        dims = [d for d in range(x.dim()) if d != 1]
+        with torch.no_grad():
+            var = x.detach().double().var(dim=dims, unbiased=False)
+            snap["inv_std2"] = (1.0 / (var + mod.eps)).float().cpu()
+            snap["gamma2"] = (mod.weight.detach().double() ** 2).float().cpu() if mod.weight is not None \
+                else torch.ones(x.shape[1])
+        snap["K"] = x.shape[1]
+        snap["NHW"] = x.numel() // x.shape[1]
+        if x.requires_grad:
+            _once(x, lambda g: snap.__setitem__("sgx2", _sumsq(g)))
+
+        def gz_stats(g):
+            gd = g.detach()
+            snap["nnz2"] = ((gd != 0).sum(dim=dims).double() ** 2).float().cpu()
+            snap["gz2_max"] = gd.pow(2).amax(dim=dims).float().cpu()
+
+        _once(out, gz_stats)
+        if mod.weight is not None and mod.weight.requires_grad:
+            _once(mod.weight, lambda g: snap.__setitem__("ggamma2", (g.detach().double() ** 2).float().cpu()))
+
+
+class AutoQuantController(Controller):
+    kind = "activations"
+
+    def __init__(self, specs: List[nn.Module], groups: List[List[str]], stats_every: int = 100, window: int = 10):
+        super().__init__()
+        # specs are submodules of the graph module already; a plain dict keeps
+        # them out of this module's state_dict (no duplicate entries)
+        self._specs = {s.node: s for s in specs}
+        self.groups = [list(g) for g in groups]  # conv/linear nodes sharing one input
+        self.bn_nodes = [s.node for s in specs if s.settings.mode == "auto" and s.rule == "bn"]
+        self.stats_every, self.window = int(stats_every), int(window)
+        self.steps = 0
+        self.snapshots: Dict[str, deque] = {}
+        self._arm()
+
+    @property
+    def auto(self) -> bool:
+        return bool(self.groups or self.bn_nodes)
+
+    def _arm(self) -> None:
+        collect = self.auto and self.steps % self.stats_every == 0
+        for name in [n for g in self.groups for n in g] + self.bn_nodes:
+            self._specs[name].collect = collect
+
+    # --- training-loop hooks ---------------------------------------------------------
+    def step(self) -> None:
+        if self.auto and self.steps % self.stats_every == 0:
+            self._take_snapshot()
+            self._update_budgets()
+        self.steps += 1
+        self._arm()
+
+    def _take_snapshot(self) -> None:
+        for g in self.groups:
+            snaps = [self._specs[n].snapshot for n in g]
+            if not all("gy2" in s and "gw2" in s for s in snaps):
+                continue  # the node did not run with grad this step
+            rec = {"gw2": sum(s["gw2"] for s in snaps), "uy2": sum(s["u"] * s["gy2"] for s in snaps),
+                   "numel": snaps[0]["numel"]}
+            self.snapshots.setdefault(g[0], deque(maxlen=self.window)).append(rec)
+        for n in self.bn_nodes:
+            s = self._specs[n].snapshot
+            if not all(k in s for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2")):
+                continue
+            rec = {k: s[k] for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2", "gamma2", "K", "NHW")}
+            self.snapshots.setdefault(n, deque(maxlen=self.window)).append(rec)
+        for s in self._specs.values():
+            s.snapshot = {}
+
+    def _update_budgets(self) -> None:
+        for g in self.groups:
+            win = self.snapshots.get(g[0])
+            if not win:
+                continue
+            e = 2.0 ** -self._specs[g[0]].settings.eps_bits
+            gw2 = sum(r["gw2"] for r in win) / len(win)
+            uy2 = sum(r["uy2"] for r in win) / len(win)
+            dx2 = e * max(gw2, 1e-16) / (2.0 * win[-1]["numel"] * max(uy2, 1e-16))
+            for n in g:
+                self._specs[n].dx2 = dx2
+        for n in self.bn_nodes:
+            win = self.snapshots.get(n)
+            if not win:
+                continue
+            spec = self._specs[n]
+            e = 2.0 ** -spec.settings.eps_bits
+
+            def mean(k):
+                vals = [r[k] if torch.is_tensor(r[k]) else torch.tensor(float(r[k])) for r in win]
+                return torch.stack([v.double() for v in vals]).mean(0)
+
+            spec.bn_terms = {"numer": e * float(mean("sgx2")) * win[-1]["NHW"], "K": float(win[-1]["K"]),
+                             "gamma2": mean("gamma2"), "inv_std2": mean("inv_std2"), "nnz2": mean("nnz2"),
+                             "gz2_max": mean("gz2_max"), "ggamma2": mean("ggamma2")}
+            spec.dx2 = 1.0  # marks "budget known"; the per-channel value comes from bn_terms
+
+    # --- figures -----------------------------------------------------------------------
+    def figures(self) -> Dict[str, float]:
+        from .activations import saved_figures
+
+        f = saved_figures(_Holder(self._specs))
+        return {"saved_mb": f["stored_bytes"] / 2**20, "fp32_mb": f["fp32_bytes"] / 2**20,
+                "ratio": f["ratio"] if f["stored_bytes"] else 0.0, "avg_bits": f["avg_bits"]}
+
+    def report(self) -> Dict[str, Any]:
+        from .activations import saved_figures
+
+        f = saved_figures(_Holder(self._specs))
+        out = self.figures()
+        out["nodes"] = {n: {k: float(v) for k, v in d.items()} for n, d in f["nodes"].items()}
+        out["budgets"] = {n: (float(s.dx2) if isinstance(s.dx2, (int, float)) else None)
+                          for n, s in self._specs.items() if s.settings.mode == "auto"}
+        out["steps"] = self.steps
+        return out
+
+    # --- state -------------------------------------------------------------------------
+    def state(self) -> Dict[str, Any]:
+        return {"steps": self.steps,
+                "snapshots": {k: [dict(r) for r in v] for k, v in self.snapshots.items()}}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        if not state:
+            return
+        self.steps = int(state.get("steps", 0))
+        self.snapshots = {k: deque(v, maxlen=self.window) for k, v in state.get("snapshots", {}).items()}
+        self._update_budgets()
+        self._arm()
+
+
+class _Holder(nn.Module):
+    """Lets saved_figures walk the specs without registering them here."""
+
+    def __init__(self, specs):
+        super().__init__()
+        self._list = list(specs.values())
+
+    def modules(self):
+        return iter(self._list)

@@ -1,0 +1,190 @@
+"""PSGD at training time: the node the graph calls between a weight and its use.
+
+`ScaledGrad` is identity in forward; its backward multiplies the weight's
+gradient by lambda * |w - Q_b(w)| (+ eps), the position-based scale of PSGD
+(SPEC section 2), computed by the fused kernel in kernels/scaled_grad.py.
+
+When the range is updated. In forward, in training mode, once per forward
+that will be differentiated, before the scale is computed. That is what the
+authors do (their quantizer updates its EMA range on every forward) and it
+ties the grid used in backward to the very weights this forward saw; it also
+means PSGD works with a plain training loop that never calls the controller.
+The controller's `step()` (after each optimizer step) only counts steps, which
+is what `start_step` is measured in.
+
+State. The EMA range is a non-persistent buffer (it follows `.to(device)`),
+so the graph module's state_dict keeps exactly the original model's names;
+the controller carries the ranges and the step count in its extra state, so
+`CompressedModel.state_dict()` still checkpoints all of it.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+
+from ..kernels.scaled_grad import levels_for, quantize_reference, scaled_grad
+from .controller import Controller
+
+MOMENTUM = 0.1  # the authors' EMA momentum for the weight range
+# delta is clamped away from 0 so an all-zero tensor gives Q = 0, not NaN
+TINY = torch.finfo(torch.float32).tiny
+
+
+class _ScaledGradFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, delta, levels, lambda_s, eps, zero_grid):
+        # w itself is saved, not |w - Q(w)|: it is the parameter, so saving it
+        # costs no memory, and the scale is recomputed inside the fused kernel.
+        ctx.save_for_backward(w, delta)
+        ctx.cfg = (levels, lambda_s, eps, zero_grid)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        w, delta = ctx.saved_tensors
+        levels, lambda_s, eps, zero_grid = ctx.cfg
+        return scaled_grad(g, w, delta, levels, lambda_s, eps, zero_grid), None, None, None, None, None
+
+
+class ScaledGrad(nn.Module):
+    """Identity on a weight whose gradient gets PSGD's position-based scale.
+
+    bits: grid width b (2L + 1 = 2^b - 1 levels); lambda_s, epsilon: the scale
+    lambda*|w - Q(w)| + epsilon; grid: "uniform" or "zero" (sparse variant,
+    Q = 0); start_step: before this many optimizer steps (counted by the
+    controller) the gradient passes unchanged.
+    """
+
+    def __init__(self, param_name: str, bits: int = 4, lambda_s: float = 150.0, epsilon: float = 0.0,
+                 grid: str = "uniform", start_step: int = 0, role: str = ""):
+        super().__init__()
+        self.param_name = param_name
+        self.bits = int(bits)
+        self.levels = levels_for(self.bits)
+        self.lambda_s = float(lambda_s)
+        self.epsilon = float(epsilon)
+        self.grid = grid
+        self.start_step = int(start_step)
+        self.role = role  # "first", "last" or "": shown in reports
+        self.step_count = 0  # set by the controller
+        self.initialized = False
+        # [-r_min, r_max] (both >= 0, so one clamp serves both); persistent=False:
+        # see the module docstring
+        self.register_buffer("range", torch.zeros(2), persistent=False)
+
+    @property
+    def active(self) -> bool:
+        return self.step_count >= self.start_step
+
+    def ema_range(self):
+        """(r_min, r_max) as floats."""
+        return -float(self.range[0]), float(self.range[1])
+
+    @torch.no_grad()
+    def update_range(self, w: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(w.detach())
+        new = torch.stack((lo.neg(), hi)).to(torch.float32).clamp_(min=0.0)  # -min(0, min w), max(0, max w)
+        if not self.initialized:
+            self.range.copy_(new)  # the first forward starts the EMA at the current range
+            self.initialized = True
+        else:
+            self.range.lerp_(new, MOMENTUM)  # r <- (1 - m) r + m new
+
+    def delta(self) -> torch.Tensor:
+        """Grid step from the EMA range: max(|r_min|, r_max) / L, one element."""
+        return (self.range.amax(0, keepdim=True) / self.levels).clamp_(min=TINY)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled() and w.requires_grad):
+            return w
+        self.update_range(w)
+        if not self.active:
+            return w
+        return _ScaledGradFn.apply(w, self.delta(), self.levels, self.lambda_s, self.epsilon, self.grid == "zero")
+
+    def extra_repr(self) -> str:
+        return (f"{self.param_name}, bits={self.bits}, lambda_s={self.lambda_s}, epsilon={self.epsilon}, "
+                f"grid={self.grid}, start_step={self.start_step}")
+
+
+def grid_figures(w: torch.Tensor, bits: int, zero_grid: bool = False) -> Dict[str, float]:
+    """How close w sits to the grid post-training quantization will use
+    (delta from w's own range, as at evaluation): mean |w-Q(w)|/delta,
+    fraction within 10 % of delta of a grid point, and the quantization MSE."""
+    w = w.detach().to(torch.float32)
+    L = levels_for(bits)
+    absmax = torch.maximum(-w.min().clamp(max=0), w.max().clamp(min=0))
+    delta = (absmax / L).clamp(min=TINY).reshape(1)
+    q = torch.zeros_like(w) if zero_grid else quantize_reference(w, delta, L)
+    dist = (w - q).abs() / delta
+    return {"dist_over_delta": float(dist.mean()), "near_grid": float((dist <= 0.1).float().mean()),
+            "quant_mse": float(((w - q) ** 2).mean()), "delta": float(delta)}
+
+
+class ScaledGradController(Controller):
+    """Counts optimizer steps for `start_step` and reports how quantizable the
+    weights are. Figures (weighted by tensor size over all PSGD tensors):
+    `dist_over_delta` (0.25 for weights spread evenly between grid points,
+    falls towards 0 as PSGD pulls them onto the grid), `near_grid` (fraction
+    within 0.1 delta of a grid point; 0.2 when spread evenly), `quant_mse`,
+    and `active` (fraction of tensors past their start step)."""
+
+    kind = "scaled_grad"
+
+    def __init__(self, layers: Dict[str, ScaledGrad], params: Dict[str, nn.Parameter]):
+        super().__init__()
+        # Plain dicts, not submodules: the graph module owns these modules and
+        # the model owns the parameters; registering them here would duplicate
+        # their entries in the CompressedModel's state_dict.
+        self._layers: Dict[str, ScaledGrad] = dict(layers)
+        self._params: Dict[str, nn.Parameter] = dict(params)
+        self.steps = 0
+
+    @property
+    def layers(self) -> Dict[str, ScaledGrad]:
+        return self._layers
+
+    def step(self) -> None:
+        self.steps += 1
+        for m in self._layers.values():
+            m.step_count = self.steps
+
+    def layer_figures(self) -> Dict[str, Dict[str, Any]]:
+        out = {}
+        for name, m in self._layers.items():
+            f = grid_figures(self._params[name], m.bits, m.grid == "zero")
+            out[name] = {"bits": m.bits, "role": m.role, "grid": m.grid, "active": m.active,
+                         "ema_range": list(m.ema_range()), **f}
+        return out
+
+    def figures(self) -> Dict[str, float]:
+        if not self._layers:
+            return {}
+        per = self.layer_figures()
+        sizes = {n: self._params[n].numel() for n in per}
+        total = float(sum(sizes.values()))
+        fig = {k: sum(per[n][k] * sizes[n] for n in per) / total
+               for k in ("dist_over_delta", "near_grid", "quant_mse")}
+        fig["active"] = sum(1.0 for m in self._layers.values() if m.active) / len(self._layers)
+        return fig
+
+    def report(self) -> Dict[str, Any]:
+        return {"steps": self.steps, "figures": self.figures(), "layers": self.layer_figures()}
+
+    def state(self) -> Dict[str, Any]:
+        return {"steps": self.steps,
+                "layers": {n: {"range": m.range.detach().cpu().clone(), "initialized": m.initialized}
+                           for n, m in self._layers.items()}}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
+        for name, s in state.get("layers", {}).items():
+            m = self._layers.get(name)
+            if m is None:
+                continue  # a layer this policy no longer treats
+            m.range.copy_(s["range"])
+            m.initialized = bool(s["initialized"])
+        for m in self._layers.values():
+            m.step_count = self.steps

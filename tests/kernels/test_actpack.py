@@ -1,0 +1,124 @@
+"""Activation packing: Triton (interpreted) == C fast path == torch reference,
+bit for bit, in both rounding modes (the stochastic draws come from the same
+counter-based hash); round-trip error bounds; unbiased stochastic rounding;
+exact masks and zero-value compression."""
+import pytest
+import torch
+
+from fxcompress.errors import BadInput
+from fxcompress.kernels import actpack as ap
+
+
+def _x(shape=(3, 5, 7, 9), seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 12, 16])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_all_paths_bitwise_equal(monkeypatch, bits, rounding, signed):
+    x = _x()
+    if not signed:
+        x = x.relu()
+    x3 = ap.view3(x, "channel")
+    k, kinv = ap.multipliers(x3.abs().amax(dim=(0, 2)), bits, signed)
+    key = ap.mix_seed(7) if rounding == "stochastic" else 0
+    stoch = rounding == "stochastic"
+    ref = ap._quant_pack_ref(x3, k, bits, signed, stoch, key)
+    tri = ap._quant_pack_triton(x3, k, bits, signed, stoch, key)
+    assert all(torch.equal(a, b) for a, b in zip(ref, tri))
+    y_ref = ap._unpack_dequant_ref(ref, kinv, bits, signed, tuple(x3.shape), torch.float32)
+    y_tri = ap._unpack_triton(ref, kinv, bits, signed, tuple(x3.shape), torch.float32)
+    assert torch.equal(y_ref, y_tri)
+    if ap._cpu_lib() is not None:
+        c = ap._quant_pack_c(x3, k, bits, signed, stoch, key)
+        assert all(torch.equal(a, b) for a, b in zip(ref, c))
+        assert torch.equal(y_ref, ap._unpack_dequant_c(ref, kinv, bits, signed, tuple(x3.shape), torch.float32))
+
+
+def test_public_api_takes_triton_when_forced(monkeypatch):
+    x = _x((2, 4, 33))  # 264 elements: a ragged last byte at 3 bits
+    monkeypatch.setenv("FXC_FORCE_TRITON", "1")
+    p_t = ap.quant_pack(ap.view3(x, "group", 8), 3, "stochastic", seed=1, shape=x.shape)
+    y_t = ap.unpack(p_t)
+    monkeypatch.setenv("FXC_FORCE_TRITON", "0")
+    p_r = ap.quant_pack(ap.view3(x, "group", 8), 3, "stochastic", seed=1, shape=x.shape)
+    assert all(torch.equal(a, b) for a, b in zip(p_t.parts, p_r.parts))
+    assert torch.equal(y_t, ap.unpack(p_r))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_round_trip_error_and_size(bits, granularity):
+    x = _x((4, 8, 16, 16))
+    x3 = ap.view3(x, granularity, 64)
+    p = ap.quant_pack(x3, bits, "nearest", shape=x.shape)
+    y = ap.unpack(p)
+    step = p.kinv.view(1, -1, 1)
+    err = ((y - x).view(x3.shape).abs() / step)
+    # half a step, except above the top level of the signed grid (SPEC: clipped
+    # to 2^(b-1)-1), where it is at most one step
+    top = x.view(x3.shape) / step > 2 ** (bits - 1) - 0.5
+    assert err[~top].max() <= 0.5 + 1e-4
+    assert err.max() <= 1.0 + 1e-4
+    assert sum(q.numel() for q in p.parts) == x.numel() * bits // 8
+
+
+def test_stochastic_rounding_is_unbiased():
+    # 2 bits, 20 000 draws of the same values: the mean decoded value equals
+    # the input within 4 standard errors of a Bernoulli over one grid step
+    x = torch.tensor([0.13, -0.61, 0.37, -0.93]).repeat(5000).view(1, 1, -1)  # inside the grid [-1, 0.5]
+    amax = torch.tensor([1.0])
+    p = ap.quant_pack(x, 2, "stochastic", seed=3, amax=amax, signed=True)
+    y = ap.unpack(p).view(-1, 4)
+    step = float(p.kinv[0])
+    tol = 4 * 0.5 * step / (y.shape[0] ** 0.5)
+    assert (y.mean(0) - x.view(-1, 4)[0]).abs().max() < tol
+    p2 = ap.quant_pack(x, 2, "stochastic", seed=4, amax=amax, signed=True)
+    assert not torch.equal(p.parts[0], p2.parts[0])  # the seed changes the stream
+
+
+def test_mask_zvc_and_mixed_exact_where_promised():
+    m = torch.rand(1001, generator=torch.Generator().manual_seed(0)) > 0.3
+    pm = ap.pack_mask(m)
+    assert torch.equal(ap.unpack_mask(pm), m) and pm.nbytes() == 126
+    x = _x((2, 6, 10, 10)).relu()
+    z = ap.zvc_pack(ap.view3(x, "channel"), 8, shape=x.shape)
+    y = ap.zvc_unpack(z)
+    assert torch.equal(y[x == 0], torch.zeros_like(y[x == 0]))  # zeros restored exactly
+    assert z.nnz == int((x != 0).sum())
+    assert z.nbytes() == 150 + -(-z.nnz * 8 // 8) + 6 * 4  # mask + codes + scales
+    bits_c = torch.tensor([2, 3, 3, 8, 16, 5])
+    mx = ap.mixed_pack(ap.view3(x, "channel"), bits_c, shape=x.shape)
+    err = (ap.mixed_unpack(mx) - x).abs().amax(dim=(0, 2, 3))
+    amax = x.abs().amax(dim=(0, 2, 3))
+    assert (err <= amax / 2.0 ** bits_c * 1.0001 + 1e-6).all()
+
+
+def test_bad_bits_and_rounding():
+    with pytest.raises(BadInput, match="1..16"):
+        ap.quant_pack(_x().view(1, 1, -1), 17)
+    with pytest.raises(BadInput, match="rounding"):
+        ap.quant_pack(_x().view(1, 1, -1), 2, "up")
+    assert ap.slices(7) == [(4, 3), (2, 1), (1, 0)] and ap.slices(16) == [(8, 8), (8, 0)]
+
+
+def test_cpu_fast_path_helpers_equal_reference(monkeypatch):
+    if ap._cpu_lib() is None:
+        pytest.skip("no C compiler: the torch reference is the CPU path")
+    x = _x((3, 6, 5, 7))
+    x3 = ap.view3(x, "channel")
+    a_c, m_c = ap.stats(x3)
+    a_r, m_r = ap._stats_ref(x3)
+    assert torch.equal(a_c, a_r) and torch.equal(m_c, m_r)
+    m = x > 0.3
+    pm = ap.pack_mask(m)
+    assert torch.equal(ap.unpack_mask_values(pm, 2.5, -1.0), torch.where(m, 2.5, -1.0))
+    bits_c = torch.tensor([2, 3, 3, 7, 16, 5])
+    mx = ap.mixed_pack(x3, bits_c, "stochastic", seed=2, shape=x.shape)
+    fast = ap.mixed_unpack(mx)
+    monkeypatch.setenv("FXC_CPU_FAST", "0")
+    mx_ref = ap.mixed_pack(x3, bits_c, "stochastic", seed=2, shape=x.shape)
+    for (_, a), (_, b) in zip(mx.groups, mx_ref.groups):
+        assert all(torch.equal(p, q) for p, q in zip(a.parts, b.parts))
+    assert torch.equal(fast, ap.mixed_unpack(mx_ref))

@@ -1,0 +1,248 @@
+"""The scaled_grad pass (PSGD): the gradient it produces, checked against an
+independent computation, and what the rewrite keeps (names, forward)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxcompress
+from fxcompress.errors import PolicyError
+
+LAMBDA = 150.0
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 12) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(5))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def policy(**fields):
+    return {"rules": [{"match": {"type": ["Conv2d", "Linear"]}, "scaled_grad": fields}]}
+
+
+def data(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    # a CompressedModel names its parameters graph_module.<original name>
+    return {n.removeprefix("graph_module."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+def nearest_grid_point(w, bits):
+    """Q(w) by brute force: the closest of the 2^b - 1 levels k*delta
+    (no rounding function involved), delta from w's own absmax."""
+    L = 2 ** (bits - 1) - 1
+    delta = w.abs().max() / L
+    levels = torch.arange(-L, L + 1, dtype=torch.float32) * delta
+    idx = (w.reshape(-1, 1) - levels.reshape(1, -1)).abs().argmin(dim=1)
+    return levels[idx].reshape(w.shape)
+
+
+def compiled(model, pol):
+    return fxcompress.compile(model, pol, example_inputs=torch.randn(2, 1, 8, 8))
+
+
+def test_gradient_is_lambda_times_distance_times_g_exactly():
+    torch.manual_seed(0)
+    plain = Net()
+    cm = compiled(copy.deepcopy(plain), policy(bits=4, first_last_bits=None))
+    x, y = data()
+    g_plain, g_psgd = grads(plain, x, y), grads(cm, x, y)
+    for name, w in plain.named_parameters():
+        if not name.endswith("weight"):
+            assert torch.equal(g_psgd[name], g_plain[name])  # biases untouched by default
+            continue
+        w = w.detach()
+        expected = LAMBDA * (w - nearest_grid_point(w, 4)).abs() * g_plain[name]
+        assert torch.equal(g_psgd[name], expected), name
+    # forward is unchanged
+    with torch.no_grad():
+        assert torch.equal(cm(x), plain(x))
+
+
+def test_gradient_is_zero_on_grid_points():
+    torch.manual_seed(1)
+    model = Net()
+    with torch.no_grad():
+        for m in (model.conv1, model.conv2, model.fc):
+            L = 7
+            delta = m.weight.abs().max() / L
+            m.weight.copy_(torch.round(m.weight / delta) * delta)
+    cm = compiled(model, policy(bits=4, first_last_bits=None))
+    g = grads(cm, *data())
+    for name in ("conv1.weight", "conv2.weight", "fc.weight"):
+        assert torch.count_nonzero(g[name]) == 0, name
+    assert torch.count_nonzero(g["fc.bias"]) > 0
+
+
+def test_state_dict_names_unchanged_and_code_shows_the_nodes():
+    model = Net()
+    keys = list(model.state_dict())
+    cm = compiled(model, policy())
+    assert list(cm.graph_module.state_dict()) == keys
+    cm.graph_module.load_state_dict(Net().state_dict())  # strict: an original checkpoint loads
+    for name in ("conv1", "conv2", "fc"):
+        assert f"fxc_scaled_grad_{name}_weight" in cm.code
+    assert "self.conv1(" not in cm.code
+    assert set(k for k in cm.state_dict() if not k.startswith("graph_module.")) == {
+        "controllers.scaled_grad._extra_state"}
+
+
+def test_start_step_passes_gradient_unchanged_until_then():
+    torch.manual_seed(2)
+    plain = Net()
+    cm = compiled(copy.deepcopy(plain), policy(bits=4, start_step=2, first_last_bits=None))
+    x, y = data()
+    g_plain = grads(plain, x, y)
+    for _ in range(2):
+        g = grads(cm, x, y)
+        assert all(torch.equal(g[n], g_plain[n]) for n in g)
+        assert cm.figures()["scaled_grad.active"] == 0.0
+        cm.step()  # no optimizer step: weights stay, only the count moves
+    g = grads(cm, x, y)
+    assert not torch.equal(g["conv2.weight"], g_plain["conv2.weight"])
+    assert cm.figures()["scaled_grad.active"] == 1.0
+
+
+def test_zero_grid_scales_by_lambda_abs_w():
+    torch.manual_seed(3)
+    plain = Net()
+    cm = compiled(copy.deepcopy(plain), policy(grid="zero", lambda_s=2.0))
+    x, y = data()
+    g_plain, g = grads(plain, x, y), grads(cm, x, y)
+    for name in ("conv1.weight", "conv2.weight", "fc.weight"):
+        w = dict(plain.named_parameters())[name].detach()
+        assert torch.equal(g[name], 2.0 * w.abs() * g_plain[name])
+
+
+def test_first_last_rule():
+    def bits_of(cm):
+        return {n: m.bits for n, m in cm.controllers["scaled_grad"].layers.items()}
+
+    assert bits_of(compiled(Net(), policy(bits=2))) == {"conv1.weight": 8, "conv2.weight": 2, "fc.weight": 8}
+    assert bits_of(compiled(Net(), policy(bits=3, first_last_bits=6))) == {
+        "conv1.weight": 6, "conv2.weight": 3, "fc.weight": 6}
+    assert set(bits_of(compiled(Net(), policy(bits=4))).values()) == {4}  # b >= 4: no special case
+    assert set(bits_of(compiled(Net(), policy(bits=2, first_last_bits=None))).values()) == {2}
+    # the authors' first_last_quant=0: first and last opted out, they stay plain
+    pol = policy(bits=2)
+    pol["rules"].append({"match": {"name": ["conv1", "fc"]}, "scaled_grad": None})
+    assert bits_of(compiled(Net(), pol)) == {"conv2.weight": 2}
+
+
+def test_bias_option_and_functional_weights():
+    torch.manual_seed(4)
+    plain = FunctionalNet()
+    pol = {"rules": [{"match": {"op": "linear"}, "scaled_grad": {"bits": 3, "bias": True,
+                                                                   "first_last_bits": None}}]}
+    cm = fxcompress.compile(copy.deepcopy(plain), pol, example_inputs=torch.randn(2, 12))
+    assert "fxc_scaled_grad_weight" in cm.code and "fxc_scaled_grad_bias" in cm.code
+    x, y = torch.randn(4, 12), torch.tensor([0, 1, 2, 3])
+    g_plain, g = grads(plain, x, y), grads(cm, x, y)
+    for name, w in plain.named_parameters():
+        w = w.detach()
+        assert torch.equal(g[name], LAMBDA * (w - nearest_grid_point(w, 3)).abs() * g_plain[name]), name
+    # a get_attr weight selected by name works the same way
+    pol = {"rules": [{"match": {"name": "weight"}, "scaled_grad": {}}]}
+    cm = fxcompress.compile(FunctionalNet(), pol, example_inputs=torch.randn(2, 12))
+    assert "fxc_scaled_grad_weight" in cm.code and "fxc_scaled_grad_bias" not in cm.code
+
+
+def test_ema_range_and_eval_mode():
+    torch.manual_seed(5)
+    cm = compiled(Net(), policy())
+    sg = cm.controllers["scaled_grad"].layers["conv2.weight"]
+    w = cm.graph_module.conv2.weight
+    x, y = data()
+    cm.eval()
+    grads(cm, x, y)
+    assert not sg.initialized  # evaluation never moves the range
+    cm.train()
+    grads(cm, x, y)
+    first = (float(w.detach().min().clamp(max=0)), float(w.detach().max().clamp(min=0)))
+    assert sg.ema_range() == first
+    with torch.no_grad():
+        w.mul_(2.0)
+    grads(cm, x, y)
+    assert sg.ema_range() == pytest.approx((1.1 * first[0], 1.1 * first[1]), rel=1e-6)  # 0.9 r + 0.1 (2 r)
+
+
+def test_controller_state_round_trip():
+    torch.manual_seed(6)
+    model = Net()
+    cm = compiled(model, policy(start_step=5))
+    x, y = data()
+    for _ in range(3):
+        grads(cm, x, y)
+        cm.step()
+    state = cm.state_dict()
+    fresh = compiled(copy.deepcopy(model), policy(start_step=5))
+    fresh.load_state_dict(state)
+    a, b = cm.controllers["scaled_grad"], fresh.controllers["scaled_grad"]
+    assert b.steps == 3
+    for n in a.layers:
+        assert torch.equal(a.layers[n].range, b.layers[n].range) and b.layers[n].initialized
+        assert b.layers[n].step_count == 3
+    torch.save(state, "/dev/null")  # plain tensors and values only
+
+
+@pytest.mark.parametrize("fields,key,hint", [
+    ({"bits": 1}, "bits", None), ({"bits": 9}, "bits", None), ({"lambda": 10}, "lambda", "lambda_s"),
+    ({"lambda_s": -1.0}, "lambda_s", None), ({"grid": "zeros"}, "grid", "zero"),
+    ({"first_last_bits": 16}, "first_last_bits", None), ({"start_step": -1}, "start_step", None),
+])
+def test_bad_config_is_a_policy_error(fields, key, hint):
+    with pytest.raises(PolicyError) as e:
+        compiled(Net(), policy(**fields))
+    assert key in str(e.value)
+    if hint:
+        assert f"did you mean '{hint}'" in str(e.value)
+
+
+def test_figures_fall_as_weights_reach_the_grid():
+    torch.manual_seed(7)
+    cm = compiled(Net(), policy(bits=4, first_last_bits=None))
+    before = cm.figures()
+    assert 0.15 < before["scaled_grad.dist_over_delta"] < 0.35
+    with torch.no_grad():
+        for m in (cm.graph_module.conv1, cm.graph_module.conv2, cm.graph_module.fc):
+            d = m.weight.abs().max() / 7
+            m.weight.copy_(torch.round(m.weight / d) * d)
+    after = cm.figures()
+    assert after["scaled_grad.dist_over_delta"] < 1e-6 and after["scaled_grad.near_grid"] == 1.0
+    assert after["scaled_grad.quant_mse"] < 1e-12
+
+
+def test_triton_path_gives_the_same_gradients(monkeypatch):
+    torch.manual_seed(8)
+    plain = Net()
+    pol = policy(bits=3, epsilon=1e-3)
+    x, y = data()
+    ref = grads(compiled(copy.deepcopy(plain), pol), x, y)
+    monkeypatch.setenv("FXC_FORCE_TRITON", "1")  # the interpreter runs the kernel on CPU
+    tri = grads(compiled(copy.deepcopy(plain), pol), x, y)
+    assert all(torch.equal(ref[n], tri[n]) for n in ref)
