@@ -144,6 +144,7 @@ def make_plan(gm: fx.GraphModule, policy: Policy) -> Plan:
     plan = Plan(policy=policy, gm=gm)
     matched = {r.index: 0 for r in policy.rules}
     applied = {r.index: 0 for r in policy.rules}
+    configs: Dict[tuple, Any] = {}
     for node in gm.graph.nodes:
         if node.op not in CANDIDATE_OPS:
             continue
@@ -169,7 +170,12 @@ def make_plan(gm: fx.GraphModule, policy: Policy) -> Plan:
             if reason:
                 entry.skipped[key] = reason
                 continue
-            entry.treatments[key] = build_config(policy, key, type(passes[key]).config, fields, last_rule[key])
+            # Many nodes share the same merged settings: build each distinct
+            # config once (configs are read-only to the passes).
+            ck = (key, last_rule[key].index, repr(sorted(fields.items())))
+            if ck not in configs:
+                configs[ck] = build_config(policy, key, type(passes[key]).config, fields, last_rule[key])
+            entry.treatments[key] = configs[ck]
             for r in rules:
                 if key in r.treatments and r.treatments[key] is not None:
                     applied[r.index] += 1
