@@ -756,7 +756,10 @@ def _launch(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
         names = [cfg.run_dir]
         dist.broadcast_object_list(names, src=0)
         cfg = dataclasses.replace(cfg, run_dir=names[0])
-        return _ddp_entry(rank, world, cfg, extra, log)
+        try:
+            return _ddp_entry(rank, world, cfg, extra, log)  # None on ranks other than 0
+        finally:
+            dist.destroy_process_group()
     if cfg.nproc > 1:
         device = resolve_device(cfg.device)
         if log is not None:

@@ -111,6 +111,8 @@ def run(args) -> int:
         if os.path.isfile(os.path.join(run_dir, training.CHECKPOINT)):
             print(f"interrupted; continue with: fxcompress train --resume {run_dir}", file=sys.stderr)
         raise
+    if result is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     if args.json:
         from .common import print_json
 
