@@ -40,7 +40,9 @@ def torchvision_names() -> List[str]:
     return sorted(tvm.list_models(module=tvm))
 
 
-def _load_torchvision(name: str) -> LoadedModel:
+def build_torchvision(name: str, **extra) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A torchvision classification model with random weights, and the
+    constructor arguments used (aux heads off: they change the output)."""
     import torchvision.models as tvm
 
     names = torchvision_names()
@@ -49,7 +51,12 @@ def _load_torchvision(name: str) -> LoadedModel:
         raise BadInput(f"unknown torchvision classification model '{name}'"
                        + (f" (did you mean '{hint}'?)" if hint else ""))
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
-    model = tvm.get_model(name, weights=None, **kwargs)
+    kwargs.update(extra)
+    return tvm.get_model(name, weights=None, **kwargs), kwargs
+
+
+def _load_torchvision(name: str) -> LoadedModel:
+    model, kwargs = build_torchvision(name)
     return LoadedModel(model, {"kind": "torchvision", "name": name, "kwargs": kwargs})
 
 

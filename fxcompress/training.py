@@ -244,18 +244,9 @@ def _image_set(ds):
 
 
 def _torchvision_model(name: str, num_classes: int) -> nn.Module:
-    import torchvision.models as tvm
+    from .loading import build_torchvision
 
-    from .errors import closest
-    from .loading import torchvision_names
-
-    names = torchvision_names()
-    if name not in names:
-        hint = closest(name, names)
-        raise BadInput(f"unknown torchvision classification model '{name}'"
-                       + (f" (did you mean '{hint}'?)" if hint else ""))
-    kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
-    return tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    return build_torchvision(name, num_classes=num_classes)[0]
 
 
 def model_channels(cfg: TrainConfig) -> Optional[int]:
