@@ -246,3 +246,38 @@ def test_triton_path_gives_the_same_gradients(monkeypatch):
     monkeypatch.setenv("FXC_FORCE_TRITON", "1")  # the interpreter runs the kernel on CPU
     tri = grads(compiled(copy.deepcopy(plain), pol), x, y)
     assert all(torch.equal(ref[n], tri[n]) for n in ref)
+
+
+def test_batched_scaling_equals_the_per_tensor_kernel_exactly():
+    """The group node's foreach path (runtime.scale_gradients) gives the fused
+    kernel's reference bit for bit, mixed widths, epsilon and grids included."""
+    from fxcompress.kernels.scaled_grad import scaled_grad_reference
+    from fxcompress.runtime.scaled_grad import ScaledGrad, scale_gradients
+
+    gen = torch.Generator().manual_seed(9)
+    members = [ScaledGrad("a", 2, 150.0), ScaledGrad("b", 8, 0.37, 1e-3), ScaledGrad("c", 4, 150.0, grid="zero"),
+               ScaledGrad("d", 3, 1500.0), ScaledGrad("e", 4, 150.0)]
+    ws = [torch.randn(s, generator=gen) * 0.1 for s in ((4, 3, 3, 3), (17,), (5, 6), (8, 8), (3, 3))]
+    gs = [torch.randn(w.shape, generator=gen) for w in ws]
+    gs[4] = None  # a weight that got no gradient
+    deltas = [(w.abs().max() * 0.8 / m.levels).reshape(1) for m, w in zip(members, ws)]
+    ws[0].view(-1)[:3] = torch.tensor([0.5, 1.5, -0.5]) * deltas[0]  # ties round half to even
+    out = scale_gradients(members, ws, gs, deltas)
+    assert out[4] is None
+    for m, w, g, d, o in zip(members[:4], ws, gs, deltas, out):
+        assert torch.equal(o, scaled_grad_reference(g, w, d, m.levels, m.lambda_s, m.epsilon, m.grid == "zero"))
+
+
+def test_partly_active_group_and_one_range_update_per_forward():
+    torch.manual_seed(10)
+    plain = Net()
+    pol = policy(bits=4, first_last_bits=None)
+    pol["rules"].append({"match": {"name": "conv2"}, "scaled_grad": {"start_step": 1}})
+    cm = compiled(copy.deepcopy(plain), pol)
+    x, y = data()
+    g_plain, g = grads(plain, x, y), grads(cm, x, y)
+    assert torch.equal(g["conv2.weight"], g_plain["conv2.weight"])  # not started yet
+    w = plain.fc.weight.detach()
+    assert torch.equal(g["fc.weight"], LAMBDA * (w - nearest_grid_point(w, 4)).abs() * g_plain["fc.weight"])
+    sg = cm.controllers["scaled_grad"].layers["fc.weight"]
+    assert sg.ema_range() == (float(w.min().clamp(max=0)), float(w.max().clamp(min=0)))

@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timing-steps", type=int, default=30, help="interleaved steps per side (0: skip)")
     p.add_argument("--timing-batches", default="64,128", help="batch sizes of the step-time comparison")
+    p.add_argument("--psgd-start-epoch", type=int, default=None,
+                   help="epoch PSGD starts at (default: the first LR decay, as the authors)")
     p.add_argument("--timing-only", action="store_true",
                    help="only the step-time comparison, on an untrained model (time does not depend on training)")
     p.add_argument("--json", help="write the results here")
@@ -122,6 +124,8 @@ def run_seed(seed, data, args, bits_list):
     model = resnet_cifar(args.depth, 10, data["xtr"].shape[1])
     opt = make_opt(model.parameters(), args)
     half = max(1, round(args.epochs * 0.5))  # the first LR decay
+    if args.psgd_start_epoch is not None:
+        half = args.psgd_start_epoch  # PSGD starts here instead
     t0 = time.perf_counter()
     train_epochs(model, opt, data, args, seed, 0, half)
     steps = half * math.ceil(len(data["ytr"]) / args.batch_size)

@@ -28,6 +28,7 @@ them out with a later rule (`scaled_grad: null`).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Tuple
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..config import ConfigError, check_range
-from ..runtime.scaled_grad import ScaledGrad, ScaledGradController
+from ..runtime.scaled_grad import ScaledGrad, ScaledGradController, ScaledGradGroup
 from .base import Pass, PassResult, add_submodule, fxc_name
 
 #: below this width the first and last layers use first_last_bits (the authors' rule)
@@ -172,8 +173,41 @@ class ScaledGradPass(Pass):
         if starts:
             result.notes.append(f"gradients pass unscaled until optimizer step {', '.join(map(str, starts))} (start_step)")
         if self._modules:
+            self._group()
             result.controllers["scaled_grad"] = ScaledGradController(self._modules, self._params)
         return result
+
+    def _group(self) -> None:
+        """One ScaledGradGroup node for all treated parameters, right after the
+        inputs; each per-parameter node then reads its weight from it (and is
+        the identity): all ranges are updated and all gradients scaled by a few
+        batched ops per step instead of a set of small ops per weight
+        (runtime/scaled_grad.py)."""
+        gm = self._gm
+        names = list(self._modules)
+        gname = fxc_name(gm, self.name)
+        add_submodule(gm, gname, ScaledGradGroup([self._modules[n] for n in names]))
+        self._result.inserted.append(gname)
+        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+        items = {}
+        with gm.graph.inserting_before(first):
+            ws = []
+            for n in names:
+                w = gm.graph.get_attr(n)
+                w.meta["tensor_meta"] = _extract_tensor_metadata(self._params[n])
+                ws.append(w)
+            grp = gm.graph.call_module(gname, tuple(ws))
+            grp.meta["tensor_meta"] = tuple(w.meta["tensor_meta"] for w in ws)
+            for i, (n, w) in enumerate(zip(names, ws)):
+                it = gm.graph.call_function(operator.getitem, (grp, i))
+                it.meta["tensor_meta"] = w.meta["tensor_meta"]
+                items[self._names[n]] = it
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and node.target in items and node.args[0] is not items[node.target]:
+                old = node.args[0]
+                node.replace_input_with(old, items[node.target])
+                if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
+                    gm.graph.erase_node(old)
 
     def _bits(self, param_name: str, cfg: ScaledGradConfig) -> Tuple[int, str]:
         role = self._roles.get(param_name, "")

@@ -16,14 +16,27 @@ State. The EMA range is a non-persistent buffer (it follows `.to(device)`),
 so the graph module's state_dict keeps exactly the original model's names;
 the controller carries the ranges and the step count in its extra state, so
 `CompressedModel.state_dict()` still checkpoints all of it.
+
+Speed: one node for all weights. What PSGD adds per weight tensor is a fixed
+set of small ops (range, grid step, scale), and on CPU each costs
+10-60 us of dispatch whatever the tensor's size. So the pass feeds all
+selected weights through one `ScaledGradGroup` node at the top of the graph
+(the per-weight `fxc_scaled_grad_*` nodes stay, as identities, so the code
+still shows which weight is treated): its forward updates every EMA range and
+grid step with a handful of `torch._foreach` ops, and one autograd node
+scales all gradients at once in backward (`scale_gradients`), with the same
+arithmetic in the same order as the kernel's reference, so the result is the
+same bit for bit. A weight used twice has its range updated once per
+forward. `ScaledGrad` alone (outside a group) still does all of it itself.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..kernels.dispatch import use_triton
 from ..kernels.scaled_grad import levels_for, quantize_reference, scaled_grad
 from .controller import Controller
 
@@ -70,6 +83,7 @@ class ScaledGrad(nn.Module):
         self.role = role  # "first", "last" or "": shown in reports
         self.step_count = 0  # set by the controller
         self.initialized = False
+        self.grouped = False  # set by ScaledGradGroup: forward is then the identity
         # [-r_min, r_max] (both >= 0, so one clamp serves both); persistent=False:
         # see the module docstring
         self.register_buffer("range", torch.zeros(2), persistent=False)
@@ -97,6 +111,8 @@ class ScaledGrad(nn.Module):
         return (self.range.amax(0, keepdim=True) / self.levels).clamp_(min=TINY)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.grouped:  # a ScaledGradGroup node did the work on this weight already
+            return w
         if not (self.training and torch.is_grad_enabled() and w.requires_grad):
             return w
         self.update_range(w)
@@ -107,6 +123,138 @@ class ScaledGrad(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.param_name}, bits={self.bits}, lambda_s={self.lambda_s}, epsilon={self.epsilon}, "
                 f"grid={self.grid}, start_step={self.start_step}")
+
+
+def scale_gradients(members: Sequence[ScaledGrad], ws: Sequence[torch.Tensor],
+                    gs: Sequence[Optional[torch.Tensor]], deltas: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """g * (lambda * |w - Q(w)| + eps) for many weights at once: kernels.scaled_grad's
+    reference arithmetic, op for op in the same order, as one `torch._foreach`
+    call per op over all float32 CPU tensors (exactly the same result: the
+    foreach ops apply the same elementwise op to each tensor; |q - w| is
+    computed in place, equal to |w - q| since IEEE subtraction is
+    antisymmetric). Anything else (other dtypes, the Triton path) goes
+    through `scaled_grad` tensor by tensor. deltas: one-element tensors."""
+    out: List[Optional[torch.Tensor]] = [None] * len(ws)
+    uni: List[int] = []
+    zero: List[int] = []
+    for i, (m, w, g) in enumerate(zip(members, ws, gs)):
+        if g is None:
+            continue
+        if w.dtype == torch.float32 and g.dtype == torch.float32 and g.shape == w.shape and not use_triton(g):
+            (zero if m.grid == "zero" else uni).append(i)
+        else:
+            out[i] = scaled_grad(g, w, deltas[i], m.levels, m.lambda_s, m.epsilon, m.grid == "zero")
+    for idx, is_zero in ((uni, False), (zero, True)):
+        if not idx:
+            continue
+        wl = [ws[i] for i in idx]
+        if is_zero:
+            s = torch._foreach_abs(wl)
+        else:
+            dl = [deltas[i] for i in idx]
+            s = torch._foreach_div(wl, dl)
+            torch._foreach_clamp_min_(s, [-float(members[i].levels) for i in idx])
+            torch._foreach_clamp_max_(s, [float(members[i].levels) for i in idx])
+            torch._foreach_round_(s)
+            torch._foreach_mul_(s, dl)  # q = Q(w)
+            torch._foreach_sub_(s, wl)
+            torch._foreach_abs_(s)
+        torch._foreach_mul_(s, [members[i].lambda_s for i in idx])
+        eps = [members[i].epsilon for i in idx]
+        if any(eps):
+            torch._foreach_add_(s, eps)
+        torch._foreach_mul_(s, [gs[i] for i in idx])
+        for i, t in zip(idx, s):
+            out[i] = t
+    return out
+
+
+class _GroupFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, members, deltas, *ws):
+        ctx.save_for_backward(deltas, *ws)
+        ctx.members = members
+        return ws  # inputs returned as they are: autograd makes them views
+
+    @staticmethod
+    def backward(ctx, *gs):
+        deltas, *ws = ctx.saved_tensors
+        return (None, None, *scale_gradients(ctx.members, ws, gs, deltas.unsqueeze(1).unbind(0)))
+
+
+class ScaledGradGroup(nn.Module):
+    """All PSGD weights of a graph in one node (see the module docstring):
+    `forward(*weights)` returns them unchanged; in training with grad it
+    updates every member's EMA range with a few foreach ops and hands the
+    active members to one autograd node that scales their gradients together.
+    The members keep their own state (range, step count); they are held in a
+    plain list, not as submodules (the graph module owns them)."""
+
+    def __init__(self, members: Sequence[ScaledGrad]):
+        super().__init__()
+        self._members: List[ScaledGrad] = list(members)
+        for m in self._members:
+            m.grouped = True
+        self._levels: Dict[Any, torch.Tensor] = {}
+        self._sign: Dict[Any, torch.Tensor] = {}
+
+    @property
+    def members(self) -> List[ScaledGrad]:
+        return self._members
+
+    def _levels_on(self, device) -> torch.Tensor:
+        t = self._levels.get(device)
+        if t is None:
+            t = torch.tensor([float(m.levels) for m in self._members], dtype=torch.float32, device=device)
+            self._levels[device] = t
+        return t
+
+    def _sign_on(self, device) -> torch.Tensor:
+        t = self._sign.get(device)
+        if t is None:
+            t = self._sign[device] = torch.tensor([-1.0, 1.0], device=device)
+        return t
+
+    @torch.no_grad()
+    def update_ranges(self, ws: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Every member's EMA range from these weights (as ScaledGrad.update_range,
+        batched); returns all grid steps, one float32 tensor of len(members)."""
+        # one aminmax per tensor (cheaper here than foreach max of w and of -w),
+        # then every row (min, max) -> (-min, max) and clamped at 0 in two ops
+        mm = [t for w in ws for t in torch.aminmax(w.detach())]
+        new = torch.stack(mm).to(torch.float32).view(len(ws), 2).mul_(self._sign_on(mm[0].device)).clamp_(min=0.0)
+        ranges = [m.range for m in self._members]
+        news = list(new.unbind(0))
+        if all(m.initialized for m in self._members):
+            torch._foreach_lerp_(ranges, news, MOMENTUM)
+        else:
+            for m, r, nw in zip(self._members, ranges, news):
+                if m.initialized:
+                    r.lerp_(nw, MOMENTUM)
+                else:
+                    r.copy_(nw)
+                    m.initialized = True
+        rng = torch.stack(ranges)
+        return (rng.amax(1) / self._levels_on(rng.device)).clamp_(min=TINY)
+
+    def forward(self, *ws: torch.Tensor):
+        if not (self.training and torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
+            return ws
+        deltas = self.update_ranges(ws)
+        members = self._members
+        if all(m.active for m in members) and all(w.requires_grad for w in ws):
+            return _GroupFn.apply(members, deltas, *ws)
+        idx = [i for i, (m, w) in enumerate(zip(members, ws)) if m.active and w.requires_grad]
+        if not idx:
+            return ws
+        out = list(ws)
+        scaled = _GroupFn.apply([members[i] for i in idx], deltas[idx], *[ws[i] for i in idx])
+        for i, t in zip(idx, scaled):
+            out[i] = t
+        return tuple(out)
+
+    def extra_repr(self) -> str:
+        return ", ".join(m.param_name for m in self._members)
 
 
 def grid_figures(w: torch.Tensor, bits: int, zero_grid: bool = False) -> Dict[str, float]:
