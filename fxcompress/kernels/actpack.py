@@ -37,6 +37,7 @@ import os
 import threading
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..errors import BadInput
@@ -232,12 +233,18 @@ def _cpu_lib():
             lib.fxc_stats.argtypes = [P, I64, I64, I64, P, P]
             lib.fxc_dequant_scatter.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P]
             lib.fxc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I, I, P]
-            lib.fxc_quant_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, I, I, I, U32, P]
+            lib.fxc_quant_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, I, U32, P]
             lib.fxc_unpack_mask_values.argtypes = [P, I64, ctypes.c_float, ctypes.c_float, P]
+            lib.fxc_pack_gt.argtypes = [P, I64, ctypes.c_float, P]
+            lib.fxc_unpack_scatter2.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I, I, P]
+            lib.fxc_stats_nnz.argtypes = [P, I64, I64, I64, P, P, P]
+            lib.fxc_zvc_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, U32, P]
+            lib.fxc_zvc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I64, P, P]
             for f in ("fxc_quant_pack", "fxc_pack_codes", "fxc_unpack_codes", "fxc_unpack_dequant",
                       "fxc_dequant_codes", "fxc_pack_mask", "fxc_unpack_mask", "fxc_stats",
                       "fxc_unpack_mask_values", "fxc_dequant_scatter", "fxc_unpack_scatter",
-                      "fxc_quant_pack_sel"):
+                      "fxc_quant_pack_sel", "fxc_unpack_scatter2", "fxc_stats_nnz", "fxc_zvc_pack_sel",
+                      "fxc_zvc_unpack_scatter", "fxc_pack_gt"):
                 getattr(lib, f).restype = None
             _lib = lib
         except Exception:  # noqa: BLE001 - the reference path is always there
@@ -298,6 +305,19 @@ def _pack_codes_c(codes: torch.Tensor, bits: int) -> List[torch.Tensor]:
         lib.fxc_pack_codes(c.data_ptr(), n, w, s, o.data_ptr())
         out.append(o)
     return out
+
+
+def stats_nnz(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """stats() plus the per-row count of elements > 0 (int64), in the same read."""
+    if x3.dtype == torch.float32 and x3.is_contiguous() and x3.numel() and _use_c(x3):
+        amax = torch.empty(x3.shape[1], dtype=torch.float32)
+        mn = torch.empty((), dtype=torch.float32)
+        nnz = torch.empty(x3.shape[1], dtype=torch.int64)
+        _cpu_lib().fxc_stats_nnz(x3.data_ptr(), x3.numel(), x3.shape[1], x3.shape[2], amax.data_ptr(),
+                                 mn.data_ptr(), nnz.data_ptr())
+        return amax, mn, nnz
+    amax, mn = _stats_ref(x3)
+    return amax, mn, (x3 > 0).sum(dim=(0, 2))
 
 
 def stats(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -556,6 +576,15 @@ def pack_mask(m: torch.Tensor) -> PackedMask:
     return PackedMask(bits, tuple(m.shape), m.numel())
 
 
+def pack_mask_gt(x: torch.Tensor, thr: float = 0.0) -> PackedMask:
+    """pack_mask(x > thr) in one pass on the CPU fast path (a ReLU's result)."""
+    if x.dtype == torch.float32 and x.is_contiguous() and _use_c(x) and not use_triton(x):
+        bits = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
+        _cpu_lib().fxc_pack_gt(x.data_ptr(), x.numel(), float(thr), bits.data_ptr())
+        return PackedMask(bits, tuple(x.shape), x.numel())
+    return pack_mask(x > thr)
+
+
 def unpack_mask_values(p: PackedMask, on: float, off: float, dtype=torch.float32) -> torch.Tensor:
     """The mask decoded straight to values: `on` where set, `off` elsewhere."""
     if p.bits.device.type == "cpu" and dtype == torch.float32 and _use_c(p.bits):
@@ -647,15 +676,17 @@ def mixed_pack(x3: torch.Tensor, bits_c: torch.Tensor, rounding: str = "nearest"
         a, mn = stats(x3)
         amax = a if amax is None else amax
         signed = bool(mn < 0) if signed is None else signed
-    bits_c = bits_c.to(torch.int64).clamp(1, 16)
-    widths = torch.unique(bits_c).tolist()
+    # grouping in numpy: a few thousand channels, where torch's per-op
+    # overhead showed in the step time
+    bnp = np.clip(bits_c.detach().cpu().numpy().astype(np.int64), 1, 16)
+    widths = np.unique(bnp).tolist()
     groups = []
     for i, b in enumerate(widths):
         if len(widths) == 1:
             idx = torch.arange(x3.shape[1], device=x3.device)
             groups.append((idx.to(torch.int32), quant_pack(x3, int(b), rounding, seed + i, amax, signed)))
             continue
-        idx = torch.nonzero(bits_c == b).view(-1)
+        idx = torch.from_numpy(np.nonzero(bnp == b)[0]).to(x3.device)
         if x3.dtype == torch.float32 and x3.is_contiguous() and _use_c(x3) and not use_triton(x3):
             # the C path reads the channels in place: no index_select copy
             groups.append((idx.to(torch.int32), _quant_pack_sel_c(x3, idx, int(b), rounding, seed + i,
@@ -665,6 +696,20 @@ def mixed_pack(x3: torch.Tensor, bits_c: torch.Tensor, rounding: str = "nearest"
         groups.append((idx.to(torch.int32), quant_pack(sub, int(b), rounding, seed + i, amax[idx], signed)))
     return PackedMixed(groups, tuple(shape if shape is not None else x3.shape), tuple(x3.shape), x3.dtype,
                        x3.shape[1])
+
+
+def _slice_args(sl, parts):
+    """(nparts, widths, shifts) as C arrays for the *_sel packers, which
+    write every slice in one pass over x (their out pointers: _out_ptrs)."""
+    import ctypes
+
+    return len(sl), (ctypes.c_int * len(sl))(*[w for w, _ in sl]), (ctypes.c_int * len(sl))(*[h for _, h in sl])
+
+
+def _out_ptrs(parts):
+    import ctypes
+
+    return (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
 
 
 def _quant_pack_sel_c(x3, idx, bits, rounding, seed, amax_sub, signed) -> Packed:
@@ -678,12 +723,10 @@ def _quant_pack_sel_c(x3, idx, bits, rounding, seed, amax_sub, signed) -> Packed
     n = A * csub * B
     idx64 = idx.to(torch.int64).contiguous()
     k = k.contiguous()
-    parts = []
-    for w, s in slices(bits):
-        o = torch.empty(-(-n // (8 // w)), dtype=torch.uint8)
-        _cpu_lib().fxc_quant_pack_sel(x3.data_ptr(), k.data_ptr(), A, C, B, idx64.data_ptr(), csub, bits, w, s,
-                                      int(signed), int(stoch), key, o.data_ptr())
-        parts.append(o)
+    sl = slices(bits)
+    parts = [torch.empty(-(-n // (8 // w)), dtype=torch.uint8) for w, _ in sl]
+    _cpu_lib().fxc_quant_pack_sel(x3.data_ptr(), k.data_ptr(), A, C, B, idx64.data_ptr(), csub, bits,
+                                  *_slice_args(sl, parts), int(signed), int(stoch), key, _out_ptrs(parts))
     return Packed(parts, kinv, bits, signed, (A, csub, B), (A, csub, B), x3.dtype)
 
 
@@ -703,10 +746,103 @@ def mixed_unpack(p: PackedMixed) -> torch.Tensor:
             ws = (ctypes.c_int * len(sl))(*[w for w, _ in sl])
             ss = (ctypes.c_int * len(sl))(*[sh for _, sh in sl])
             idx64 = idx.to(torch.int64).contiguous()
-            _cpu_lib().fxc_unpack_scatter(ptrs, ws, ss, len(sl), g.kinv.contiguous().data_ptr(), A, g.shape3[1], B,
+            _cpu_lib().fxc_unpack_scatter2(ptrs, ws, ss, len(sl), g.kinv.contiguous().data_ptr(), A, g.shape3[1], B,
                                           idx64.data_ptr(), C, g.bits, int(g.signed), out.data_ptr())
         return out.reshape(p.shape)
     out = torch.empty(p.shape3, dtype=p.dtype, device=dev)
     for idx, g in p.groups:
         out.index_copy_(1, idx.to(torch.int64), unpack(g))
+    return out.reshape(p.shape)
+
+
+# ------------------------------- per-channel bits, zeros given by a shared mask
+
+class PackedMixedZVC:
+    """AutoQuant widths with zero-value packing for an unsigned tensor whose
+    non-zero pattern is already stored as a 1-bit mask by another save (the
+    ReLU that produced it): only the codes of the elements > 0 are kept, per
+    width group, and `mask` is a reference to that shared mask (its bytes
+    belong to the save that made it, and are counted there, once)."""
+
+    __slots__ = ("groups", "mask", "shape", "shape3", "dtype", "C")
+
+    def __init__(self, groups, mask, shape, shape3, dtype, C):
+        self.groups, self.mask, self.shape, self.shape3, self.dtype, self.C = groups, mask, shape, shape3, dtype, C
+
+    def nbytes(self) -> int:
+        """Codes, scales and channel indices; not the shared mask."""
+        return sum(sum(q.numel() for q in g.parts) + g.kinv.numel() * 4 + idx.numel() * 4
+                   for idx, g, _ in self.groups)
+
+
+def mixed_zvc_pack(x3: torch.Tensor, bits_c: torch.Tensor, mask: PackedMask, nnz_c: torch.Tensor,
+                   rounding: str = "nearest", seed: int = 0, amax: Optional[torch.Tensor] = None,
+                   shape=None) -> PackedMixedZVC:
+    """x (A, C, B) >= 0, channel c at bits_c[c] bits, only the elements > 0
+    stored; `mask` holds (x > 0) (1 bit per element, flat order) and nnz_c
+    the count of elements > 0 per channel. The stochastic draw of an element
+    is indexed by its position in its width group (zeros included)."""
+    if rounding not in ROUNDINGS:
+        raise BadInput(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if amax is None:
+        amax = stats(x3)[0]
+    bnp = np.clip(bits_c.detach().cpu().numpy().astype(np.int64), 1, 16)
+    nnp = nnz_c.detach().cpu().numpy().astype(np.int64)
+    stoch = rounding == "stochastic"
+    fast = x3.dtype == torch.float32 and x3.is_contiguous() and _use_c(x3) and not use_triton(x3)
+    A, C, B = x3.shape
+    groups = []
+    for i, b in enumerate(np.unique(bnp).tolist()):
+        b = int(b)
+        inp = np.nonzero(bnp == b)[0]
+        idx = torch.from_numpy(inp).to(x3.device)
+        k, kinv = multipliers(amax[idx], b, False)
+        key = mix_seed(seed + i) if stoch else 0
+        nnz = int(nnp[inp].sum())
+        if fast:
+            idx64 = idx.to(torch.int64).contiguous()
+            k = k.contiguous()
+            sl = slices(b)
+            parts = [torch.empty(-(-nnz // (8 // w)), dtype=torch.uint8) for w, _ in sl]
+            if nnz:
+                _cpu_lib().fxc_zvc_pack_sel(x3.data_ptr(), k.data_ptr(), A, C, B, idx64.data_ptr(), idx.numel(), b,
+                                            *_slice_args(sl, parts), int(stoch), key, _out_ptrs(parts))
+        else:
+            sub = x3.index_select(1, idx)
+            codes = _codes_ref(sub, k, b, False, stoch, key)[(sub > 0).reshape(-1)]
+            parts = pack_codes(codes, b) if nnz else [torch.empty(0, dtype=torch.uint8, device=x3.device)
+                                                       for _ in slices(b)]
+        groups.append((idx.to(torch.int32), Packed(parts, kinv, b, False, (A, idx.numel(), B), (A, idx.numel(), B),
+                                                   x3.dtype), nnz))
+    return PackedMixedZVC(groups, mask, tuple(shape if shape is not None else x3.shape), tuple(x3.shape),
+                          x3.dtype, C)
+
+
+def mixed_zvc_unpack(p: PackedMixedZVC) -> torch.Tensor:
+    A, C, B = p.shape3
+    dev = p.groups[0][0].device
+    if p.dtype == torch.float32 and _use_c(p.groups[0][0]) and not use_triton(p.groups[0][1].parts[0]):
+        import ctypes
+
+        out = torch.empty(p.shape3, dtype=torch.float32)
+        mbits = p.mask.bits.contiguous()
+        for idx, g, nnz in p.groups:
+            sl = slices(g.bits)
+            ptrs = (ctypes.c_void_p * len(sl))(*[q.data_ptr() for q in g.parts])
+            ws = (ctypes.c_int * len(sl))(*[w for w, _ in sl])
+            ss = (ctypes.c_int * len(sl))(*[sh for _, sh in sl])
+            idx64 = idx.to(torch.int64).contiguous()
+            _cpu_lib().fxc_zvc_unpack_scatter(ptrs, ws, ss, len(sl), g.kinv.contiguous().data_ptr(), A,
+                                              g.shape3[1], B, idx64.data_ptr(), C, nnz, mbits.data_ptr(),
+                                              out.data_ptr())
+        return out.reshape(p.shape)
+    m = unpack_mask(p.mask).reshape(p.shape3)
+    out = torch.empty(p.shape3, dtype=p.dtype, device=dev)
+    for idx, g, nnz in p.groups:
+        i64 = idx.to(torch.int64)
+        sm = m.index_select(1, i64)
+        codes = torch.zeros(sm.shape, dtype=torch.int32, device=dev)
+        if nnz:
+            codes[sm] = unpack_codes(g.parts, g.bits, nnz)
+        out.index_copy_(1, i64, (codes.to(torch.float32) * g.kinv.view(1, -1, 1)).to(p.dtype))
     return out.reshape(p.shape)

@@ -7,6 +7,29 @@
  */
 #include <stdint.h>
 #include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+/* expand LUT: for a mask byte, lane q takes code number popcount(bits below q) */
+static int32_t exp_idx[256][8];
+static int32_t exp_msk[256][8];
+static int32_t cmp_idx[256][8]; /* compress: the set lanes first, in order */
+static int exp_ready = 0;
+static void exp_init(void) {
+    for (int m = 0; m < 256; ++m) {
+        int t = 0;
+        for (int q = 0; q < 8; ++q) cmp_idx[m][q] = 0;
+        for (int q = 0; q < 8; ++q)
+            if ((m >> q) & 1) cmp_idx[m][t++] = q;
+        t = 0;
+        for (int q = 0; q < 8; ++q) {
+            exp_idx[m][q] = (m >> q) & 1 ? t : 0;
+            exp_msk[m][q] = (m >> q) & 1 ? -1 : 0;
+            t += (m >> q) & 1;
+        }
+    }
+    exp_ready = 1;
+}
+#endif
 
 #define M1 0x6C8E9CF5u
 #define M2 0x2D2A5F3Bu
@@ -295,14 +318,14 @@ static void pack_buf(const uint16_t *buf, int64_t m, int width, int shift, uint8
  * x.index_select(1, idx) had been packed (k has Csub entries; the hash index
  * counts elements of the subset), without making that copy. */
 void fxc_quant_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
-                        int64_t Csub, int bits, int width, int shift, int is_signed, int stoch, uint32_t key,
-                        uint8_t *out) {
-    const int per = 8 / width;
+                        int64_t Csub, int bits, int nparts, const int *w, const int *sh, int is_signed, int stoch,
+                        uint32_t key, uint8_t *const *outs) {
+    uint8_t *op[5];
+    for (int q = 0; q < nparts; ++q) op[q] = outs[q];
     const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
     const float hi = (float)((1 << bits) - 1);
     uint16_t buf[CHUNK];
     int64_t fill = 0, e = 0;
-    uint8_t *o = out;
     for (int64_t a = 0; a < A; ++a)
         for (int64_t j = 0; j < Csub; ++j) {
             const float *src = x + (a * C + idx[j]) * B;
@@ -336,11 +359,279 @@ void fxc_quant_pack_sel(const float *x, const float *k, int64_t A, int64_t C, in
                 done += run;
                 e += run;
                 if (fill == CHUNK) {
-                    pack_buf(buf, fill, width, shift, o);
-                    o += CHUNK / per;
+                    for (int q = 0; q < nparts; ++q) {
+                        pack_buf(buf, fill, w[q], sh[q], op[q]);
+                        op[q] += CHUNK / (8 / w[q]);
+                    }
                     fill = 0;
                 }
             }
         }
-    if (fill) pack_buf(buf, fill, width, shift, o);
+    if (fill)
+        for (int q = 0; q < nparts; ++q) pack_buf(buf, fill, w[q], sh[q], op[q]);
+}
+
+/* Decode codes [start, start + m) of a sliced code stream into buf (start a
+ * multiple of 8, so every slice begins on a byte); one loop per slice with
+ * a constant number of codes per byte, so each vectorises. */
+static void decode_stream(const uint8_t *const *parts, const int *w, const int *s, int nparts, int64_t start,
+                          int64_t m, uint16_t *buf) {
+    for (int k = 0; k < nparts; ++k) {
+        const int width = w[k], per = 8 / width, sh = s[k];
+        const uint32_t mask = (1u << width) - 1u;
+        const uint8_t *in = parts[k] + start / per;
+        const int64_t full = m / per;
+        if (k == 0) {
+            switch (per) {
+            case 1: for (int64_t b = 0; b < full; ++b) buf[b] = (uint16_t)((uint32_t)in[b] << sh); break;
+            case 2: for (int64_t b = 0; b < full; ++b) for (int j = 0; j < 2; ++j)
+                        buf[2 * b + j] = (uint16_t)((((uint32_t)in[b] >> (4 * j)) & 15u) << sh); break;
+            case 4: for (int64_t b = 0; b < full; ++b) for (int j = 0; j < 4; ++j)
+                        buf[4 * b + j] = (uint16_t)((((uint32_t)in[b] >> (2 * j)) & 3u) << sh); break;
+            default: for (int64_t b = 0; b < full; ++b) for (int j = 0; j < 8; ++j)
+                        buf[8 * b + j] = (uint16_t)((((uint32_t)in[b] >> j) & 1u) << sh);
+            }
+        } else {
+            switch (per) {
+            case 1: for (int64_t b = 0; b < full; ++b) buf[b] |= (uint16_t)((uint32_t)in[b] << sh); break;
+            case 2: for (int64_t b = 0; b < full; ++b) for (int j = 0; j < 2; ++j)
+                        buf[2 * b + j] |= (uint16_t)((((uint32_t)in[b] >> (4 * j)) & 15u) << sh); break;
+            case 4: for (int64_t b = 0; b < full; ++b) for (int j = 0; j < 4; ++j)
+                        buf[4 * b + j] |= (uint16_t)((((uint32_t)in[b] >> (2 * j)) & 3u) << sh); break;
+            default: for (int64_t b = 0; b < full; ++b) for (int j = 0; j < 8; ++j)
+                        buf[8 * b + j] |= (uint16_t)((((uint32_t)in[b] >> j) & 1u) << sh);
+            }
+        }
+        for (int64_t i = full * per; i < m; ++i) {
+            const uint16_t v = (uint16_t)((((uint32_t)in[i / per] >> ((i % per) * width)) & mask) << sh);
+            buf[i] = k == 0 ? v : (uint16_t)(buf[i] | v);
+        }
+    }
+}
+
+/* fxc_unpack_scatter, chunked: the code stream is decoded CHUNK codes at a
+ * time into a buffer (vectorised per slice), then dequantized row by row
+ * into the channels' places. Same result as fxc_unpack_scatter. */
+void fxc_unpack_scatter2(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
+                         int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int bits, int is_signed,
+                         float *out) {
+    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
+    const int64_t n = A * Csub * B;
+    uint16_t buf[CHUNK];
+    int64_t row = 0, pos = 0; /* row = a * Csub + j, pos inside the row */
+    for (int64_t start = 0; start < n; start += CHUNK) {
+        const int64_t m = (n - start) < CHUNK ? (n - start) : CHUNK;
+        decode_stream(parts, w, s, nparts, start, m, buf);
+        int64_t t = 0;
+        while (t < m) {
+            int64_t run = B - pos;
+            if (run > m - t) run = m - t;
+            const int64_t a = row / Csub, j = row % Csub;
+            float *dst = out + (a * C + idx[j]) * B + pos;
+            const float kv = kinv[j];
+            const uint16_t *bs = buf + t;
+            for (int64_t u = 0; u < run; ++u) dst[u] = ((float)bs[u] - off) * kv;
+            t += run;
+            pos += run;
+            if (pos == B) { pos = 0; ++row; }
+        }
+    }
+}
+
+/* Per-row max|x|, global minimum and per-row count of x > 0 (nnz zeroed here). */
+void fxc_stats_nnz(const float *x, int64_t n, int64_t C, int64_t B, float *amax, float *minv, int64_t *nnz) {
+    for (int64_t c = 0; c < C; ++c) { amax[c] = 0.0f; nnz[c] = 0; }
+    float mn = INFINITY;
+    int64_t c = 0;
+    for (int64_t start = 0; start < n; start += B) {
+        const float *xs = x + start;
+        float a = amax[c], m = mn;
+        int64_t z = 0;
+        for (int64_t u = 0; u < B; ++u) {
+            const float v = xs[u];
+            const float av = fabsf(v);
+            a = av > a ? av : a;
+            m = v < m ? v : m;
+            z += v > 0.0f;
+        }
+        amax[c] = a;
+        nnz[c] += z;
+        mn = m;
+        if (++c == C) c = 0;
+    }
+    *minv = mn;
+}
+
+/* Zero-value packing of a channel subset of an unsigned x (A, C, B): only
+ * the elements x > 0 are quantized and packed (one slice), in the subset's
+ * flat order; the stochastic hash index is the element's position in the
+ * subset (zeros included), as in the reference. Which elements are non-zero
+ * is the mask stored elsewhere (the ReLU's). */
+void fxc_zvc_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
+                      int64_t Csub, int bits, int nparts, const int *w, const int *sh, int stoch, uint32_t key,
+                      uint8_t *const *outs) {
+    uint8_t *op[5];
+    for (int q = 0; q < nparts; ++q) op[q] = outs[q];
+    const float hi = (float)((1 << bits) - 1);
+    uint16_t buf[CHUNK + 8];
+    int64_t fill = 0, e = 0;
+#ifdef __AVX2__
+    if (!exp_ready) exp_init();
+#endif
+    for (int64_t a = 0; a < A; ++a)
+        for (int64_t j = 0; j < Csub; ++j) {
+            const float *src = x + (a * C + idx[j]) * B;
+            const float kc = k[j];
+            int64_t done = 0;
+            while (done < B) {
+                int64_t run = B - done;
+                if (run > CHUNK - fill) run = CHUNK - fill;
+                const float *xs = src + done;
+                /* branchless compaction: every code is written, the fill
+                 * index only moves past the ones of non-zero elements */
+                if (stoch) {
+                    for (int64_t u = 0; u < run; ++u) {
+                        const float xv = xs[u];
+                        float v = xv * kc;
+                        v = v + u01(e + u, key);
+                        v = v > hi ? hi : v;
+                        buf[fill] = (uint16_t)(int32_t)v;
+                        fill += xv > 0.0f;
+                    }
+                } else {
+                    int64_t u = 0;
+#ifdef __AVX2__
+                    /* 8 at a time: the same float operations, then the
+                     * codes of the elements > 0 moved to the front (LUT
+                     * permute) and all 8 stored; fill moves by their count */
+                    const __m256 kv = _mm256_set1_ps(kc), half = _mm256_set1_ps(0.5f), hv = _mm256_set1_ps(hi);
+                    const __m256 zero = _mm256_setzero_ps();
+                    for (; u + 8 <= run; u += 8) {
+                        const __m256 xv = _mm256_loadu_ps(xs + u);
+                        __m256 v = _mm256_add_ps(_mm256_mul_ps(xv, kv), half);
+                        v = _mm256_min_ps(v, hv);
+                        const __m256i c = _mm256_cvttps_epi32(v);
+                        const int mb = _mm256_movemask_ps(_mm256_cmp_ps(xv, zero, _CMP_GT_OQ));
+                        const __m256i pc = _mm256_permutevar8x32_epi32(
+                            c, _mm256_loadu_si256((const __m256i *)cmp_idx[mb]));
+                        const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(pc),
+                                                             _mm256_extracti128_si256(pc, 1));
+                        _mm_storeu_si128((__m128i *)(buf + fill), p16);
+                        fill += __builtin_popcount((unsigned)mb);
+                    }
+#endif
+                    for (; u < run; ++u) {
+                        const float xv = xs[u];
+                        float v = xv * kc;
+                        v = v + 0.5f;
+                        v = v > hi ? hi : v;
+                        buf[fill] = (uint16_t)(int32_t)v;
+                        fill += xv > 0.0f;
+                    }
+                }
+                done += run;
+                e += run;
+                if (fill == CHUNK) {
+                    for (int q = 0; q < nparts; ++q) {
+                        pack_buf(buf, fill, w[q], sh[q], op[q]);
+                        op[q] += CHUNK / (8 / w[q]);
+                    }
+                    fill = 0;
+                }
+            }
+        }
+    if (fill)
+        for (int q = 0; q < nparts; ++q) pack_buf(buf, fill, w[q], sh[q], op[q]);
+}
+
+/* Inverse of fxc_zvc_pack_sel for all slices at once: elements whose bit is
+ * set in `mask` (1 bit per element of the full tensor) take the next code,
+ * the others are 0. Codes are decoded CHUNK at a time into a window; the
+ * mask is read 56 bits at a time, and each element's code position is a
+ * popcount of the bits before it, so rows of any length and alignment cost
+ * no per-element dependency chain. */
+void fxc_zvc_unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
+                            int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int64_t nnz,
+                            const uint8_t *mask, float *out) {
+    uint16_t buf[CHUNK + 128];
+    const int64_t mbytes = (A * C * B + 7) / 8;
+    int64_t got = 0;      /* codes decoded so far (a multiple of CHUNK until the end) */
+    int64_t have = 0;     /* codes in buf[0..have) */
+    int64_t used = 0;     /* consumed from buf */
+    for (int i = 0; i < 64; ++i) buf[i] = 0;
+#ifdef __AVX2__
+    if (!exp_ready) exp_init();
+#endif
+    for (int64_t a = 0; a < A; ++a)
+        for (int64_t j = 0; j < Csub; ++j) {
+            const int64_t e0 = (a * C + idx[j]) * B;
+            float *dst = out + e0;
+            const float kv = kinv[j];
+            for (int64_t done = 0; done < B; done += 56) {
+                const int piece = (B - done) < 56 ? (int)(B - done) : 56;
+                if (have - used < 64 && got < nnz) {
+                    const int64_t keep = have - used;
+                    for (int64_t i = 0; i < keep; ++i) buf[i] = buf[used + i];
+                    const int64_t m = (nnz - got) < CHUNK ? (nnz - got) : CHUNK;
+                    decode_stream(parts, w, s, nparts, got, m, buf + keep);
+                    got += m;
+                    have = keep + m;
+                    used = 0;
+                    for (int64_t i = have; i < have + 64; ++i) buf[i] = 0; /* read past the last code, discarded */
+                }
+                const int64_t e = e0 + done;
+                const int64_t byte = e >> 3;
+                uint64_t word = 0;
+                if (byte + 8 <= mbytes) {
+                    for (int q = 0; q < 8; ++q) word |= (uint64_t)mask[byte + q] << (8 * q);
+                } else {
+                    for (int q = 0; byte + q < mbytes; ++q) word |= (uint64_t)mask[byte + q] << (8 * q);
+                }
+                word = (word >> (e & 7)) & ((piece == 64 ? ~0ull : ((1ull << piece) - 1ull)));
+                const uint16_t *bs = buf + used;
+                float *d = dst + done;
+                int q0 = 0;
+#ifdef __AVX2__
+                if (((e0 + done) & 7) == 0) {
+                    /* 8 elements per step: convert the next 8 codes, move
+                     * each to its element (a permute from a LUT of the mask
+                     * byte), zero the unset ones; same products as below */
+                    const __m256 kvv = _mm256_set1_ps(kv);
+                    int t = 0;
+                    for (; q0 + 8 <= piece; q0 += 8) {
+                        const int mb = (int)((word >> q0) & 0xFFu);
+                        const __m128i c16 = _mm_loadu_si128((const __m128i *)(bs + t));
+                        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(c16)), kvv);
+                        const __m256i ix = _mm256_loadu_si256((const __m256i *)exp_idx[mb]);
+                        const __m256 mk = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)exp_msk[mb]));
+                        _mm256_storeu_ps(d + q0, _mm256_and_ps(_mm256_permutevar8x32_ps(v, ix), mk));
+                        t += __builtin_popcount((unsigned)mb);
+                    }
+                }
+#endif
+                for (int q = q0; q < piece; ++q) {
+                    const int bit = (int)((word >> q) & 1u);
+                    const float v = (float)bs[__builtin_popcountll(word & ((1ull << q) - 1ull))] * kv;
+                    d[q] = bit ? v : 0.0f;
+                }
+                used += __builtin_popcountll(word);
+            }
+        }
+}
+
+/* 1-bit mask of x > thr straight from floats (a ReLU's saved result): one
+ * pass, no intermediate bool tensor. Same bits as fxc_pack_mask(x > thr). */
+void fxc_pack_gt(const float *x, int64_t n, float thr, uint8_t *out) {
+    const int64_t full = n / 8;
+    for (int64_t b = 0; b < full; ++b) {
+        const float *p = x + 8 * b;
+        uint32_t acc = 0;
+        for (int j = 0; j < 8; ++j) acc |= (uint32_t)(p[j] > thr) << j;
+        out[b] = (uint8_t)acc;
+    }
+    if (full * 8 < n) {
+        uint32_t acc = 0;
+        for (int64_t j = 0; full * 8 + j < n; ++j) acc |= (uint32_t)(x[full * 8 + j] > thr) << j;
+        out[full] = (uint8_t)acc;
+    }
 }

@@ -12,6 +12,12 @@ bits of each channel at every step, with a fresh max|x_c| (SPEC section 1):
       u_i = kernel area / stride product;
 - input of BatchNorm, per channel k: see runtime.activations.bn_dx2.
 
+Per tensor, SaveSpec.auto_bits turns the budget into widths (the SPEC rule
+per channel, then spend_slack: both budgets bound a sum over the tensor, so
+the slack whole-bit rounding leaves is spent on the cheapest channels while
+the sum stays within the bound); a ReLU output stores only its non-zeros
+(the ReLU's mask is shared), and its budget is spread over those.
+
 Statistics schedule: a snapshot is measured in the forward/backward of step
 0 and then of every `stats_every`-th step; the budget uses the mean of the
 last `window` snapshots. Until the first snapshot exists (the very first

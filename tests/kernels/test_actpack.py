@@ -113,6 +113,7 @@ def test_cpu_fast_path_helpers_equal_reference(monkeypatch):
     assert torch.equal(a_c, a_r) and torch.equal(m_c, m_r)
     m = x > 0.3
     pm = ap.pack_mask(m)
+    assert torch.equal(ap.pack_mask_gt(x, 0.3).bits, pm.bits)
     assert torch.equal(ap.unpack_mask_values(pm, 2.5, -1.0), torch.where(m, 2.5, -1.0))
     bits_c = torch.tensor([2, 3, 3, 7, 16, 5])
     mx = ap.mixed_pack(x3, bits_c, "stochastic", seed=2, shape=x.shape)
@@ -122,3 +123,52 @@ def test_cpu_fast_path_helpers_equal_reference(monkeypatch):
     for (_, a), (_, b) in zip(mx.groups, mx_ref.groups):
         assert all(torch.equal(p, q) for p, q in zip(a.parts, b.parts))
     assert torch.equal(fast, ap.mixed_unpack(mx_ref))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape", [(3, 6, 5, 7), (4, 5, 2, 2), (2, 3, 40, 41), (2, 16, 8, 8)])
+def test_mixed_zvc_with_shared_mask(monkeypatch, rounding, shape):
+    """Per-channel widths, only the elements > 0 stored, the non-zero pattern
+    taken from a mask stored elsewhere (a ReLU's): C == torch reference bit
+    for bit (rows of any length and alignment), zeros exact, each non-zero
+    within a grid step (half a step except in the clipped top cell), and the bytes
+    are the non-zeros' codes only (the mask is not counted twice)."""
+    x = _x(shape, seed=3).relu()
+    x3 = ap.view3(x, "channel")
+    C = x3.shape[1]
+    bits_c = torch.tensor([1, 2, 3, 8, 16, 5, 7, 12] * 2)[:C]
+    amax, mn, nnz_c = ap.stats_nnz(x3)
+    assert torch.equal(nnz_c, (x3 > 0).sum(dim=(0, 2))) and float(mn) >= 0
+    mask = ap.pack_mask(x > 0)
+    z = ap.mixed_zvc_pack(x3, bits_c, mask, nnz_c, rounding, seed=5, amax=amax, shape=x.shape)
+    y = ap.mixed_zvc_unpack(z)
+    assert torch.equal(y[x == 0], torch.zeros_like(y[x == 0]))
+    step = (amax + ap.EPS) / 2.0 ** bits_c.float()
+    err = (y - x).abs().amax(dim=(0, 2, 3))
+    assert (err <= step * 1.0001 + 1e-6).all()
+    payload = sum(sum(-(-n * w // 8) for w, _ in ap.slices(g.bits)) for _, g, n in z.groups)
+    assert z.nbytes() == payload + C * 4 + C * 4  # codes + scales + channel indices
+    monkeypatch.setenv("FXC_CPU_FAST", "0")
+    z_ref = ap.mixed_zvc_pack(x3, bits_c, mask, nnz_c, rounding, seed=5, amax=amax, shape=x.shape)
+    for (_, a, na), (_, b, nb) in zip(z.groups, z_ref.groups):
+        assert na == nb and all(torch.equal(p, q) for p, q in zip(a.parts, b.parts))
+    assert torch.equal(ap.mixed_zvc_unpack(z_ref), y)
+    monkeypatch.setenv("FXC_CPU_FAST", "1")
+    assert torch.equal(ap.mixed_zvc_unpack(z_ref), y)
+
+
+def test_cpu_sel_packers_equal_reference_all_widths(monkeypatch):
+    """The channel-subset packer writes every slice of a width in one pass."""
+    if ap._cpu_lib() is None:
+        pytest.skip("no C compiler: the torch reference is the CPU path")
+    x = _x((3, 16, 3, 5), seed=4)
+    x3 = ap.view3(x, "channel")
+    bits_c = torch.arange(1, 17)
+    for rounding in ("nearest", "stochastic"):
+        mx = ap.mixed_pack(x3, bits_c, rounding, seed=1, shape=x.shape)
+        monkeypatch.setenv("FXC_CPU_FAST", "0")
+        mx_ref = ap.mixed_pack(x3, bits_c, rounding, seed=1, shape=x.shape)
+        monkeypatch.setenv("FXC_CPU_FAST", "1")
+        for (_, a), (_, b) in zip(mx.groups, mx_ref.groups):
+            assert all(torch.equal(p, q) for p, q in zip(a.parts, b.parts))
+        assert torch.equal(ap.mixed_unpack(mx), ap.mixed_unpack(mx_ref))
