@@ -37,14 +37,14 @@ class DemoPass(Pass):
     def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
             return None
-        return "demo applies to Conv2d and Linear modules only"
+        return f"{self.name} applies to Conv2d and Linear modules only"
 
     def run(self, gm, plan):
         res = PassResult()
         for node, cfg in plan.selected(self.key):
             with gm.graph.inserting_after(node):
                 new = gm.graph.call_function(_fxc_identity, (node,))
-                new.name = fxc_name(gm, "demo", node.name)
+                new.name = fxc_name(gm, self.name, node.name)
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
             res.inserted.append(new.name)
             res.modified = True

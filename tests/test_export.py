@@ -54,8 +54,8 @@ def test_small_cnn_with_inserted_nodes_loads_in_a_fresh_interpreter(tmp_path):
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "y.pt"), cm(x))
     code = (tmp_path / "out" / "module.py").read_text()
-    assert "from tests.test_inspect import fxc_identity as tests_test_inspect_fxc_identity" in code
-    assert "fxc_mark_conv1 = tests_test_inspect_fxc_identity(conv1)" in code
+    assert "from tests.helpers import _fxc_identity as tests_helpers__fxc_identity" in code
+    assert "fxc_mark_conv1 = tests_helpers__fxc_identity(conv1)" in code
 
 
 def test_weights_load_with_weights_only_and_match_the_model(tmp_path):

@@ -4,27 +4,19 @@ import re
 import shutil
 import stat
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
-import torch.fx as fx
-import torch.nn as nn
 
 import fxcompress
 import fxcompress.inspect as fxi
 from fxcompress.loading import load_model
-from fxcompress.passes import Pass, PassResult, fxc_name
-from tests.helpers import run_cli
+from tests.helpers import DemoPass, run_cli
 from tests.models.small_cnn import SmallCNN
 
 HERE = os.path.dirname(__file__)
 SMALL_CNN = os.path.join(HERE, "models", "small_cnn.py")
 POLICY = {"rules": [{"match": {"type": ["Conv2d", "Linear"]}, "mark": {"level": 2}}]}
-
-
-def fxc_identity(x):
-    return x
 
 
 @dataclass
@@ -35,29 +27,13 @@ class MarkConfig:
         pass
 
 
-class MarkPass(Pass):
+class MarkPass(DemoPass):
     """Puts an identity call after each treated Conv2d/Linear: a real rewrite
     that inserts fxc_-named nodes and changes nothing numerically."""
 
     name = "mark"
     key = "mark"
     config = MarkConfig
-
-    def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
-            return None
-        return "mark takes Conv2d and Linear only"
-
-    def run(self, gm, plan):
-        res = PassResult()
-        for node, _cfg in plan.selected(self.key):
-            with gm.graph.inserting_after(node):
-                new = gm.graph.call_function(fxc_identity, (node,))
-                new.name = fxc_name(gm, self.name, node.name)
-            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
-            res.inserted.append(new.name)
-            res.modified = True
-        return res
 
 
 @pytest.fixture(autouse=True)
