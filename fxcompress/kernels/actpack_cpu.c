@@ -50,6 +50,32 @@ static inline float u01(int64_t i, uint32_t key) {
  * before clamping makes truncation equal floor, so the loop needs no floorf
  * and vectorises. Codes go through a small buffer, in runs of constant k. */
 #define CHUNK 4096
+
+/* One run of codes at a constant scale kc: code = (int) clamp(x*kc + r + off,
+ * 0, hi), r the stochastic draw of element i0+u or 0.5 for nearest. Each
+ * branch is its own loop so the compiler vectorises it after inlining. */
+static inline void quant_codes(const float *xs, float kc, int64_t run, int64_t i0, uint32_t key, int stoch,
+                               float off, float hi, uint16_t *bs) {
+    if (stoch) {
+        for (int64_t u = 0; u < run; ++u) {
+            float v = xs[u] * kc;
+            v = v + u01(i0 + u, key);
+            v = v + off;
+            v = v < 0.0f ? 0.0f : v;
+            v = v > hi ? hi : v;
+            bs[u] = (uint16_t)(int32_t)v;
+        }
+    } else {
+        for (int64_t u = 0; u < run; ++u) {
+            float v = xs[u] * kc;
+            v = v + 0.5f;
+            v = v + off;
+            v = v < 0.0f ? 0.0f : v;
+            v = v > hi ? hi : v;
+            bs[u] = (uint16_t)(int32_t)v;
+        }
+    }
+}
 void fxc_quant_pack(const float *x, const float *k, int64_t n, int64_t C, int64_t B, int bits, int width,
                     int shift, int is_signed, int stoch, uint32_t key, uint8_t *out) {
     const int per = 8 / width;
@@ -67,26 +93,7 @@ void fxc_quant_pack(const float *x, const float *k, int64_t n, int64_t C, int64_
             const float kc = k[c];
             const float *xs = x + start + t;
             uint16_t *bs = buf + t;
-            if (stoch) {
-                const int64_t i0 = start + t;
-                for (int64_t u = 0; u < run; ++u) {
-                    float v = xs[u] * kc;
-                    v = v + u01(i0 + u, key);
-                    v = v + off;
-                    v = v < 0.0f ? 0.0f : v;
-                    v = v > hi ? hi : v;
-                    bs[u] = (uint16_t)(int32_t)v;
-                }
-            } else {
-                for (int64_t u = 0; u < run; ++u) {
-                    float v = xs[u] * kc;
-                    v = v + 0.5f;
-                    v = v + off;
-                    v = v < 0.0f ? 0.0f : v;
-                    v = v > hi ? hi : v;
-                    bs[u] = (uint16_t)(int32_t)v;
-                }
-            }
+            quant_codes(xs, kc, run, start + t, key, stoch, off, hi, bs);
             t += run;
             pos += run;
             if (pos == B) {
@@ -336,25 +343,7 @@ void fxc_quant_pack_sel(const float *x, const float *k, int64_t A, int64_t C, in
                 if (run > CHUNK - fill) run = CHUNK - fill;
                 const float *xs = src + done;
                 uint16_t *bs = buf + fill;
-                if (stoch) {
-                    for (int64_t u = 0; u < run; ++u) {
-                        float v = xs[u] * kc;
-                        v = v + u01(e + u, key);
-                        v = v + off;
-                        v = v < 0.0f ? 0.0f : v;
-                        v = v > hi ? hi : v;
-                        bs[u] = (uint16_t)(int32_t)v;
-                    }
-                } else {
-                    for (int64_t u = 0; u < run; ++u) {
-                        float v = xs[u] * kc;
-                        v = v + 0.5f;
-                        v = v + off;
-                        v = v < 0.0f ? 0.0f : v;
-                        v = v > hi ? hi : v;
-                        bs[u] = (uint16_t)(int32_t)v;
-                    }
-                }
+                quant_codes(xs, kc, run, e, key, stoch, off, hi, bs);
                 fill += run;
                 done += run;
                 e += run;
