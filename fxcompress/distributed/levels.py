@@ -106,7 +106,22 @@ class BucketStats:
         return mean, float(np.sqrt(max(var, 0.0)))
 
 
-class TruncNormMixture:
+class _Distribution:
+    """A density f on [-1, 1] given by its partial moments: subclasses define
+    `moments(x) -> (F, M, S)` and `_inverse(u)` for 0 < u < 1."""
+
+    def cdf(self, x):
+        return self.moments(x)[0]
+
+    def ppf(self, u: float) -> float:
+        if u <= 0.0:
+            return LO
+        if u >= 1.0:
+            return HI
+        return self._inverse(u)
+
+
+class TruncNormMixture(_Distribution):
     """Weighted mixture of normals truncated to [-1, 1], with exact partial moments."""
 
     def __init__(self, means, stds, weights=None):
@@ -134,15 +149,8 @@ class TruncNormMixture:
         S = self.mu ** 2 * F + 2 * self.mu * self.sigma * t1 + self.sigma ** 2 * t2
         return F @ self.w, M @ self.w, S @ self.w
 
-    def cdf(self, x):
-        return self.moments(x)[0]
-
-    def ppf(self, u: float) -> float:
+    def _inverse(self, u: float) -> float:
         """Inverse CDF by root finding (a mixture has no closed-form inverse)."""
-        if u <= 0.0:
-            return LO
-        if u >= 1.0:
-            return HI
         return float(optimize.brentq(lambda t: float(self.cdf(t)) - u, LO, HI, xtol=1e-14))
 
 
@@ -166,7 +174,7 @@ def _nonzero(stats: BucketStats) -> BucketStats:
     return stats.select(np.flatnonzero(stats.norms > 0))
 
 
-class EmpiricalDistribution:
+class EmpiricalDistribution(_Distribution):
     """f as the (weighted) normalised coordinates themselves; an option beside
     the SPEC's truncated normals, for gradients whose buckets are far from
     normal (heavy tails). Partial moments are cumulative sums over the sorted
@@ -188,14 +196,7 @@ class EmpiricalDistribution:
         i = np.searchsorted(self.r, np.clip(np.asarray(x, dtype=np.float64), LO, HI), side="right")
         return self.cF[i], self.cM[i], self.cS[i]
 
-    def cdf(self, x):
-        return self.moments(x)[0]
-
-    def ppf(self, u: float) -> float:
-        if u <= 0.0:
-            return LO
-        if u >= 1.0:
-            return HI
+    def _inverse(self, u: float) -> float:
         return float(self.r[min(len(self.r) - 1, np.searchsorted(self.cF, u, side="left") - 1)])
 
 
