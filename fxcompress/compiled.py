@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .config import to_dict
-from .errors import BadInput
+from .errors import BadInput, RunFailure
 from .passes.base import PassResult
 from .plan import Plan, make_plan
 from .policy import Policy, load_policy
@@ -122,6 +122,6 @@ def compile(model: nn.Module, policy: Union[str, Dict[str, Any], Policy, None] =
     for r in results.values():
         for name, c in r.controllers.items():
             if name in controllers:
-                raise RuntimeError(f"two passes created a controller named {name!r}")
+                raise RunFailure(f"two passes created a controller named {name!r}")
             controllers[name] = c
     return CompressedModel(gm, plan, controllers, info, original_code, results, timings)

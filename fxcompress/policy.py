@@ -173,13 +173,17 @@ def parse_policy(data: Any, file: Optional[str] = None, lines: Optional[Dict[Pat
     return policy
 
 
-def _parse_section(policy: Policy, name: str, cls, value):
+def _load_config(policy: Policy, cls, value, path: Path):
+    """`from_dict`, with a bad field reported at its own key and line."""
     try:
         return from_dict(cls, value)
     except ConfigError as e:
-        field_path = tuple(p for p in re.split(r"[.\[\]]", e.field) if p)
-        field_path = tuple(int(p) if p.isdigit() else p for p in field_path)
-        raise policy.error(e.message, (name,) + field_path, e.suggestion) from None
+        field_path = tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]", e.field) if p)
+        raise policy.error(e.message, path + field_path, e.suggestion) from None
+
+
+def _parse_section(policy: Policy, name: str, cls, value):
+    return _load_config(policy, cls, value, (name,))
 
 
 def _parse_schedule(policy: Policy, value, keys) -> Dict[str, Dict[str, Any]]:
@@ -197,15 +201,8 @@ def _parse_schedule(policy: Policy, value, keys) -> Dict[str, Dict[str, Any]]:
         cls = schedules.get(key)
         if cls is None:
             raise policy.error(f"treatment '{key}' takes no schedule", ("schedule", key))
-        out[key] = _schedule(policy, key, cls, body)
+        out[key] = _load_config(policy, cls, body, ("schedule", key))
     return out
-
-
-def _schedule(policy, key, cls, body):
-    try:
-        return from_dict(cls, body)
-    except ConfigError as e:
-        raise policy.error(e.message, ("schedule", key) + tuple(e.field.split(".")), e.suggestion) from None
 
 
 def _parse_rule(policy: Policy, i: int, rule, keys: Dict[str, type]) -> Rule:
@@ -241,19 +238,11 @@ def _parse_rule(policy: Policy, i: int, rule, keys: Dict[str, type]) -> Rule:
             continue
         if not isinstance(v, dict):
             raise policy.error(f"a treatment's settings are a mapping (or null to opt out), got {v!r}", path + (k,))
-        _validate_partial(policy, keys[k], v, path + (k,))
+        # Checked now (types, ranges, defaults for the rest) so the error
+        # points at the rule that wrote the bad value.
+        _load_config(policy, keys[k], v, path + (k,))
         treatments[k] = dict(v)
     return Rule(index=i, match=match, treatments=treatments, optional=optional, line=policy.line_of(path))
-
-
-def _validate_partial(policy: Policy, cls, values: Dict[str, Any], path: Path) -> None:
-    """Check a rule's fields now (types, ranges with defaults for the rest),
-    so the error points at the rule that wrote the bad value."""
-    try:
-        from_dict(cls, values)
-    except ConfigError as e:
-        sub = tuple(p for p in re.split(r"[.\[\]]", e.field) if p)
-        raise policy.error(e.message, path + sub, e.suggestion) from None
 
 
 def build_config(policy: Policy, key: str, cls, values: Dict[str, Any], rule: Rule):

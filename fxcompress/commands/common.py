@@ -22,11 +22,12 @@ def add_model_args(p: argparse.ArgumentParser, policy_required: bool = True) -> 
     p.add_argument("--input-dtype", default="float32", help="dtype of the example inputs (default float32)")
 
 
-def compile_from_args(args) -> tuple:
+def compile_from_args(args, passes=None) -> tuple:
+    """Load, build inputs and compile; `passes=[]` resolves the plan only."""
     loaded: LoadedModel = load_model(args.model, args.model_fn)
     inputs = example_inputs(loaded, args.input_shape, args.input_dtype)
     policy = load_policy(args.policy)
-    cm: CompressedModel = compile(loaded.model, policy, inputs)
+    cm: CompressedModel = compile(loaded.model, policy, inputs, passes=passes)
     return loaded, inputs, cm
 
 

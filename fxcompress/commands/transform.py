@@ -52,13 +52,7 @@ def run(args) -> int:
 def _dry_run(args) -> int:
     # The plan needs a traced graph and shapes but no rewrite: compile with
     # no passes, which resolves and validates everything a real run would.
-    from ..compiled import compile
-    from ..loading import example_inputs, load_model
-    from ..policy import load_policy
-
-    loaded = load_model(args.model, args.model_fn)
-    inputs = example_inputs(loaded, args.input_shape, args.input_dtype)
-    cm = compile(loaded.model, load_policy(args.policy), inputs, passes=[])
+    _, _, cm = compile_from_args(args, passes=[])
     if args.json:
         print_json({"summary": summary(cm), "auto_leaves": [vars(a) for a in cm.trace_info.auto_leaves],
                     "plan": cm.plan.to_json()["nodes"]})
