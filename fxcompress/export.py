@@ -26,6 +26,14 @@ Each candidate is built here and compared with the original (type, every
 parameter and buffer's name, shape and dtype, non-persistent buffer values,
 repr) before it is written, and the finished module.py is imported and
 loaded once before `export` returns, so a bad export fails here, not later.
+
+What is written is the graph module, not the CompressedModel around it:
+controllers (`cm.controllers`) are not exported. A model compiled with the
+activations pass keeps its compressed saves (each SaveSpec is rebuilt by
+`rebuild_save_spec`, the specs of one instance sharing one Ledger), but an
+AutoQuant (`mode: auto`) model has no AutoQuantController once exported: it
+trains with the fallback `bits` of its policy everywhere, never with
+per-channel widths from the bound.
 """
 from __future__ import annotations
 

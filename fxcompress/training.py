@@ -324,6 +324,54 @@ def _figures(model: nn.Module) -> Dict[str, float]:
     return out
 
 
+class EpochFigures:
+    """The model's figures over one epoch: `add` after every training step,
+    `result` gives the epoch's figures.
+
+    Every key is the mean over the steps that reported it (a last, partial
+    batch weighs as one step), except two, per controller prefix
+    ("activations." for "activations.ratio"):
+    - `<p>ratio`, when `<p>saved_mb` and `<p>fp32_mb` are reported too: total
+      fp32 MB over total stored MB of the epoch (0.0 when nothing was
+      stored, as the controllers report it), not a mean of ratios;
+    - `<p>avg_bits`, when `<p>fp32_mb` is reported: weighted by the step's
+      fp32 MB (4 bytes an element, so by elements saved).
+    """
+
+    def __init__(self):
+        self.sums: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+        self.weighted: Dict[str, List[float]] = {}  # avg_bits key -> [sum(bits * fp32_mb), sum(fp32_mb)]
+
+    def add(self, figures: Dict[str, float]) -> None:
+        for k, v in figures.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+            prefix, last = _split_key(k)
+            weight = figures.get(prefix + "fp32_mb") if last == "avg_bits" else None
+            if weight is not None:
+                acc = self.weighted.setdefault(k, [0.0, 0.0])
+                acc[0] += v * weight
+                acc[1] += weight
+
+    def result(self) -> Dict[str, float]:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        for k in out:
+            prefix, last = _split_key(k)
+            saved, fp32 = self.sums.get(prefix + "saved_mb"), self.sums.get(prefix + "fp32_mb")
+            if last == "ratio" and saved is not None and fp32 is not None:
+                out[k] = fp32 / saved if saved > 0 else 0.0
+            elif k in self.weighted and self.weighted[k][1] > 0:
+                out[k] = self.weighted[k][0] / self.weighted[k][1]
+        return out
+
+
+def _split_key(key: str) -> Tuple[str, str]:
+    """'activations.ratio' -> ('activations.', 'ratio'); 'ratio' -> ('', 'ratio')."""
+    head, dot, last = key.rpartition(".")
+    return head + dot, last
+
+
 # --- one run ------------------------------------------------------------------------
 
 @dataclass
@@ -398,6 +446,7 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
     forward = run.ddp if run.ddp is not None else model
     bar = _progress(len(loader), f"{run.label} {epoch + 1}/{cfg.epochs}", progress and run.rank == 0)
     loss_sum, correct, n = 0.0, 0, 0
+    epoch_figures = EpochFigures()
     t0 = time.perf_counter()
     for x, y in loader:
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
@@ -409,6 +458,7 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
         loss.backward()
         opt.step()
         _hook(model, "step")
+        epoch_figures.add(_figures(model))
         loss_sum += loss.item() * y.numel()
         correct += int((out.detach().argmax(1) == y).sum())
         n += y.numel()
@@ -426,9 +476,11 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
         dist.all_reduce(totals)
         loss_sum, correct, n = float(totals[0]), int(totals[1]), int(totals[2])
     _hook(model, "on_epoch_end", epoch)
-    # Figures describe the training epoch: read them before the evaluation
-    # forward passes, which save nothing for backward and may reset counters.
-    figures = _figures(model)
+    # Figures describe the whole training epoch: read after every step (the
+    # activation figures are those of the latest forward, so one read at the
+    # end would describe only the last, maybe partial, batch), never after
+    # the evaluation forwards, which save nothing for backward.
+    figures = epoch_figures.result() if epoch_figures.counts else _figures(model)
     if run.comm is not None:
         figures.update({k: float(v) for k, v in run.comm.figures().items()})
     if run.rank == 0:

@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -303,3 +304,82 @@ def test_an_inferred_constructor_that_loses_hidden_state_is_rejected(tmp_path):
     cm = fxcompress.compile(UsesHoldsFn(), {"trace": {"leaf_modules": ["HoldsFn"]}}, torch.randn(2, 3))
     with pytest.raises(BadInput, match=r"'act'.*attribute _fn is <built-in method relu"):
         export(cm, tmp_path)
+
+
+# --- models compiled with the activations (AC-GC) pass ---------------------------
+
+class PoolNet(nn.Module):
+    """SmallCNN plus ops whose saves need geometry (max-pool, ReLU6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = SmallCNN()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        x = torch.nn.functional.hardtanh(self.pool(x), 0.0, 6.0)
+        return self.body(x)
+
+
+def _specs(model):
+    from fxcompress.runtime.activations import SaveSpec
+
+    return [m for m in model.modules() if isinstance(m, SaveSpec)]
+
+
+@pytest.mark.parametrize("policy", ["acgc_2bit.yaml", "acgc_auto.yaml"])
+def test_activations_model_exports_and_trains_compressed(tmp_path, policy):
+    from fxcompress.runtime.activations import Ledger
+
+    torch.manual_seed(0)
+    cm = fxcompress.compile(PoolNet(), os.path.join(ROOT, "policies", policy), (torch.randn(2, 3, 32, 32),))
+    export(cm, tmp_path)
+    x = torch.randn(4, 3, 32, 32)
+    rebuilt = assert_same_outputs(cm, tmp_path, x)
+    # every spec is rebuilt faithfully: function, method, geometry, settings
+    orig, new = _specs(cm.graph_module), _specs(rebuilt)
+    assert [s.node for s in new] == [s.node for s in orig] and len(new) >= 7
+    for a, b in zip(orig, new):
+        assert (b._fn, b._method, b.weight_args, b.first, b.settings) == \
+            (a._fn, a._method, a.weight_args, a.first, a.settings)
+        assert {k: v for k, v in b.geom.items() if k != "in_w"} == {k: v for k, v in a.geom.items() if k != "in_w"}
+    assert any(s.rule == "maxpool" for s in new) and any(s.rule == "hardtanh" for s in new)
+    # one Ledger per exported instance, shared by all its specs
+    ledgers = {id(s._ledger) for s in new}
+    assert len(ledgers) == 1 and isinstance(new[0]._ledger, Ledger)
+    other = import_exported(str(tmp_path)).load()
+    assert {id(s._ledger) for s in _specs(other)} == {id(other.fxc_act_body_conv1._ledger)} != ledgers
+    # training forward + backward stores packed tensors (auto: its fallback bits)
+    figures = fxcompress.measure_saved(rebuilt, x)
+    assert figures["ratio"] > 1 and figures["fp32_bytes"] > 0
+    assert figures["avg_bits"] == (2.0 if policy == "acgc_2bit.yaml" else 8.0)
+    assert all(p.grad is None for p in rebuilt.parameters())
+    rebuilt.train()
+    rebuilt(x).square().mean().backward()
+    assert all(p.grad is not None for p in rebuilt.parameters())
+    # the compiled model stores the same bytes
+    assert fxcompress.measure_saved(cm, x)["stored_bytes"] == figures["stored_bytes"]
+
+
+def test_exported_activations_module_reexports(tmp_path):
+    cm = fxcompress.compile(SmallCNN(), os.path.join(ROOT, "policies", "acgc_2bit.yaml"),
+                            (torch.randn(2, 3, 16, 16),))
+    export(cm, tmp_path / "a")
+    code = (tmp_path / "a" / "module.py").read_text()
+    assert "rebuild_save_spec(" in code and "fn='torch.nn.functional.relu'" in code
+    assert "fn='torch.relu'" in code
+    key = re.search(r"ledger_key='(\w+)'", code).group(1)
+    assert code.count(f"ledger_key={key!r}") == len(_specs(cm.graph_module))
+
+
+def test_save_spec_functions_come_from_the_allow_list_only():
+    from fxcompress.runtime.activations import rebuild_save_spec, resolve_function
+
+    assert resolve_function("torch.nn.functional.conv2d") is torch.nn.functional.conv2d
+    assert resolve_function("operator.add") is __import__("operator").add
+    for bad in ["os.system", "builtins.eval", "torch.nn.Module", "torch._C._nn.gelu", "torch.load.__call__",
+                "subprocess.run", "eval", "torch.Tensor"]:
+        with pytest.raises(BadInput, match="is not allowed|is not a function"):
+            resolve_function(bad)
+    with pytest.raises(BadInput, match="'os.system' is not allowed"):
+        rebuild_save_spec("n", "op", "quant", {}, fn="os.system")

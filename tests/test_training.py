@@ -138,7 +138,8 @@ def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, policy):
     _assert_same(_weights(tmp_path / "full"), _weights(tmp_path / "part"))
     assert _strip_times(full["main"]["epochs"]) == _strip_times(done["main"]["epochs"])
     # the controller's state and RNG draws went through the checkpoint too
-    assert done["main"]["epochs"][-1]["figures"]["counting.steps"] == 6
+    # (epoch figures are means over the epoch's steps: steps counts 4, 5, 6)
+    assert done["main"]["epochs"][-1]["figures"]["counting.steps"] == 5.0
 
 
 def test_checkpoint_is_weights_only_and_complete(tmp_path):
@@ -180,13 +181,56 @@ def test_hooks_run_in_order(tmp_path, policy):
     assert ctrl.last_forward_grad == 0.0  # evaluation did run afterwards
 
 
+def test_epoch_figures_describe_the_whole_epoch(tmp_path, monkeypatch):
+    """80 images in batches of 32: the last batch (16) is partial. The
+    epoch's activation figures average all three steps, not the last one."""
+    from fxcompress.runtime.autoquant import AutoQuantController
+    from fxcompress.training import prepare_run, train_epoch
+
+    policy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "policies",
+                          "acgc_2bit.yaml")
+    run = prepare_run(TrainConfig(**{**TINY, "train_limit": 80}, epochs=1, policy=policy), str(tmp_path), "t",
+                      use_policy=True)
+    seen = []
+    figures = AutoQuantController.figures
+
+    def recording(self):
+        out = figures(self)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(AutoQuantController, "figures", recording)
+    got = train_epoch(run, 0, progress=False)["figures"]
+    assert len(seen) == 3  # one read per step
+    fp32, saved = [f["fp32_mb"] for f in seen], [f["saved_mb"] for f in seen]
+    assert fp32[2] < 0.6 * fp32[0]  # the partial batch saves about half
+    assert got["activations.fp32_mb"] == pytest.approx(sum(fp32) / 3)
+    assert got["activations.saved_mb"] == pytest.approx(sum(saved) / 3)
+    assert got["activations.ratio"] == pytest.approx(sum(fp32) / sum(saved))
+    bits = sum(f["avg_bits"] * f["fp32_mb"] for f in seen) / sum(fp32)
+    assert got["activations.avg_bits"] == pytest.approx(bits)
+
+
+def test_epoch_figures_weighting():
+    from fxcompress.training import EpochFigures
+
+    acc = EpochFigures()
+    acc.add({"a.saved_mb": 1.0, "a.fp32_mb": 8.0, "a.ratio": 8.0, "a.avg_bits": 2.0, "b.x": 1.0, "ratio": 3.0})
+    acc.add({"a.saved_mb": 1.0, "a.fp32_mb": 2.0, "a.ratio": 2.0, "a.avg_bits": 4.0, "b.x": 3.0, "ratio": 5.0})
+    assert acc.result() == {"a.saved_mb": 1.0, "a.fp32_mb": 5.0, "a.ratio": 5.0, "a.avg_bits": 2.4, "b.x": 2.0,
+                            "ratio": 4.0}
+    nothing = EpochFigures()
+    nothing.add({"a.saved_mb": 0.0, "a.fp32_mb": 0.0, "a.ratio": 0.0, "a.avg_bits": 0.0})
+    assert nothing.result() == {"a.saved_mb": 0.0, "a.fp32_mb": 0.0, "a.ratio": 0.0, "a.avg_bits": 0.0}
+
+
 def test_report_and_plots(tmp_path, policy):
     cfg = TrainConfig(**{**TINY, "plots": True}, epochs=2, policy=policy, run_dir=str(tmp_path))
     train(cfg)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "done" and report["config"]["epochs"] == 2
     assert [e["epoch"] for e in report["epochs"]] == [1, 2]
-    assert report["epochs"][1]["figures"]["counting.steps"] == 6
+    assert report["epochs"][1]["figures"]["counting.steps"] == 5.0  # mean of 4, 5, 6
     assert report["controllers"]["counting"]["bits_per_layer"]["conv1"] == 4.0
     for name in ("curves.png", "figures.png", "layers.png"):
         data = (tmp_path / "plots" / name).read_bytes()
