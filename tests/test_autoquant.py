@@ -86,3 +86,93 @@ def test_statistics_schedule(batch):
         cm.step()
         sizes.append(len(ctrl.snapshots.get(key, [])))
     assert sizes == [1, 1, 1, 2, 2, 2, 2, 2]  # snapshots at steps 0, 3, 6; the window keeps 2
+
+
+# --- ops without a bound (LayerNorm, GELU, attention): measured widths ---------------
+
+def _tiny_vit(num_classes, zero_head=False):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                          num_classes=num_classes)
+    if not zero_head:  # torchvision zero-initialises the head; give the encoder a gradient at step 0
+        torch.nn.init.normal_(m.heads.head.weight, std=0.1)
+    return m
+
+
+def _gray_to_rgb(x):
+    return x.expand(-1, 3, -1, -1).contiguous()
+
+
+@pytest.mark.parametrize("eps_bits", [0, 4])
+def test_measured_widths_keep_every_gradient_within_e(batch, eps_bits):
+    """Statistics on one batch; on another batch, the whole model's weight
+    gradient stays within e of the uncompressed one (at e = 1 every single
+    parameter tensor does too), and the measured ops are stored below the
+    8-bit fallback."""
+    from fxcompress.runtime.gradient_check import gradient_error
+
+    x, y, bundle = batch
+    x = _gray_to_rgb(x)
+    policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
+                                       "activations": {"mode": "auto", "eps_bits": eps_bits, "min_numel": 256}}]}
+    cm = fxcompress.compile(_tiny_vit(bundle.num_classes), policy, example_inputs=x[:2])
+    ctrl = cm.controllers["activations"]
+    kinds = {ctrl._specs[n].op for n in ctrl.probe_nodes}
+    assert {"LayerNorm", "GELU", "MultiheadAttention"} <= kinds
+    F.cross_entropy(cm(x[:32]), y[:32]).backward()
+    cm.step()
+    bits = {n: ctrl._specs[n].measured_bits for n in ctrl.probe_nodes}
+    assert all(b is not None for b in bits.values()), bits
+    if eps_bits == 0:
+        assert min(bits.values()) < 8
+    g = gradient_error(cm, x[32:], lambda out: F.cross_entropy(out, y[32:]))
+    e = 2.0 ** -eps_bits
+    assert 0 < g["total"] <= e, g["total"]
+    if eps_bits == 0:
+        assert g["worst"] <= e, (g["worst_param"], g["worst"])
+    else:
+        # each op's error is held to e on its own, and errors of ops in series
+        # add up along the backward: one tensor may exceed e (0.116 here),
+        # the whole model's gradient stays within it
+        assert g["worst"] <= 4 * e, (g["worst_param"], g["worst"])
+
+
+def test_tighter_e_measures_wider(batch):
+    x, y, bundle = batch
+    x = _gray_to_rgb(x)
+    widths = []
+    for eps_bits in (0, 8):
+        policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
+                                           "activations": {"mode": "auto", "eps_bits": eps_bits,
+                                                           "min_numel": 256}}]}
+        cm = fxcompress.compile(_tiny_vit(bundle.num_classes), policy, example_inputs=x[:2])
+        F.cross_entropy(cm(x), y).backward()
+        cm.step()
+        ctrl = cm.controllers["activations"]
+        widths.append(sum(ctrl._specs[n].measured_bits for n in ctrl.probe_nodes))
+    assert widths[0] < widths[1]
+
+
+def test_no_gradient_at_step_0_is_measured_again(batch):
+    """torchvision's ViT starts with a zero head: at step 0 no gradient reaches
+    the encoder, so there is nothing to take statistics from; AutoQuant tries
+    again at the next step instead of waiting stats_every steps."""
+    x, y, bundle = batch
+    x = _gray_to_rgb(x)
+    policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
+                                       "activations": {"mode": "auto", "min_numel": 256}}]}
+    cm = fxcompress.compile(_tiny_vit(bundle.num_classes, zero_head=True), policy, example_inputs=x[:2])
+    ctrl = cm.controllers["activations"]
+    opt = torch.optim.SGD(cm.parameters(), lr=0.1)
+    ln = ctrl.probe_nodes[0]
+    for step in range(3):
+        opt.zero_grad()
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        cm.step()
+        if step == 0:  # nothing measured; the next step collects again
+            assert not ctrl.snapshots.get(ln) and ctrl._specs[ln].collect
+    assert ctrl._specs[ln].measured_bits is not None
+    assert not ctrl._specs[ln].collect  # measured: back to the every-100-steps schedule

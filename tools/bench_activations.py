@@ -6,8 +6,14 @@
 memory: saved-activation bytes of one training forward, fp32 (what autograd
         keeps without compression, each storage counted once) vs stored
         (bytes of the packed tensors actually held), from
-        fxcompress.runtime.activations.measure_saved; `auto` after one step
-        of statistics.
+        fxcompress.runtime.activations.measure_saved, after 3 SGD steps
+        (lr 0.01) on random data, so that `auto` has taken its statistics
+        (torchvision's ViT starts with a zero classifier head: no gradient
+        reaches the encoder at step 0, and AutoQuant measures again at step
+        1). Beside it, measured on a fresh batch: the relative squared error
+        of the weight gradients, compressed against uncompressed with the
+        same weights, for the whole model (sum over parameters) and for the
+        worst parameter tensor.
 rss:    peak RSS a training step adds (ARCHITECTURE.md recipe: a separate
         process with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0,
         /proc/self/clear_refs reset, VmHWM after the step minus VmRSS before).
@@ -66,6 +72,9 @@ def train_step(m, opt, x, y):
         m.step()
 
 
+WARMUP_STEPS = 3
+
+
 def memory(name: str, mode: str):
     from fxcompress.runtime.activations import _CountAll, measure_saved
 
@@ -76,13 +85,20 @@ def memory(name: str, mode: str):
         with torch.autograd.graph.saved_tensors_hooks(c.pack, c.unpack):
             F.cross_entropy(m(x), y).backward()
         return {"fp32": c.bytes, "stored": c.bytes}
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    train_step(m, opt, x, y)  # auto: step 0 takes the statistics
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(WARMUP_STEPS):  # auto: the statistics steps
+        xb, yb = torch.randn(x.shape, generator=gen), torch.randint(0, 1000, y.shape, generator=gen)
+        train_step(m, opt, xb, yb)
     f = measure_saved(m, x, lambda out: F.cross_entropy(out, y))
     # tensors saved by ops outside compressed nodes are kept as they are
     other = f["all_saved_bytes"]
-    return {"fp32": f["fp32_bytes"] + other, "stored": f["stored_bytes"] + other,
-            "avg_bits": f["avg_bits"]}
+    out = {"fp32": f["fp32_bytes"] + other, "stored": f["stored_bytes"] + other, "avg_bits": f["avg_bits"]}
+    from fxcompress.runtime.gradient_check import gradient_error
+
+    g = gradient_error(m, x, lambda out: F.cross_entropy(out, y))
+    out.update(grad_err=g["total"], grad_err_worst=g["worst"], worst_param=g["worst_param"])
+    return out
 
 
 def rss_child(name: str, mode: str) -> dict:
@@ -186,14 +202,15 @@ def main(argv=None):
     torch.set_num_threads(1)
     if "memory" in args.only or "rss" in args.only:
         print(f"{'model':10} {'mode':5} {'fp32 MB':>9} {'stored MB':>10} {'ratio':>6} {'avg bits':>8} "
-              f"{'peak RSS +MB':>12}")
+              f"{'peak RSS +MB':>12} {'grad err':>9} {'worst':>7}")
         for name in args.models:
             for mode in args.modes:
                 mem = memory(name, mode) if "memory" in args.only else {}
                 peak = rss(name, mode) / 2**20 if "rss" in args.only else float("nan")
                 fp, st = mem.get("fp32", float("nan")), mem.get("stored", float("nan"))
                 print(f"{name:10} {mode:5} {fp / 2**20:9.1f} {st / 2**20:10.1f} {fp / st:6.2f} "
-                      f"{mem.get('avg_bits', 32.0):8.2f} {peak:12.1f}", flush=True)
+                      f"{mem.get('avg_bits', 32.0):8.2f} {peak:12.1f} {mem.get('grad_err', 0.0):9.2e} "
+                      f"{mem.get('grad_err_worst', 0.0):7.3f}", flush=True)
     if "speed" in args.only:
         modes = [m for m in args.modes if m != "none"]
         t = speed("resnet50", ["none"] + modes, args.steps)

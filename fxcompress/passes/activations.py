@@ -16,7 +16,9 @@ packed (fxcompress/runtime/activations.py). Per op kind a rule says how:
   shape          average pools: the input's shape only
   dropout        (its bool mask is stored at 1 bit by every rule)
   quant          any other op: whatever it saves is quantized at fixed bits;
-                 under `auto` this is the fallback, and PassResult.notes names it
+                 under `auto` no formula applies: the width is measured at
+                 statistics steps (runtime/probe.py), `bits` until then, and
+                 PassResult.notes names these nodes
 """
 from __future__ import annotations
 
@@ -185,8 +187,9 @@ def describe(rule: str, cfg: ActivationsConfig, op: str) -> str:
     elif rule == "dropout":
         what = "1-bit mask"
     else:
-        auto = cfg.mode == "auto" and rule in ("conv", "linear", "bn")
-        what = ("auto bits (" + ("BN" if rule == "bn" else "conv") + " bound)") if auto else f"{cfg.bits}-bit"
+        bound = {"bn": "BN bound", "conv": "conv bound", "linear": "conv bound", "quant": "measured"}.get(rule)
+        auto = cfg.mode == "auto" and bound is not None
+        what = f"auto bits ({bound})" if auto else f"{cfg.bits}-bit"
         what += " zvc" if cfg.zvc else ""
         what += f" per-{cfg.granularity}" + (f"({cfg.group_size})" if cfg.granularity == "group" else "")
         what += f" {cfg.rounding}"
@@ -252,6 +255,8 @@ class ActivationsPass(Pass):
                 new = gm.graph.call_function(fxc_save, (spec_node, describe(rule, cfg, op), *args),
                                              dict(node.kwargs))
             new.meta = dict(node.meta)
+            if node in data:  # later nodes reading this one still see an activation, not a weight
+                data.add(new)
             src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             node.replace_all_uses_with(new)
             old = node.name
@@ -267,7 +272,7 @@ class ActivationsPass(Pass):
         for op, names in sorted(fallback.items()):
             shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
             res.notes.append(f"activations: no AutoQuant bound for {op} ({len(names)} node(s): {shown}); "
-                             f"stored at fixed {cfg0.bits} bits")
+                             f"width measured at statistics steps, fixed {cfg0.bits} bits until then")
         res.notes.append(f"activations: {len(specs)} node(s) store their saved tensors packed")
         ctrl = AutoQuantController(specs, list(groups.values()), stats_every=cfg0.stats_every, window=cfg0.window)
         res.controllers["activations"] = ctrl

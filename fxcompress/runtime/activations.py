@@ -198,6 +198,8 @@ class SaveSpec(nn.Module):
         self.collect = False
         self.snapshot: Dict[str, Any] = {}
         self.bits_seen: List[float] = []  # per forward: avg bits of the quantized tensors
+        # AutoQuant, ops without a bound: the width measured by runtime/probe.py
+        self.measured_bits: Optional[int] = None
         self._skip: set = set()
 
     def extra_repr(self) -> str:
@@ -209,6 +211,26 @@ class SaveSpec(nn.Module):
                    f" per-{s.granularity}" + (f"({s.group_size})" if s.granularity == "group" else "") + \
                    f" {s.rounding}"
         return f"node={self.node}, op={self.op}, rule={self.rule}: {what}"
+
+    def fxc_constructor(self):
+        """How fxcompress.export rebuilds this spec: `rebuild_save_spec` with
+        literals only. The function is named by its dotted path (allow-listed
+        namespaces), the settings as a dict, and the shared Ledger by a key
+        given to it here once, so every spec of this graph names the same one.
+        AutoQuant state (dx2, statistics) is the controller's, not exported."""
+        from dataclasses import asdict
+
+        ledger_key = None
+        if self._ledger is not None:
+            ledger_key = getattr(self._ledger, "fxc_key", None)
+            if ledger_key is None:
+                import uuid
+
+                ledger_key = self._ledger.fxc_key = uuid.uuid4().hex[:16]
+        kwargs = {"fn": None if self._fn is None else _function_path(self._fn, self.node),
+                  "method": self._method, "weight_args": tuple(self.weight_args),
+                  "geom": dict(self.geom), "ledger_key": ledger_key, "first": bool(self.first)}
+        return rebuild_save_spec, (self.node, self.op, self.rule, asdict(self.settings)), kwargs
 
     # --- the hooks ------------------------------------------------------------
     def pack(self, t: torch.Tensor):
@@ -277,7 +299,8 @@ class SaveSpec(nn.Module):
             return "hardtanh"
         return "quant"
 
-    def _encode(self, t: torch.Tensor, form: str, st: Dict[str, float], key: Optional[tuple] = None):
+    def _encode(self, t: torch.Tensor, form: str, st: Dict[str, float], key: Optional[tuple] = None,
+                bits: Optional[int] = None):
         s = self.settings
         if form == "kept":
             st["kept"] += t.numel() * t.element_size()
@@ -335,7 +358,7 @@ class SaveSpec(nn.Module):
                                                       shape=t.shape))
             nbits = float((bits_c.double() * (x3.shape[0] * x3.shape[2])).sum())
         else:
-            b = s.bits
+            b = bits or (self.measured_bits if s.mode == "auto" and self.measured_bits else s.bits)
             obj = (actpack.zvc_pack(x3, b, s.rounding, seed, amax, signed, shape=t.shape) if s.zvc
                    else actpack.quant_pack(x3, b, s.rounding, seed, amax, signed, shape=t.shape))
             nbits = float(b * t.numel())
@@ -511,10 +534,10 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     with torch.autograd.graph.saved_tensors_hooks(spec.pack, spec.unpack):
         out = spec.call(args, kwargs)
     spec._skip = set()
-    if spec.collect and torch.is_tensor(out) and out.requires_grad:
+    if spec.collect:
         from .autoquant import record_statistics
 
-        record_statistics(spec, args, out)
+        record_statistics(spec, args, kwargs, out)
     return out
 
 
@@ -609,3 +632,79 @@ def _default_loss(out):
     if isinstance(out, dict):
         out = next(iter(out.values()))
     return out.float().pow(2).mean()
+
+
+# ------------------------------------------------------------------ export
+
+# Namespaces a rebuilt spec may take its function from (by dotted path).
+_FUNCTION_NAMESPACES = ("torch.nn.functional", "torch", "operator", "math")
+
+# Ledgers of rebuilt specs by key: weak, so a Ledger lives as long as specs use it.
+_SHARED_LEDGERS: "weakref.WeakValueDictionary[str, Ledger]" = weakref.WeakValueDictionary()
+
+
+def _namespace(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def _function_path(fn: Callable, node: str = "?") -> str:
+    """`fn`'s dotted path in an allowed namespace (SaveSpec.fxc_constructor)."""
+    name = getattr(fn, "__name__", None)
+    for ns_name in _FUNCTION_NAMESPACES:
+        ns = _namespace(ns_name)
+        if isinstance(name, str) and not name.startswith("_") and getattr(ns, name, None) is fn:
+            return f"{ns_name}.{name}"
+    for ns_name in _FUNCTION_NAMESPACES:  # exposed under another name
+        for attr, value in vars(_namespace(ns_name)).items():
+            if value is fn and not attr.startswith("_"):
+                return f"{ns_name}.{attr}"
+    from ..errors import BadInput
+
+    raise BadInput(f"cannot export the compressed save of node '{node}': its function {fn!r} is not a public "
+                   f"function of {', '.join(_FUNCTION_NAMESPACES)}, the only ones an exported SaveSpec may name")
+
+
+def resolve_function(path: str) -> Callable:
+    """The function a dotted path names, from the allow-list only (no eval):
+    'torch.nn.functional.conv2d', 'torch.relu', 'operator.add', 'math.sqrt'."""
+    from ..errors import BadInput
+
+    ns_name, _, attr = path.rpartition(".") if isinstance(path, str) else ("", "", "")
+    if ns_name not in _FUNCTION_NAMESPACES or not attr.isidentifier() or attr.startswith("_"):
+        raise BadInput(f"SaveSpec function {path!r} is not allowed: name a public function of "
+                       + ", ".join(_FUNCTION_NAMESPACES) + " (e.g. 'torch.nn.functional.conv2d')")
+    fn = getattr(_namespace(ns_name), attr, None)
+    if fn is None or not callable(fn) or isinstance(fn, type):
+        raise BadInput(f"SaveSpec function {path!r} is not a function of {ns_name}")
+    return fn
+
+
+def rebuild_save_spec(node: str, op: str, rule: str, settings: Dict[str, Any], fn: Optional[str] = None,
+                      method: Optional[str] = None, weight_args: Tuple[int, ...] = (),
+                      geom: Optional[dict] = None, ledger_key: Optional[str] = None,
+                      first: bool = False) -> SaveSpec:
+    """A SaveSpec from literals (what SaveSpec.fxc_constructor returns; the
+    exported module.py calls this).
+
+    `fn` is a dotted path resolved through `resolve_function`; `settings`
+    a dict loaded as SaveSettings by the allow-listed config loader. Specs
+    built with the same `ledger_key` share one Ledger: the `first` spec of
+    a graph (built first, as the exporter attaches submodules in graph
+    order) starts a new one, and the specs built after it join it, so two
+    instances of one exported module never share a ledger."""
+    from ..config import from_dict
+
+    ledger = None
+    if ledger_key is not None:
+        ledger = None if first else _SHARED_LEDGERS.get(ledger_key)
+        if ledger is None:
+            ledger = Ledger()
+            ledger.fxc_key = ledger_key
+            _SHARED_LEDGERS[ledger_key] = ledger
+    return SaveSpec(node, op, rule, from_dict(SaveSettings, settings),
+                    fn=None if fn is None else resolve_function(fn), method=method,
+                    weight_args=tuple(weight_args), geom={k: (tuple(v) if isinstance(v, list) else v)
+                                                          for k, v in (geom or {}).items()},
+                    ledger=ledger, first=first)

@@ -10,7 +10,11 @@ bits of each channel at every step, with a fresh max|x_c| (SPEC section 1):
   downsample, is one group with one budget, and so is stored once):
       dx2 = e * sum_i |dL/dW_i|^2 / (2 * numel(x) * sum_i u_i |dL/dy_i|^2),
       u_i = kernel area / stride product;
-- input of BatchNorm, per channel k: see runtime.activations.bn_dx2.
+- input of BatchNorm, per channel k: see runtime.activations.bn_dx2;
+- any other op (LayerNorm, GELU, attention, ...): no formula; the width is
+  measured at statistics steps by replaying the op alone at increasing
+  widths until its local gradient error is within e, BatchNorm's criterion
+  (runtime/probe.py).
 
 Per tensor, SaveSpec.auto_bits turns the budget into widths (the SPEC rule
 per channel, then spend_slack: both budgets bound a sum over the tensor, so
@@ -20,8 +24,10 @@ the sum stays within the bound); a ReLU output stores only its non-zeros
 
 Statistics schedule: a snapshot is measured in the forward/backward of step
 0 and then of every `stats_every`-th step; the budget uses the mean of the
-last `window` snapshots. Until the first snapshot exists (the very first
-step), auto nodes are stored at the config's `bits`.
+last `window` snapshots (a measured width: the largest in the window). A
+node whose statistics step passed no gradient through it is measured again
+at the following steps (up to `window` of them). Until its first snapshot
+exists, an auto node is stored at the config's `bits`.
 
 Measuring a snapshot costs a few tensor hooks (gradient norms of the
 outputs, weights and BN inputs) on those steps only.
@@ -58,8 +64,15 @@ def _once(t: torch.Tensor, fn):
     handle = t.register_hook(hook)
 
 
-def record_statistics(spec, args, out: torch.Tensor) -> None:
+def record_statistics(spec, args, kwargs, out) -> None:
     """Install the hooks that measure this node's snapshot in this backward."""
+    if spec.rule == "quant":
+        from .probe import record_probe
+
+        record_probe(spec, args, kwargs, out)
+        return
+    if not (torch.is_tensor(out) and out.requires_grad):
+        return
     snap = spec.snapshot = {}
     is_module = spec._fn is None and spec._method is None
     mod = args[0] if is_module else None
@@ -116,6 +129,8 @@ class AutoQuantController(Controller):
         self._specs = {s.node: s for s in specs}
         self.groups = [list(g) for g in groups]  # conv/linear nodes sharing one input
         self.bn_nodes = [s.node for s in specs if s.settings.mode == "auto" and s.rule == "bn"]
+        # ops without a bound: widths measured by replaying the op (runtime/probe.py)
+        self.probe_nodes = [s.node for s in specs if s.settings.mode == "auto" and s.rule == "quant"]
         self.stats_every, self.window = int(stats_every), int(window)
         self.steps = 0
         self.snapshots: Dict[str, deque] = {}
@@ -123,16 +138,30 @@ class AutoQuantController(Controller):
 
     @property
     def auto(self) -> bool:
-        return bool(self.groups or self.bn_nodes)
+        return bool(self.groups or self.bn_nodes or self.probe_nodes)
+
+    def _units(self) -> List[List[str]]:
+        """Nodes that share one snapshot (a conv group), keyed by the first."""
+        return [list(g) for g in self.groups] + [[n] for n in self.bn_nodes + self.probe_nodes]
 
     def _arm(self) -> None:
-        collect = self.auto and self.steps % self.stats_every == 0
-        for name in [n for g in self.groups for n in g] + self.bn_nodes:
-            self._specs[name].collect = collect
+        """Collect at step 0 and every `stats_every` steps. A node whose
+        statistics step saw no gradient through it (a zero-initialised
+        classifier head, as in torchvision's ViT, passes none back at step
+        0) has no usable snapshot: it is measured again at the next steps,
+        up to `window` of them, instead of waiting `stats_every` steps."""
+        phase = self.steps % self.stats_every
+        for unit in self._units():
+            retry = phase < self.window and not self.snapshots.get(unit[0])
+            for n in unit:
+                self._specs[n].collect = self.auto and (phase == 0 or retry)
+
+    def _collecting(self) -> bool:
+        return any(s.collect for s in self._specs.values())
 
     # --- training-loop hooks ---------------------------------------------------------
     def step(self) -> None:
-        if self.auto and self.steps % self.stats_every == 0:
+        if self._collecting():
             self._take_snapshot()
             self._update_budgets()
         self.steps += 1
@@ -143,15 +172,25 @@ class AutoQuantController(Controller):
             snaps = [self._specs[n].snapshot for n in g]
             if not all("gy2" in s and "gw2" in s for s in snaps):
                 continue  # the node did not run with grad this step
+            if sum(s["gy2"] for s in snaps) == 0.0:
+                continue  # no gradient reached these layers: no information
             rec = {"gw2": sum(s["gw2"] for s in snaps), "uy2": sum(s["u"] * s["gy2"] for s in snaps),
                    "numel": snaps[0]["numel"]}
             self.snapshots.setdefault(g[0], deque(maxlen=self.window)).append(rec)
         for n in self.bn_nodes:
             s = self._specs[n].snapshot
-            if not all(k in s for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2")):
+            if not all(k in s for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2")) or s["sgx2"] == 0.0:
                 continue
             rec = {k: s[k] for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2", "gamma2", "K", "NHW")}
             self.snapshots.setdefault(n, deque(maxlen=self.window)).append(rec)
+        if self.probe_nodes:
+            from .probe import measure_width
+
+            for n in self.probe_nodes:
+                spec = self._specs[n]
+                got = measure_width(spec, 2.0 ** -spec.settings.eps_bits, spec.settings.max_bits)
+                if got is not None:
+                    self.snapshots.setdefault(n, deque(maxlen=self.window)).append(got)
         for s in self._specs.values():
             s.snapshot = {}
 
@@ -181,6 +220,10 @@ class AutoQuantController(Controller):
                              "gamma2": mean("gamma2"), "inv_std2": mean("inv_std2"), "nnz2": mean("nnz2"),
                              "gz2_max": mean("gz2_max"), "ggamma2": mean("ggamma2")}
             spec.dx2 = 1.0  # marks "budget known"; the per-channel value comes from bn_terms
+        for n in self.probe_nodes:
+            win = self.snapshots.get(n)
+            if win:
+                self._specs[n].measured_bits = int(max(r["bits"] for r in win))
 
     # --- figures -----------------------------------------------------------------------
     def figures(self) -> Dict[str, float]:
@@ -197,7 +240,8 @@ class AutoQuantController(Controller):
         out = self.figures()
         out["nodes"] = {n: {k: float(v) for k, v in d.items()} for n, d in f["nodes"].items()}
         out["budgets"] = {n: (float(s.dx2) if isinstance(s.dx2, (int, float)) else None)
-                          for n, s in self._specs.items() if s.settings.mode == "auto"}
+                          for n, s in self._specs.items() if s.settings.mode == "auto" and s.rule != "quant"}
+        out["measured_bits"] = {n: self._specs[n].measured_bits for n in self.probe_nodes}
         out["steps"] = self.steps
         return out
 
