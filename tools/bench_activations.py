@@ -14,8 +14,8 @@ memory: saved-activation bytes of one training forward, fp32 (what autograd
         of the weight gradients, compressed against uncompressed with the
         same weights, for the whole model (sum over parameters) and for the
         worst parameter tensor.
-rss:    peak RSS a training step adds (ARCHITECTURE.md recipe: a separate
-        process with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0,
+rss:    peak RSS a training step adds, after the same warm-up (ARCHITECTURE.md
+        recipe: a separate process with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0,
         /proc/self/clear_refs reset, VmHWM after the step minus VmRSS before).
 speed:  resnet50 step time (forward, backward, SGD step), compressed over
         uncompressed, modes alternated in one process, median of N steps.
@@ -75,6 +75,17 @@ def train_step(m, opt, x, y):
 WARMUP_STEPS = 3
 
 
+def warm_up(m, x, y):
+    """WARMUP_STEPS SGD steps (lr 0.01) on random batches of x's and y's shapes:
+    `auto` takes its statistics here; returns the optimizer."""
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(WARMUP_STEPS):
+        xb, yb = torch.randn(x.shape, generator=gen), torch.randint(0, 1000, y.shape, generator=gen)
+        train_step(m, opt, xb, yb)
+    return opt
+
+
 def memory(name: str, mode: str):
     from fxcompress.runtime.activations import _CountAll, measure_saved
 
@@ -85,11 +96,7 @@ def memory(name: str, mode: str):
         with torch.autograd.graph.saved_tensors_hooks(c.pack, c.unpack):
             F.cross_entropy(m(x), y).backward()
         return {"fp32": c.bytes, "stored": c.bytes}
-    opt = torch.optim.SGD(m.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(WARMUP_STEPS):  # auto: the statistics steps
-        xb, yb = torch.randn(x.shape, generator=gen), torch.randint(0, 1000, y.shape, generator=gen)
-        train_step(m, opt, xb, yb)
+    warm_up(m, x, y)
     f = measure_saved(m, x, lambda out: F.cross_entropy(out, y))
     # tensors saved by ops outside compressed nodes are kept as they are
     other = f["all_saved_bytes"]
@@ -105,9 +112,9 @@ def rss_child(name: str, mode: str) -> dict:
     """Runs in a fresh process (see --rss-child)."""
     torch.set_num_threads(1)
     m, x, y = build(name, mode)
-    opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    train_step(m, opt, x, y)
-    train_step(m, opt, x, y)
+    opt = warm_up(m, x, y)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
 
     def status(key):
         for line in open("/proc/self/status"):
