@@ -176,3 +176,48 @@ def test_no_gradient_at_step_0_is_measured_again(batch):
             assert not ctrl.snapshots.get(ln) and ctrl._specs[ln].collect
     assert ctrl._specs[ln].measured_bits is not None
     assert not ctrl._specs[ln].collect  # measured: back to the every-100-steps schedule
+
+
+def test_measured_op_keeps_its_input_from_before_an_in_place_op():
+    """Hardswish(inplace=True) overwrites its input: the statistics must keep
+    the input as it was (a BN output, below hardswish's minimum -0.375)."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Hardswish(inplace=True), nn.Conv2d(8, 4, 3),
+                          nn.Flatten(), nn.Linear(4 * 12 * 12, 10))
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
+                                       "activations": {"mode": "auto", "min_numel": 16}}]}
+    cm = fxcompress.compile(model, policy, example_inputs=x[:1])
+    ctrl = cm.controllers["activations"]
+    (node,) = [n for n in ctrl.probe_nodes if ctrl._specs[n].op == "Hardswish"]
+    F.cross_entropy(cm(x), y).backward()
+    kept = ctrl._specs[node].snapshot["args"][1]
+    assert float(kept.min()) < -1.0
+    cm.step()
+    assert ctrl._specs[node].measured_bits is not None
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "swin_t"])
+def test_auto_trains_torchvision_families(name):
+    """In-place activations, squeeze-excitation products, stochastic depth,
+    channel shuffles, shifted-window attention: three training steps under
+    `auto`, with statistics, measured widths and packed storage."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    cm = fxcompress.compile(model, "policies/acgc_auto.yaml", example_inputs=x[:1])
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = F.cross_entropy(cm(x), y)
+        loss.backward()
+        opt.step()
+        cm.step()
+    assert torch.isfinite(loss)
+    ctrl = cm.controllers["activations"]
+    assert ctrl.probe_nodes and all(ctrl._specs[n].measured_bits for n in ctrl.probe_nodes)
+    assert cm.figures()["activations.ratio"] > 4

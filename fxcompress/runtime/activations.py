@@ -531,10 +531,19 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     if spec.rule == "maxpool":
         x = args[1] if spec._fn is None and spec._method is None else args[0]
         spec.geom["in_w"] = x.shape[-1]
+    kept = None
+    if spec.collect and spec.rule == "quant":
+        from .probe import keep_inputs
+
+        kept = keep_inputs(args)  # before the call: an in-place op overwrites its input
     with torch.autograd.graph.saved_tensors_hooks(spec.pack, spec.unpack):
         out = spec.call(args, kwargs)
     spec._skip = set()
-    if spec.collect:
+    if kept is not None:
+        from .probe import record_probe
+
+        record_probe(spec, kept, kwargs, out)
+    elif spec.collect:
         from .autoquant import record_statistics
 
         record_statistics(spec, args, kwargs, out)

@@ -66,11 +66,6 @@ def _once(t: torch.Tensor, fn):
 
 def record_statistics(spec, args, kwargs, out) -> None:
     """Install the hooks that measure this node's snapshot in this backward."""
-    if spec.rule == "quant":
-        from .probe import record_probe
-
-        record_probe(spec, args, kwargs, out)
-        return
     if not (torch.is_tensor(out) and out.requires_grad):
         return
     snap = spec.snapshot = {}

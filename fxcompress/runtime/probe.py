@@ -46,20 +46,25 @@ def _tensors(out) -> List[torch.Tensor]:
     return []
 
 
-def record_probe(spec, args: Sequence[Any], kwargs: Dict[str, Any], out) -> None:
-    """At a statistics step: keep the op's inputs and catch the gradient of
-    each output in this backward."""
-    outs = [t for t in _tensors(out) if t.requires_grad]
-    if not outs:
-        return
-    keep = {}
+def keep_inputs(args: Sequence[Any]) -> Dict[str, list]:
+    """Copies of an op's tensor inputs, taken before the op runs (an in-place
+    op, ReLU(inplace=True), overwrites its input), and which needed grad."""
+    keep: Dict[int, torch.Tensor] = {}
     saved = []
     for a in args:
         if torch.is_tensor(a) and id(a) not in keep:
-            keep[id(a)] = a.detach()
-        saved.append(keep.get(id(a), a) if torch.is_tensor(a) else a)
-    snap = spec.snapshot = {"args": saved, "kwargs": dict(kwargs), "needs": [torch.is_tensor(a) and a.requires_grad
-                                                                            for a in args],
+            keep[id(a)] = a.detach().clone()
+        saved.append(keep[id(a)] if torch.is_tensor(a) else a)
+    return {"args": saved, "needs": [torch.is_tensor(a) and a.requires_grad for a in args]}
+
+
+def record_probe(spec, kept: Dict[str, list], kwargs: Dict[str, Any], out) -> None:
+    """At a statistics step: keep the op's inputs (from keep_inputs) and catch
+    the gradient of each output in this backward."""
+    outs = [t for t in _tensors(out) if t.requires_grad]
+    if not outs:
+        return
+    snap = spec.snapshot = {"args": kept["args"], "needs": kept["needs"], "kwargs": dict(kwargs),
                             "gy": [None] * len(outs)}
 
     def catcher(i):
@@ -84,9 +89,10 @@ def _run(spec, snap, pack_bits: Optional[int], seed: int) -> List[Optional[torch
             if id(a) not in made:
                 leaf = a.detach().requires_grad_(True)
                 leaves.append(leaf)
-                # a view, so the op sees a non-leaf activation (leaves are
-                # taken for parameters and kept as they are)
-                made[id(a)] = leaf.view_as(leaf)
+                # a copy, so the op sees a non-leaf activation (leaves are
+                # taken for parameters and kept as they are) that an in-place
+                # op (Hardswish(inplace=True)) may overwrite
+                made[id(a)] = leaf.clone()
             args.append(made[id(a)])
         else:
             args.append(a)
