@@ -49,23 +49,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
         super().__init__()
         n = (depth - 2) // 6
         self.depth = depth
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        planes = 16
+        c1, c2, c3 = (max(1, round(c * width)) for c in (16, 32, 64))
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c1)
+        planes = c1
         stages = []
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
+        for out_planes, stride in ((c1, 1), (c2, 2), (c3, 2)):
             blocks = []
             for i in range(n):
-                blocks.append(BasicBlock(planes, width, stride if i == 0 else 1))
-                planes = width
+                blocks.append(BasicBlock(planes, out_planes, stride if i == 0 else 1))
+                planes = out_planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(c3, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -87,8 +88,9 @@ class ResNetCifar(nn.Module):
         return self.fc(x)
 
 
-def resnet_cifar(depth: int = 20, num_classes: int = 10, in_channels: int = 3) -> ResNetCifar:
-    """ResNet-`depth` for CIFAR-sized images; depth is 6n+2 (20, 32, 44, 56, 110, ...)."""
+def resnet_cifar(depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNetCifar:
+    """ResNet-`depth` for CIFAR-sized images; depth is 6n+2 (20, 32, 44, 56, 110, ...).
+    width multiplies the stage widths 16/32/64 (rounded; 1.0: the paper's model)."""
     from ..errors import BadInput
 
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
@@ -97,4 +99,6 @@ def resnet_cifar(depth: int = 20, num_classes: int = 10, in_channels: int = 3) -
         raise BadInput(f"num_classes must be a positive integer, got {num_classes!r}")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise BadInput(f"in_channels must be a positive integer, got {in_channels!r}")
-    return ResNetCifar(depth, num_classes, in_channels)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise BadInput(f"width must be a positive number, got {width!r}")
+    return ResNetCifar(depth, num_classes, in_channels, width)
