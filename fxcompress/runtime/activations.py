@@ -546,7 +546,7 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     elif spec.collect:
         from .autoquant import record_statistics
 
-        record_statistics(spec, args, kwargs, out)
+        record_statistics(spec, args, out)
     return out
 
 

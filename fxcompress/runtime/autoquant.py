@@ -64,7 +64,7 @@ def _once(t: torch.Tensor, fn):
     handle = t.register_hook(hook)
 
 
-def record_statistics(spec, args, kwargs, out) -> None:
+def record_statistics(spec, args, out) -> None:
     """Install the hooks that measure this node's snapshot in this backward."""
     if not (torch.is_tensor(out) and out.requires_grad):
         return
