@@ -52,7 +52,8 @@ class CompressedModel(nn.Module):
             c.on_epoch_start(epoch)
 
     def step(self) -> None:
-        for c in self.controllers.values():
+        # runs every optimizer step: _modules directly, not Module.__getattr__
+        for c in self._modules["controllers"]._modules.values():
             c.step()
 
     def on_epoch_end(self, epoch: int) -> None:

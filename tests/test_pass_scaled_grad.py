@@ -313,3 +313,119 @@ def test_group_node_equals_per_tensor_nodes_over_several_steps():
     la, lb = grouped.controllers["scaled_grad"].layers, single.controllers["scaled_grad"].layers
     for n in la:
         assert torch.equal(la[n].range, lb[n].range), n
+
+
+# ------------------------------------------------------------ the CPU C path
+
+def _c_path_or_skip():
+    from fxcompress.kernels.scaled_grad import cpu_lib
+    if cpu_lib() is None:
+        pytest.skip("no C compiler: the torch path is the only path")
+
+
+def test_c_scale_equals_the_reference_bit_for_bit():
+    """The C loop (kernels/scaled_grad_cpu.c) against scaled_grad_reference for
+    the same grid step: mixed widths, epsilon, the zero grid, ties that round
+    half to even, values clipped at +-L, and sizes off the vector width."""
+    _c_path_or_skip()
+    from fxcompress.kernels.scaled_grad import scale_many_cpu, scaled_grad_reference
+
+    gen = torch.Generator().manual_seed(12)
+    cfg = [(1, 150.0, 0.0, False), (127, 0.37, 1e-3, False), (7, 150.0, 0.0, True), (3, 1500.0, 2e-4, True),
+           (7, 150.0, 0.0, False)]
+    ws = [torch.randn(s, generator=gen) * 0.1 for s in ((4, 3, 3, 3), (17,), (5, 6), (8, 8), (3, 3))]
+    gs = [torch.randn(w.shape, generator=gen) for w in ws]
+    deltas = [float(w.abs().max()) * 0.8 / L for w, (L, _, _, _) in zip(ws, cfg)]
+    ws[4].view(-1)[:4] = torch.tensor([0.5, 1.5, -2.5, 100.0]) * deltas[4]  # ties, and one past +L
+    out = scale_many_cpu(gs, ws, deltas, [c[0] for c in cfg], [c[1] for c in cfg], [c[2] for c in cfg],
+                         [c[3] for c in cfg])
+    for (L, lam, eps, zero), w, g, d, o in zip(cfg, ws, gs, deltas, out):
+        ref = scaled_grad_reference(g, w, torch.tensor([d]), L, lam, eps, zero)
+        assert torch.equal(o, ref), (L, lam, eps, zero)
+
+
+def test_c_path_equals_the_torch_path_over_steps(monkeypatch):
+    """Training with the C path (one call per step, gradients scaled in
+    place) and with FXC_CPU_FAST=0 (the foreach path) gives the same
+    gradients and EMA ranges, over steps where the ranges move. Ranges are
+    compared to 1 ulp-ish: torch's CPU lerp fuses its multiply-add on this
+    build, which the C code copies, but another build may not."""
+    _c_path_or_skip()
+    torch.manual_seed(13)
+    pol = policy(bits=3, epsilon=1e-4)
+    pol["rules"].append({"match": {"name": "fc"}, "scaled_grad": {"bias": True, "lambda_s": 37.5}})
+    base = Net()
+    fast, slow = compiled(copy.deepcopy(base), pol), compiled(copy.deepcopy(base), pol)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (fast, slow)]
+    for step in range(5):
+        x, y = data(seed=step)
+        monkeypatch.setenv("FXC_CPU_FAST", "1")
+        ga = grads(fast, x, y)
+        monkeypatch.setenv("FXC_CPU_FAST", "0")
+        gb = grads(slow, x, y)
+        for n in ga:
+            assert torch.allclose(ga[n], gb[n], rtol=1e-5, atol=0), (step, n)
+        for o, m in zip(opts, (fast, slow)):
+            o.step()
+            m.step()
+    grp = next(m for m in fast.graph_module.modules() if type(m).__name__ == "ScaledGradGroup")
+    assert any(b is not None for b in grp._batches.values())  # the C path did run
+    la, lb = fast.controllers["scaled_grad"].layers, slow.controllers["scaled_grad"].layers
+    for n in la:
+        assert torch.allclose(la[n].range, lb[n].range, rtol=1e-6, atol=0), n
+
+
+class SharedWeightNet(nn.Module):
+    """One conv applied twice: autograd sums both uses' gradients before the
+    group node, which then scales that sum (in place on the C path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(F.relu(self.conv(x))), 1))
+
+
+def test_a_weight_used_twice_gets_its_summed_gradient_scaled():
+    torch.manual_seed(14)
+    plain = SharedWeightNet()
+    cm = compiled(copy.deepcopy(plain), policy(bits=4, first_last_bits=None))
+    x, y = data()
+    g_plain, g = grads(plain, x, y), grads(cm, x, y)
+    for name in ("conv.weight", "fc.weight"):
+        w = dict(plain.named_parameters())[name].detach()
+        assert torch.equal(g[name], LAMBDA * (w - nearest_grid_point(w, 4)).abs() * g_plain[name]), name
+
+
+def test_create_graph_takes_the_out_of_place_path():
+    """Under create_graph the gradients are part of a graph: the node must not
+    scale them in place (the C path is skipped), and the values agree."""
+    torch.manual_seed(15)
+    base = Net()
+    a, b = compiled(copy.deepcopy(base), policy()), compiled(copy.deepcopy(base), policy())
+    x, y = data()
+    ga = grads(a, x, y)
+    names, params = zip(*b.named_parameters())
+    gb = torch.autograd.grad(F.cross_entropy(b(x), y), params, create_graph=True)
+    for n, g in zip(names, gb):
+        assert torch.allclose(g.detach(), ga[n.removeprefix("graph_module.")], rtol=1e-6, atol=1e-12), n
+
+
+def test_a_copied_model_keeps_its_own_ranges():
+    """The C batch holds raw pointers: a deep copy must build its own and
+    never write into the original's ranges."""
+    torch.manual_seed(16)
+    cm = compiled(Net(), policy())
+    x, y = data()
+    grads(cm, x, y)
+    before = {n: m.range.clone() for n, m in cm.controllers["scaled_grad"].layers.items()}
+    twin = copy.deepcopy(cm)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(3.0)
+    grads(twin, x, y)
+    for n, m in cm.controllers["scaled_grad"].layers.items():
+        assert torch.equal(m.range, before[n]), n
+        assert not torch.equal(twin.controllers["scaled_grad"].layers[n].range, before[n]), n

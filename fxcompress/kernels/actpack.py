@@ -34,7 +34,6 @@ every activation shape paid its own 10-60 s compile (see _cpu_lib).
 from __future__ import annotations
 
 import os
-import threading
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch
 
 from ..errors import BadInput
 from .dispatch import use_triton
+from .cbuild import cpu_fast_enabled, load_library
 
 EPS = 1e-6
 MASK32 = 0xFFFFFFFF
@@ -167,89 +167,46 @@ def _stats_ref(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 # ------------------------------------------------- CPU fused path (C, ctypes)
 
-_lib = None
-_lib_tried = False
-_lib_lock = threading.Lock()
 _SRC = os.path.join(os.path.dirname(__file__), "actpack_cpu.c")
 
 
-def cpu_fast_enabled() -> bool:
-    return os.environ.get("FXC_CPU_FAST", "1") != "0"
+def _declare(lib) -> None:
+    import ctypes
+
+    P, I64, I, U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
+    lib.fxc_quant_pack.argtypes = [P, P, I64, I64, I64, I, I, I, I, I, U32, P]
+    lib.fxc_pack_codes.argtypes = [P, I64, I, I, P]
+    lib.fxc_unpack_codes.argtypes = [P, I64, I, I, I, P]
+    lib.fxc_unpack_dequant.argtypes = [P, P, I64, I64, I64, I, I, P]
+    lib.fxc_dequant_codes.argtypes = [P, P, I64, I64, I64, I, I, P]
+    lib.fxc_pack_mask.argtypes = [P, I64, P]
+    lib.fxc_unpack_mask.argtypes = [P, I64, P]
+    lib.fxc_stats.argtypes = [P, I64, I64, I64, P, P]
+    lib.fxc_dequant_scatter.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P]
+    lib.fxc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I, I, P]
+    lib.fxc_quant_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, I, U32, P]
+    lib.fxc_unpack_mask_values.argtypes = [P, I64, ctypes.c_float, ctypes.c_float, P]
+    lib.fxc_pack_gt.argtypes = [P, I64, ctypes.c_float, P]
+    lib.fxc_unpack_scatter2.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I, I, P]
+    lib.fxc_stats_nnz.argtypes = [P, I64, I64, I64, P, P, P]
+    lib.fxc_zvc_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, U32, P]
+    lib.fxc_zvc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I64, P, P]
+    for f in ("fxc_quant_pack", "fxc_pack_codes", "fxc_unpack_codes", "fxc_unpack_dequant",
+              "fxc_dequant_codes", "fxc_pack_mask", "fxc_unpack_mask", "fxc_stats",
+              "fxc_unpack_mask_values", "fxc_dequant_scatter", "fxc_unpack_scatter",
+              "fxc_quant_pack_sel", "fxc_unpack_scatter2", "fxc_stats_nnz", "fxc_zvc_pack_sel",
+              "fxc_zvc_unpack_scatter", "fxc_pack_gt"):
+        getattr(lib, f).restype = None
 
 
 def _cpu_lib():
     """The compiled C loops, or None (no compiler: the torch reference runs).
 
-    Built once per source version into a per-user cache and loaded with
-    ctypes: no build system, no torch headers, about a second to compile.
-    Measured alternatives (ARCHITECTURE.md recipe, 8 MB tensor, 1 thread):
-    eager torch 0.06-0.7 GB/s; torch.compile with dynamic shapes 0.3-0.5 GB/s;
-    static shapes 1.8 GB/s but one 10-60 s compile per tensor shape."""
-    global _lib, _lib_tried
-    if _lib_tried:
-        return _lib
-    with _lib_lock:
-        if _lib_tried:
-            return _lib
-        _lib_tried = True
-        try:
-            import ctypes
-            import hashlib
-            import subprocess
-            import tempfile
-
-            import platform
-
-            src = open(_SRC, "rb").read()
-            # -march=native code is only valid on this CPU: its flags are part of the cache key
-            cpu = platform.machine()
-            try:
-                cpu += next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-            except OSError:
-                pass
-            tag = hashlib.sha1(src + cpu.encode()).hexdigest()[:16]
-            cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fxcompress")
-            os.makedirs(cache, exist_ok=True)
-            so = os.path.join(cache, f"actpack_{tag}.so")
-            if not os.path.exists(so):
-                cc = os.environ.get("CC", "cc")
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-                os.close(fd)
-                base = [cc, "-O3", "-ffp-contract=off", "-fPIC", "-shared", _SRC, "-o", tmp, "-lm"]
-                try:
-                    subprocess.run(base + ["-march=native"], check=True, capture_output=True, timeout=120)
-                except Exception:  # noqa: BLE001 - a compiler without -march=native
-                    subprocess.run(base, check=True, capture_output=True, timeout=120)
-                os.replace(tmp, so)  # atomic: concurrent processes never load half a file
-            lib = ctypes.CDLL(so)
-            P, I64, I, U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
-            lib.fxc_quant_pack.argtypes = [P, P, I64, I64, I64, I, I, I, I, I, U32, P]
-            lib.fxc_pack_codes.argtypes = [P, I64, I, I, P]
-            lib.fxc_unpack_codes.argtypes = [P, I64, I, I, I, P]
-            lib.fxc_unpack_dequant.argtypes = [P, P, I64, I64, I64, I, I, P]
-            lib.fxc_dequant_codes.argtypes = [P, P, I64, I64, I64, I, I, P]
-            lib.fxc_pack_mask.argtypes = [P, I64, P]
-            lib.fxc_unpack_mask.argtypes = [P, I64, P]
-            lib.fxc_stats.argtypes = [P, I64, I64, I64, P, P]
-            lib.fxc_dequant_scatter.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P]
-            lib.fxc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I, I, P]
-            lib.fxc_quant_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, I, U32, P]
-            lib.fxc_unpack_mask_values.argtypes = [P, I64, ctypes.c_float, ctypes.c_float, P]
-            lib.fxc_pack_gt.argtypes = [P, I64, ctypes.c_float, P]
-            lib.fxc_unpack_scatter2.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I, I, P]
-            lib.fxc_stats_nnz.argtypes = [P, I64, I64, I64, P, P, P]
-            lib.fxc_zvc_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, U32, P]
-            lib.fxc_zvc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I64, P, P]
-            for f in ("fxc_quant_pack", "fxc_pack_codes", "fxc_unpack_codes", "fxc_unpack_dequant",
-                      "fxc_dequant_codes", "fxc_pack_mask", "fxc_unpack_mask", "fxc_stats",
-                      "fxc_unpack_mask_values", "fxc_dequant_scatter", "fxc_unpack_scatter",
-                      "fxc_quant_pack_sel", "fxc_unpack_scatter2", "fxc_stats_nnz", "fxc_zvc_pack_sel",
-                      "fxc_zvc_unpack_scatter", "fxc_pack_gt"):
-                getattr(lib, f).restype = None
-            _lib = lib
-        except Exception:  # noqa: BLE001 - the reference path is always there
-            _lib = None
-    return _lib
+    Built and loaded by kernels/cbuild.py. Measured alternatives
+    (ARCHITECTURE.md recipe, 8 MB tensor, 1 thread): eager torch
+    0.06-0.7 GB/s; torch.compile with dynamic shapes 0.3-0.5 GB/s; static
+    shapes 1.8 GB/s but one 10-60 s compile per tensor shape."""
+    return load_library(_SRC, "actpack", _declare)
 
 
 def _use_c(t: torch.Tensor) -> bool:

@@ -21,9 +21,15 @@ writes float32; torch casts, so half-precision rounding is torch's in both).
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import weakref
+from typing import List, Optional, Sequence
+
 import torch
 
 from ..errors import ShapeError
+from .cbuild import cpu_fast_enabled, load_library
 from .dispatch import use_triton
 
 BLOCK = 1024
@@ -130,3 +136,140 @@ def scaled_grad(g: torch.Tensor, w: torch.Tensor, delta: torch.Tensor, levels: i
     if use_triton(g):
         return scaled_grad_triton(g, w, delta, levels, lambda_s, eps, zero_grid)
     return scaled_grad_reference(g, w, delta, levels, lambda_s, eps, zero_grid)
+
+
+# ------------------------------------------- CPU fast path (C, one call for all)
+
+_SRC_CPU = os.path.join(os.path.dirname(__file__), "scaled_grad_cpu.c")
+
+
+class _BatchStruct(ctypes.Structure):
+    """psgd_batch of scaled_grad_cpu.c."""
+    _fields_ = [("n", ctypes.c_int32), ("momentum", ctypes.c_float), ("w", ctypes.c_void_p),
+                ("range", ctypes.c_void_p), ("numel", ctypes.c_void_p), ("levels", ctypes.c_void_p),
+                ("lam", ctypes.c_void_p), ("eps", ctypes.c_void_p), ("zero_grid", ctypes.c_void_p),
+                ("delta", ctypes.c_void_p)]
+
+
+def _declare(lib) -> None:
+    P = ctypes.c_void_p
+    lib.fxc_psgd_ranges.argtypes = [P, P]
+    lib.fxc_psgd_step.argtypes = [P, P, P, P]
+    lib.fxc_psgd_scale.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, P, P]
+    for f in (lib.fxc_psgd_ranges, lib.fxc_psgd_step, lib.fxc_psgd_scale):
+        f.restype = None
+
+
+def cpu_lib():
+    """scaled_grad_cpu.c compiled, or None (no compiler, or FXC_CPU_FAST=0)."""
+    if not cpu_fast_enabled():
+        return None
+    return load_library(_SRC_CPU, "scaled_grad", _declare)
+
+
+def _fits_cpu(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
+class CpuBatch:
+    """PSGD's per-step work for a fixed list of weights in one C call:
+    `step` (backward: every EMA range, then the active weights' gradients
+    scaled in place) or `ranges` (ranges only). The per-weight constants
+    are converted to C arrays once, in one struct; the pointers are rebuilt
+    only when a tensor moves (a parameter keeps its storage across optimizer
+    steps). `make` returns None when the library or a tensor does not fit,
+    and the caller takes the torch path."""
+
+    def __init__(self, lib, ws: Sequence[torch.Tensor], ranges: Sequence[torch.Tensor],
+                 levels: Sequence[int], lambdas: Sequence[float], eps: Sequence[float], zero: Sequence[bool],
+                 momentum: float):
+        n = len(ws)
+        self.lib, self.n = lib, n
+        self.shapes = [w.shape for w in ws]
+        self.numel = (ctypes.c_int64 * n)(*[w.numel() for w in ws])
+        self.levels = (ctypes.c_float * n)(*[float(v) for v in levels])
+        self.lam = (ctypes.c_float * n)(*[float(v) for v in lambdas])
+        self.eps = (ctypes.c_float * n)(*[float(v) for v in eps])
+        self.zero = (ctypes.c_uint8 * n)(*[1 if z else 0 for z in zero])
+        self.delta = (ctypes.c_float * n)()  # the grid steps of the last call
+        self._s = _BatchStruct(n, momentum, None, None, ctypes.addressof(self.numel),
+                               ctypes.addressof(self.levels), ctypes.addressof(self.lam),
+                               ctypes.addressof(self.eps), ctypes.addressof(self.zero), ctypes.addressof(self.delta))
+        self._addr = ctypes.addressof(self._s)
+        self._rebind(ws, ranges)
+
+    @classmethod
+    def make(cls, ws, ranges, levels, lambdas, eps, zero, momentum: float) -> Optional["CpuBatch"]:
+        lib = cpu_lib()
+        if lib is None or not all(_fits_cpu(t) for t in (*ws, *ranges)):
+            return None
+        return cls(lib, ws, ranges, levels, lambdas, eps, zero, momentum)
+
+    def _rebind(self, ws, ranges) -> None:
+        n = self.n
+        self.key = tuple(map(torch.Tensor.data_ptr, ws)) + tuple(map(torch.Tensor.data_ptr, ranges))
+        self.w_ptrs = (ctypes.c_void_p * n)(*self.key[:n])
+        self.r_ptrs = (ctypes.c_void_p * n)(*self.key[n:])
+        self._s.w, self._s.range = ctypes.addressof(self.w_ptrs), ctypes.addressof(self.r_ptrs)
+        # weak: the batch must not keep a module's parameters alive
+        self._ws = [weakref.ref(w) for w in ws]
+
+    def matches(self, ws, ranges) -> bool:
+        """Same tensors as when built (or moved but still fitting: then rebound)."""
+        key = tuple(map(torch.Tensor.data_ptr, ws)) + tuple(map(torch.Tensor.data_ptr, ranges))
+        if key == self.key:
+            return True
+        if [w.shape for w in ws] != self.shapes or not all(_fits_cpu(t) for t in (*ws, *ranges)):
+            return False
+        self._rebind(ws, ranges)
+        return True
+
+    def weights(self) -> List[torch.Tensor]:
+        """The weights last bound (for a caller that falls back to torch)."""
+        return [r() for r in self._ws]
+
+    def ranges(self, initialized: Sequence[bool]) -> torch.Tensor:
+        """Update every EMA range in place; return the grid steps (float32, len n).
+        `initialized` is read; the caller marks every member initialized after."""
+        self.lib.fxc_psgd_ranges(self._addr, bytes(initialized))
+        return torch.tensor(self.delta[:], dtype=torch.float32)
+
+    def step(self, gs: Sequence[Optional[torch.Tensor]], initialized: bytes, active: bytes) -> Optional[List[torch.Tensor]]:
+        """One backward: update every EMA range (as `ranges`), then scale the
+        active weights' gradients gs *in place* with the new grid steps and
+        return them; None (nothing done) when a gradient is missing.
+
+        Shapes, dtypes and devices are not checked: autograd hands a backward
+        gradients that match the forward's outputs (here aliases of this
+        batch's float32 CPU weights). Strides are not guaranteed (a linear
+        weight's gradient can arrive transposed): such a one is copied.
+        In place because a fresh output costs more than the arithmetic:
+        first-touch page faults and cache misses on new buffers measured ~2x
+        the whole kernel on ResNet-8. The caller guarantees the buffers are
+        its own (runtime/scaled_grad._GroupFn)."""
+        if any(g is None for g in gs):
+            return None
+        if not all(map(torch.Tensor.is_contiguous, gs)):
+            gs = [g.contiguous() for g in gs]
+        self.lib.fxc_psgd_step(self._addr, (ctypes.c_void_p * self.n)(*map(torch.Tensor.data_ptr, gs)),
+                               initialized, active)
+        return list(gs)
+
+
+def scale_many_cpu(gs: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], deltas: Sequence[float],
+                   levels: Sequence[int], lambdas: Sequence[float], eps: Sequence[float],
+                   zero: Sequence[bool]) -> Optional[List[torch.Tensor]]:
+    """The C scaling loop out of place for given grid steps (float32
+    contiguous CPU tensors), or None without the library: the tests hold it
+    against scaled_grad_reference."""
+    lib = cpu_lib()
+    if lib is None:
+        return None
+    n = len(gs)
+    outs = [torch.empty_like(g) for g in gs]
+    P, F = ctypes.c_void_p * n, ctypes.c_float * n
+    lib.fxc_psgd_scale(n, P(*[g.data_ptr() for g in gs]), P(*[w.data_ptr() for w in ws]),
+                       P(*[o.data_ptr() for o in outs]), (ctypes.c_int64 * n)(*[g.numel() for g in gs]),
+                       F(*deltas), F(*[float(v) for v in levels]), F(*lambdas), F(*eps),
+                       (ctypes.c_uint8 * n)(*[1 if z else 0 for z in zero]))
+    return outs

@@ -4,13 +4,16 @@
 gradient by lambda * |w - Q_b(w)| (+ eps), the position-based scale of PSGD
 (SPEC section 2), computed by the fused kernel in kernels/scaled_grad.py.
 
-When the range is updated. In forward, in training mode, once per forward
-that will be differentiated, before the scale is computed. That is what the
-authors do (their quantizer updates its EMA range on every forward) and it
-ties the grid used in backward to the very weights this forward saw; it also
-means PSGD works with a plain training loop that never calls the controller.
-The controller's `step()` (after each optimizer step) only counts steps, which
-is what `start_step` is measured in.
+When the range is updated. Once per backward through the node, just
+before the gradient is scaled, from the same weights the forward used (the
+optimizer has not moved them yet). The authors update their EMA range on
+every training forward; in a training loop (forward, backward, step) the two
+give the same numbers, and doing it in backward lets one call per step do
+range and scale together. What differs, by design: a training-mode forward
+that is never differentiated leaves the range alone, and a frozen weight
+(no gradient) keeps its range. PSGD still works with a plain training loop
+that never calls the controller; the controller's `step()` (after each
+optimizer step) only counts steps, which is what `start_step` is measured in.
 
 State. The EMA range is a non-persistent buffer (it follows `.to(device)`),
 so the graph module's state_dict keeps exactly the original model's names;
@@ -22,22 +25,23 @@ set of small ops (range, grid step, scale), and on CPU each costs
 10-60 us of dispatch whatever the tensor's size. So the pass feeds all
 selected weights through one `ScaledGradGroup` node at the top of the graph
 (the per-weight `fxc_scaled_grad_*` nodes stay, as identities, so the code
-still shows which weight is treated): its forward updates every EMA range and
-grid step with a handful of `torch._foreach` ops, and one autograd node
-scales all gradients at once in backward (`scale_gradients`), with the same
-arithmetic in the same order as the kernel's reference, so the result is the
-same bit for bit. A weight used twice has its range updated once per
-forward. `ScaledGrad` alone (outside a group) still does all of it itself.
+still shows which weight is treated), and one autograd node updates every
+range and scales every gradient in backward. On CPU that is one C call
+(kernels/scaled_grad_cpu.c, bitwise equal to the torch reference for the
+same grid step); elsewhere a handful of `torch._foreach` ops
+(`scale_gradients`), with the reference's arithmetic in the same order.
+A weight used twice has its range updated once per backward. `ScaledGrad`
+alone (outside a group) does the same work for its one weight.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..kernels.dispatch import use_triton
-from ..kernels.scaled_grad import levels_for, quantize_reference, scaled_grad
+from ..kernels.scaled_grad import CpuBatch, levels_for, quantize_reference, scaled_grad
 from .controller import Controller
 
 MOMENTUM = 0.1  # the authors' EMA momentum for the weight range
@@ -46,19 +50,37 @@ TINY = torch.finfo(torch.float32).tiny
 
 
 class _ScaledGradFn(torch.autograd.Function):
+    """One weight: identity forward; backward updates the module's range and,
+    once it is active, scales the gradient."""
+
     @staticmethod
-    def forward(ctx, w, delta, levels, lambda_s, eps, zero_grid):
+    def forward(ctx, w, module):
         # w itself is saved, not |w - Q(w)|: it is the parameter, so saving it
         # costs no memory, and the scale is recomputed inside the fused kernel.
-        ctx.save_for_backward(w, delta)
-        ctx.cfg = (levels, lambda_s, eps, zero_grid)
+        ctx.save_for_backward(w)
+        ctx.module = module
         return w.view_as(w)
 
     @staticmethod
     def backward(ctx, g):
-        w, delta = ctx.saved_tensors
-        levels, lambda_s, eps, zero_grid = ctx.cfg
-        return scaled_grad(g, w, delta, levels, lambda_s, eps, zero_grid), None, None, None, None, None
+        (w,) = ctx.saved_tensors
+        m = ctx.module
+        with torch.no_grad():
+            m.update_range(w)
+        if not m.active:
+            return g, None
+        return scaled_grad(g, w, m.delta(), m.levels, m.lambda_s, m.epsilon, m.grid == "zero"), None
+
+
+class _Clock:
+    """The optimizer-step count, one object shared by all members of a
+    controller: its step() is then one increment, not a module attribute
+    write per weight (nn.Module.__setattr__ costs microseconds each)."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self):
+        self.steps = 0
 
 
 class ScaledGrad(nn.Module):
@@ -81,16 +103,26 @@ class ScaledGrad(nn.Module):
         self.grid = grid
         self.start_step = int(start_step)
         self.role = role  # "first", "last" or "": shown in reports
-        self.step_count = 0  # set by the controller
+        self._clock = _Clock()  # the controller hands every member one shared clock
         self.initialized = False
         self.grouped = False  # set by ScaledGradGroup: forward is then the identity
+        self._batches = BatchCache()
         # [-r_min, r_max] (both >= 0, so one clamp serves both); persistent=False:
         # see the module docstring
         self.register_buffer("range", torch.zeros(2), persistent=False)
 
     @property
+    def step_count(self) -> int:
+        """Optimizer steps counted by the controller."""
+        return self._clock.steps
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._clock.steps = int(value)
+
+    @property
     def active(self) -> bool:
-        return self.step_count >= self.start_step
+        return self._clock.steps >= self.start_step
 
     def ema_range(self):
         """(r_min, r_max) as floats."""
@@ -98,6 +130,11 @@ class ScaledGrad(nn.Module):
 
     @torch.no_grad()
     def update_range(self, w: torch.Tensor) -> None:
+        batch = _cpu_batch(self._batches, (0,), [self], [w.detach()])
+        if batch is not None:  # the C path, as the group takes: the same ranges bit for bit
+            batch.ranges([self.initialized])
+            self.initialized = True
+            return
         lo, hi = torch.aminmax(w.detach())
         new = torch.stack((lo.neg(), hi)).to(torch.float32).clamp_(min=0.0)  # -min(0, min w), max(0, max w)
         if not self.initialized:
@@ -115,14 +152,43 @@ class ScaledGrad(nn.Module):
             return w
         if not (self.training and torch.is_grad_enabled() and w.requires_grad):
             return w
-        self.update_range(w)
-        if not self.active:
-            return w
-        return _ScaledGradFn.apply(w, self.delta(), self.levels, self.lambda_s, self.epsilon, self.grid == "zero")
+        return _ScaledGradFn.apply(w, self)
 
     def extra_repr(self) -> str:
         return (f"{self.param_name}, bits={self.bits}, lambda_s={self.lambda_s}, epsilon={self.epsilon}, "
                 f"grid={self.grid}, start_step={self.start_step}")
+
+
+_NO_BATCH = object()
+
+
+class BatchCache(dict):
+    """(kind, member indices) -> CpuBatch or None. It holds raw pointers to
+    the tensors it was built for, so a copied or pickled module starts with
+    an empty cache and builds its own."""
+
+    def __deepcopy__(self, memo):
+        return BatchCache()
+
+    def __reduce__(self):
+        return (BatchCache, ())
+
+
+def _cpu_batch(cache: Dict[Any, Any], idx: Tuple[int, ...], members: Sequence["ScaledGrad"],
+               ws: Sequence[torch.Tensor]) -> Optional[CpuBatch]:
+    """The C batch for these members and weights (cached in `cache` under
+    idx, the members' positions), or None when the C path does not apply."""
+    b = cache.get(idx, _NO_BATCH)
+    # _buffers directly: Module.__getattr__ is slow, and this runs every step
+    ranges = [m._buffers["range"] for m in members]
+    if b is _NO_BATCH:
+        b = CpuBatch.make(ws, ranges, [m.levels for m in members], [m.lambda_s for m in members],
+                          [m.epsilon for m in members], [m.grid == "zero" for m in members], MOMENTUM)
+        cache[idx] = b
+        return b
+    if b is not None and not b.matches(ws, ranges):
+        return None
+    return b
 
 
 def scale_gradients(members: Sequence[ScaledGrad], ws: Sequence[torch.Tensor],
@@ -170,16 +236,23 @@ def scale_gradients(members: Sequence[ScaledGrad], ws: Sequence[torch.Tensor],
 
 
 class _GroupFn(torch.autograd.Function):
+    """Identity on the weights (fresh aliases: cheaper for autograd than views
+    of the inputs); backward is the group's `_backward`. With a C batch the
+    weights are not saved: the batch holds their addresses, and the
+    conv/linear calls that read them saved them already, so autograd's check
+    that no weight changed before backward still runs there."""
+
     @staticmethod
-    def forward(ctx, members, deltas, *ws):
-        ctx.save_for_backward(deltas, *ws)
-        ctx.members = members
-        return ws  # inputs returned as they are: autograd makes them views
+    def forward(ctx, group, idx, batch, *ws):
+        if batch is None:
+            ctx.save_for_backward(*ws)
+        ctx.group, ctx.idx, ctx.batch = group, idx, batch
+        return tuple(w.detach() for w in ws)
 
     @staticmethod
     def backward(ctx, *gs):
-        deltas, *ws = ctx.saved_tensors
-        return (None, None, *scale_gradients(ctx.members, ws, gs, deltas.unsqueeze(1).unbind(0)))
+        ws = None if ctx.batch is not None else ctx.saved_tensors
+        return (None, None, None, *ctx.group._backward(ctx.idx, ctx.batch, ws, gs))
 
 
 class ScaledGradGroup(nn.Module):
@@ -195,6 +268,8 @@ class ScaledGradGroup(nn.Module):
         self._members: List[ScaledGrad] = list(members)
         for m in self._members:
             m.grouped = True
+        self._batches = BatchCache()  # C path per member subset (see _cpu_batch)
+        self._all = tuple(range(len(self._members)))
         self._levels: Dict[Any, torch.Tensor] = {}
         self._sign: Dict[Any, torch.Tensor] = {}
 
@@ -219,39 +294,90 @@ class ScaledGradGroup(nn.Module):
     def update_ranges(self, ws: Sequence[torch.Tensor]) -> torch.Tensor:
         """Every member's EMA range from these weights (as ScaledGrad.update_range,
         batched); returns all grid steps, one float32 tensor of len(members)."""
-        # one aminmax per tensor (cheaper here than foreach max of w and of -w),
-        # then every row (min, max) -> (-min, max) and clamped at 0 in two ops
-        mm = [t for w in ws for t in torch.aminmax(w.detach())]
-        new = torch.stack(mm).to(torch.float32).view(len(ws), 2).mul_(self._sign_on(mm[0].device)).clamp_(min=0.0)
-        ranges = [m.range for m in self._members]
-        news = list(new.unbind(0))
-        if all(m.initialized for m in self._members):
-            torch._foreach_lerp_(ranges, news, MOMENTUM)
+        return self._ranges(self._all, ws, _cpu_batch(self._batches, self._all, self._members, ws))
+
+    def _ranges(self, idx: Tuple[int, ...], ws: Sequence[torch.Tensor], batch: Optional[CpuBatch]) -> torch.Tensor:
+        members = [self._members[i] for i in idx]
+        flags = [m.initialized for m in members]
+        if batch is not None:
+            deltas = batch.ranges(flags)
         else:
-            for m, r, nw in zip(self._members, ranges, news):
-                if m.initialized:
-                    r.lerp_(nw, MOMENTUM)
-                else:
-                    r.copy_(nw)
-                    m.initialized = True
-        rng = torch.stack(ranges)
-        return (rng.amax(1) / self._levels_on(rng.device)).clamp_(min=TINY)
+            # one aminmax per tensor (cheaper here than foreach max of w and of -w),
+            # then every row (min, max) -> (-min, max) and clamped at 0 in two ops
+            mm = [t for w in ws for t in torch.aminmax(w.detach())]
+            dev = mm[0].device
+            new = torch.stack(mm).to(torch.float32).view(len(ws), 2).mul_(self._sign_on(dev)).clamp_(min=0.0)
+            ranges = [m.range for m in members]
+            news = list(new.unbind(0))
+            if all(flags):
+                torch._foreach_lerp_(ranges, news, MOMENTUM)
+            else:
+                for m, r, nw in zip(members, ranges, news):
+                    if m.initialized:
+                        r.lerp_(nw, MOMENTUM)
+                    else:
+                        r.copy_(nw)
+            rng = torch.stack(ranges)
+            levels = self._levels_on(dev)
+            if idx != self._all:
+                levels = levels[list(idx)]
+            deltas = (rng.amax(1) / levels).clamp_(min=TINY)
+        if not all(flags):
+            for m in members:
+                m.initialized = True
+        return deltas
+
+    def _backward(self, idx: Tuple[int, ...], batch: Optional[CpuBatch], ws: Optional[Sequence[torch.Tensor]],
+                  gs: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        """Update the ranges of members idx, then scale the active ones' gradients."""
+        members = self._members if idx is self._all else [self._members[i] for i in idx]
+        active = [m.active for m in members]
+        # The C path scales gs in place. That is safe here: these buffers are
+        # the weight (or bias) gradients of the conv/linear calls the pass
+        # routed through this node (fresh tensors, or autograd's sum of them
+        # when a weight has several uses), and nothing else holds them. Not
+        # under create_graph, where the gradients are part of a graph.
+        if batch is not None and not torch.is_grad_enabled():
+            flags = bytes([m.initialized for m in members])
+            out = batch.step(gs, flags, bytes(active))
+            if out is not None:
+                if not all(flags):
+                    for m in members:
+                        m.initialized = True
+                return out
+        if ws is None:
+            ws = batch.weights()
+        with torch.no_grad():
+            deltas = self._ranges(idx, ws, batch)
+        if not any(active):
+            return list(gs)
+        on = [i for i, a in enumerate(active) if a]
+        d = deltas.unsqueeze(1).unbind(0)
+        scaled = scale_gradients([members[i] for i in on], [ws[i] for i in on], [gs[i] for i in on],
+                                 [d[i] for i in on])
+        out = list(gs)
+        for i, t in zip(on, scaled):
+            out[i] = t
+        return out
 
     def forward(self, *ws: torch.Tensor):
-        if not (self.training and torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
+        if not (self.training and torch.is_grad_enabled()):
             return ws
-        deltas = self.update_ranges(ws)
-        members = self._members
-        if all(m.active for m in members) and all(w.requires_grad for w in ws):
-            return _GroupFn.apply(members, deltas, *ws)
-        idx = [i for i, (m, w) in enumerate(zip(members, ws)) if m.active and w.requires_grad]
-        if not idx:
-            return ws
-        out = list(ws)
-        scaled = _GroupFn.apply([members[i] for i in idx], deltas[idx], *[ws[i] for i in idx])
-        for i, t in zip(idx, scaled):
-            out[i] = t
-        return tuple(out)
+        if all(w.requires_grad for w in ws):
+            idx = self._all
+        else:  # frozen weights pass untouched (no gradient, no range update)
+            idx = tuple(i for i, w in enumerate(ws) if w.requires_grad)
+            if not idx:
+                return ws
+        sub = ws if idx is self._all else [ws[i] for i in idx]
+        members = self._members if idx is self._all else [self._members[i] for i in idx]
+        out = _GroupFn.apply(self, idx, _cpu_batch(self._batches, idx, members, sub), *sub)
+        if idx is self._all:
+            return out
+        full = list(ws)
+        for i, t in zip(idx, out):
+            full[i] = t
+        return tuple(full)
 
     def extra_repr(self) -> str:
         return ", ".join(m.param_name for m in self._members)
@@ -288,16 +414,24 @@ class ScaledGradController(Controller):
         # their entries in the CompressedModel's state_dict.
         self._layers: Dict[str, ScaledGrad] = dict(layers)
         self._params: Dict[str, nn.Parameter] = dict(params)
-        self.steps = 0
+        self._clock = _Clock()
+        for m in self._layers.values():
+            m._clock = self._clock
 
     @property
     def layers(self) -> Dict[str, ScaledGrad]:
         return self._layers
 
+    @property
+    def steps(self) -> int:
+        return self._clock.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._clock.steps = int(value)
+
     def step(self) -> None:
-        self.steps += 1
-        for m in self._layers.values():
-            m.step_count = self.steps
+        self._clock.steps += 1
 
     def layer_figures(self) -> Dict[str, Dict[str, Any]]:
         out = {}
@@ -327,12 +461,10 @@ class ScaledGradController(Controller):
                            for n, m in self._layers.items()}}
 
     def load_state(self, state: Dict[str, Any]) -> None:
-        self.steps = int(state.get("steps", 0))
+        self._clock.steps = int(state.get("steps", 0))
         for name, s in state.get("layers", {}).items():
             m = self._layers.get(name)
             if m is None:
                 continue  # a layer this policy no longer treats
             m.range.copy_(s["range"])
             m.initialized = bool(s["initialized"])
-        for m in self._layers.values():
-            m.step_count = self.steps
