@@ -138,7 +138,7 @@ class ScaledGrad(nn.Module):
         lo, hi = torch.aminmax(w.detach())
         new = torch.stack((lo.neg(), hi)).to(torch.float32).clamp_(min=0.0)  # -min(0, min w), max(0, max w)
         if not self.initialized:
-            self.range.copy_(new)  # the first forward starts the EMA at the current range
+            self.range.copy_(new)  # the first update starts the EMA at the current range
             self.initialized = True
         else:
             self.range.lerp_(new, MOMENTUM)  # r <- (1 - m) r + m new
@@ -258,8 +258,9 @@ class _GroupFn(torch.autograd.Function):
 class ScaledGradGroup(nn.Module):
     """All PSGD weights of a graph in one node (see the module docstring):
     `forward(*weights)` returns them unchanged; in training with grad it
-    updates every member's EMA range with a few foreach ops and hands the
-    active members to one autograd node that scales their gradients together.
+    hands the weights that need a gradient to one autograd node whose
+    backward updates their EMA ranges and scales the active ones' gradients
+    together (`_backward`: one C call on CPU, foreach ops elsewhere).
     The members keep their own state (range, step count); they are held in a
     plain list, not as submodules (the graph module owns them)."""
 
