@@ -221,3 +221,35 @@ def test_auto_trains_torchvision_families(name):
     ctrl = cm.controllers["activations"]
     assert ctrl.probe_nodes and all(ctrl._specs[n].measured_bits for n in ctrl.probe_nodes)
     assert cm.figures()["activations.ratio"] > 4
+
+
+def test_c_widths_equal_the_numpy_reference(monkeypatch):
+    """kernels/autobits.py (one C call per tensor) gives SaveSpec.auto_bits'
+    numpy widths exactly: conv/linear and BatchNorm budgets, signed and
+    unsigned, with and without spend_slack, channel counts off the
+    pairwise-sum block sizes."""
+    from types import SimpleNamespace
+
+    from fxcompress.kernels import autobits
+    from fxcompress.runtime.activations import SaveSpec
+
+    if autobits._lib() is None:
+        pytest.skip("no C compiler: the numpy reference is the only path")
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(120):
+        C = int(torch.randint(1, 1100, (1,), generator=gen))
+        amax = (torch.rand(C, generator=gen) ** 3 * 10).float()
+        counts = torch.randint(0, 5000, (C,), generator=gen) if trial % 3 else None
+        dx2 = float(10 ** (-torch.rand(1, generator=gen) * 8))
+        bn = None
+        if trial % 4 == 0:
+            bn = {"numer": dx2 * 1e3, "K": float(C), "gamma2": torch.rand(C, generator=gen) if trial % 8 else 1.0,
+                  "inv_std2": torch.rand(C, generator=gen) * 10, "nnz2": torch.rand(C, generator=gen) * 1e4,
+                  "gz2_max": torch.rand(C, generator=gen) * 1e-6, "ggamma2": torch.rand(C, generator=gen) * 1e-4}
+        spec = SimpleNamespace(bn_terms=bn, dx2=dx2, settings=SimpleNamespace(max_bits=8))
+        signed = bool(trial % 2)
+        monkeypatch.setenv("FXC_CPU_FAST", "1")
+        fast = SaveSpec.auto_bits(spec, amax, signed, C, counts=counts)
+        monkeypatch.setenv("FXC_CPU_FAST", "0")
+        ref = SaveSpec.auto_bits(spec, amax, signed, C, counts=counts)
+        assert torch.equal(fast, ref), (trial, C, signed)
