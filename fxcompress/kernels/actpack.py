@@ -191,6 +191,12 @@ def _declare(lib) -> None:
     lib.fxc_stats_nnz.argtypes = [P, I64, I64, I64, P, P, P]
     lib.fxc_zvc_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, U32, P]
     lib.fxc_zvc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I64, P, P]
+    for f, extra in (("fxc_mixed_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, I, I, P, P]),
+                     ("fxc_mixed_unpack", [P, P, P, P, P, I64, I64, I64, P, I, P, P, I, P]),
+                     ("fxc_mixed_zvc_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, P, I, P, P]),
+                     ("fxc_mixed_zvc_unpack", [P, P, P, P, P, I64, I64, I64, P, I, P, P, P, P])):
+        getattr(lib, f).argtypes = extra
+        getattr(lib, f).restype = I
     for f in ("fxc_quant_pack", "fxc_pack_codes", "fxc_unpack_codes", "fxc_unpack_dequant",
               "fxc_dequant_codes", "fxc_pack_mask", "fxc_unpack_mask", "fxc_stats",
               "fxc_unpack_mask_values", "fxc_dequant_scatter", "fxc_unpack_scatter",
@@ -612,10 +618,13 @@ def zvc_unpack(p: PackedZVC) -> torch.Tensor:
 class PackedMixed:
     """Channels grouped by bit width (AutoQuant): one Packed per width."""
 
-    __slots__ = ("groups", "shape", "shape3", "dtype", "C")
+    __slots__ = ("groups", "shape", "shape3", "dtype", "C", "order")
 
-    def __init__(self, groups, shape, shape3, dtype, C):
+    def __init__(self, groups, shape, shape3, dtype, C, order=None):
         self.groups, self.shape, self.shape3, self.dtype, self.C = groups, shape, shape3, dtype, C
+        # the groups' channel indices as one int32 tensor (their idx are views
+        # of it), when the C path made it: its unpack takes it as is
+        self.order = order
 
     def nbytes(self) -> int:
         return sum(p.nbytes() + idx.numel() * 4 for idx, p in self.groups)
@@ -636,6 +645,8 @@ def mixed_pack(x3: torch.Tensor, bits_c: torch.Tensor, rounding: str = "nearest"
     # grouping in numpy: a few thousand channels, where torch's per-op
     # overhead showed in the step time
     bnp = np.clip(bits_c.detach().cpu().numpy().astype(np.int64), 1, 16)
+    if x3.dtype == torch.float32 and x3.is_contiguous() and _use_c(x3) and not use_triton(x3):
+        return _mixed_pack_c(x3, bnp, rounding, seed, amax, signed, shape)
     widths = np.unique(bnp).tolist()
     groups = []
     for i, b in enumerate(widths):
@@ -644,68 +655,134 @@ def mixed_pack(x3: torch.Tensor, bits_c: torch.Tensor, rounding: str = "nearest"
             groups.append((idx.to(torch.int32), quant_pack(x3, int(b), rounding, seed + i, amax, signed)))
             continue
         idx = torch.from_numpy(np.nonzero(bnp == b)[0]).to(x3.device)
-        if x3.dtype == torch.float32 and x3.is_contiguous() and _use_c(x3) and not use_triton(x3):
-            # the C path reads the channels in place: no index_select copy
-            groups.append((idx.to(torch.int32), _quant_pack_sel_c(x3, idx, int(b), rounding, seed + i,
-                                                                    amax[idx], signed)))
-            continue
         sub = x3.index_select(1, idx)  # one copy of these channels only
         groups.append((idx.to(torch.int32), quant_pack(sub, int(b), rounding, seed + i, amax[idx], signed)))
     return PackedMixed(groups, tuple(shape if shape is not None else x3.shape), tuple(x3.shape), x3.dtype,
                        x3.shape[1])
 
 
-def _slice_args(sl, parts):
-    """(nparts, widths, shifts) as C arrays for the *_sel packers, which
-    write every slice in one pass over x (their out pointers: _out_ptrs)."""
+class _Groups:
+    """Width groups of a per-channel-width tensor laid out for one C call:
+    channels sorted by width (stable, so ascending within a group, as the
+    per-group path has them), group starts, and per group its width and
+    slices in the fixed-stride arrays the fxc_mixed_* functions take."""
+
+    def __init__(self, bnp: np.ndarray):
+        import ctypes
+
+        self.order = np.argsort(bnp, kind="stable")
+        self.sorted_bits = bnp[self.order]
+        widths, starts = np.unique(self.sorted_bits, return_index=True)
+        self.widths = [int(b) for b in widths]
+        self.G = G = len(self.widths)
+        self.start = np.append(starts, len(bnp)).astype(np.int64)
+        self.slices = [slices(b) for b in self.widths]
+        self.c_start = self.start.ctypes.data_as(ctypes.c_void_p)
+        self.c_bits = (ctypes.c_int * G)(*self.widths)
+        self.c_np = (ctypes.c_int * G)(*[len(sl) for sl in self.slices])
+        self.c_w = (ctypes.c_int * (5 * G))(*[w for sl in self.slices for w, _ in sl + [(0, 0)] * (5 - len(sl))])
+        self.c_sh = (ctypes.c_int * (5 * G))(*[h for sl in self.slices for _, h in sl + [(0, 0)] * (5 - len(sl))])
+
+
+def _group_multipliers(amax: torch.Tensor, grp: _Groups, signed: bool):
+    """k and 1/k of every channel, in sorted order: what multipliers() gives
+    each width group (reciprocal(amax + EPS) times the group's level count,
+    a power of two, so the product is exact either way), in four ops."""
+    lev = np.exp2(grp.sorted_bits - (1 if signed else 0)).astype(np.float32)
+    a = amax.to(torch.float32).index_select(0, torch.from_numpy(grp.order))
+    k = a.add_(EPS).reciprocal_().mul_(torch.from_numpy(lev))
+    return k, k.reciprocal()
+
+
+def _alloc_parts(grp: _Groups, counts: Sequence[int]):
+    """One byte buffer for every group's slices; per group its part views
+    (counts: codes per group) and the out-pointer array (stride 5)."""
     import ctypes
 
-    return len(sl), (ctypes.c_int * len(sl))(*[w for w, _ in sl]), (ctypes.c_int * len(sl))(*[h for _, h in sl])
+    sizes = [[-(-n // (8 // w)) for w, _ in sl] for sl, n in zip(grp.slices, counts)]
+    buf = torch.empty(sum(map(sum, sizes)), dtype=torch.uint8)
+    base, off = buf.data_ptr(), 0
+    parts, ptrs = [], []
+    for sz in sizes:
+        ps = []
+        for nb in sz:
+            ps.append(buf[off:off + nb])
+            ptrs.append(base + off)
+            off += nb
+        ptrs.extend([None] * (5 - len(sz)))
+        parts.append(ps)
+    return parts, (ctypes.c_void_p * len(ptrs))(*ptrs)
 
 
-def _out_ptrs(parts):
+def _mixed_pack_c(x3, bnp, rounding, seed, amax, signed, shape) -> PackedMixed:
+    """mixed_pack's C path: every width group in one call, bit for bit the
+    per-group packing (same channel order, k, seeds)."""
     import ctypes
 
-    return (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
-
-
-def _quant_pack_sel_c(x3, idx, bits, rounding, seed, amax_sub, signed) -> Packed:
-    """quant_pack(x3.index_select(1, idx), ...) without the copy (C path)."""
-    check_bits(bits)
-    k, kinv = multipliers(amax_sub, bits, signed)
+    check_bits(int(bnp.max()))
     stoch = rounding == "stochastic"
-    key = mix_seed(seed) if stoch else 0
     A, C, B = x3.shape
-    csub = idx.numel()
-    n = A * csub * B
-    idx64 = idx.to(torch.int64).contiguous()
-    k = k.contiguous()
-    sl = slices(bits)
-    parts = [torch.empty(-(-n // (8 // w)), dtype=torch.uint8) for w, _ in sl]
-    _cpu_lib().fxc_quant_pack_sel(x3.data_ptr(), k.data_ptr(), A, C, B, idx64.data_ptr(), csub, bits,
-                                  *_slice_args(sl, parts), int(signed), int(stoch), key, _out_ptrs(parts))
-    return Packed(parts, kinv, bits, signed, (A, csub, B), (A, csub, B), x3.dtype)
+    grp = _Groups(bnp)
+    k, kinv = _group_multipliers(amax, grp, signed)
+    order32 = torch.from_numpy(grp.order.astype(np.int32))
+    csub = np.diff(grp.start)
+    parts, outs = _alloc_parts(grp, [A * int(c) * B for c in csub])
+    keys = (ctypes.c_uint32 * grp.G)(*[mix_seed(seed + i) if stoch else 0 for i in range(grp.G)])
+    rc = _cpu_lib().fxc_mixed_pack(x3.data_ptr(), k.data_ptr(), A, C, B, order32.data_ptr(), grp.G, grp.c_start,
+                                   grp.c_bits, grp.c_np, grp.c_w, grp.c_sh, int(signed), int(stoch), keys, outs)
+    if rc:
+        raise MemoryError("fxc_mixed_pack: out of memory for a channel index")
+    groups = []
+    for g, b in enumerate(grp.widths):
+        s, e = int(grp.start[g]), int(grp.start[g + 1])
+        sh3 = (A, e - s, B)
+        groups.append((order32[s:e], Packed(parts[g], kinv[s:e], b, signed, sh3, sh3, x3.dtype)))
+    return PackedMixed(groups, tuple(shape if shape is not None else x3.shape), tuple(x3.shape), x3.dtype, C,
+                       order32)
+
+
+def _group_arrays(groups, order):
+    """(order32, start, bits, nparts, widths, shifts, parts, kinv) C arrays
+    for fxc_mixed_unpack / fxc_mixed_zvc_unpack from stored groups."""
+    import ctypes
+
+    G = len(groups)
+    if order is None:
+        order = torch.cat([g[0] for g in groups]).to(torch.int32)
+    start = np.zeros(G + 1, dtype=np.int64)
+    np.cumsum([g[0].numel() for g in groups], out=start[1:])
+    packs = [g[1] for g in groups]
+    sls = [slices(p.bits) for p in packs]
+    w = (ctypes.c_int * (5 * G))(*[x for sl in sls for x, _ in sl + [(0, 0)] * (5 - len(sl))])
+    sh = (ctypes.c_int * (5 * G))(*[x for sl in sls for _, x in sl + [(0, 0)] * (5 - len(sl))])
+    parts = (ctypes.c_void_p * (5 * G))(*_part_ptrs(packs))
+    kinv = [p.kinv if p.kinv.is_contiguous() else p.kinv.contiguous() for p in packs]
+    return (order, start, (ctypes.c_int * G)(*[p.bits for p in packs]), (ctypes.c_int * G)(*[len(sl) for sl in sls]),
+            w, sh, parts, (ctypes.c_void_p * G)(*[t.data_ptr() for t in kinv]), kinv)
+
+
+def _part_ptrs(packs):
+    out = []
+    for p in packs:
+        ptrs = [q.data_ptr() for q in p.parts]
+        out.extend(ptrs + [None] * (5 - len(ptrs)))
+    return out
 
 
 def mixed_unpack(p: PackedMixed) -> torch.Tensor:
+    if p.dtype == torch.float32 and len(p.groups) > 1 and _use_c(p.groups[0][0]) \
+            and not use_triton(p.groups[0][1].parts[0]):
+        A, C, B = p.shape3
+        order, start, bits, nps, w, sh, parts, kinv, keep = _group_arrays(p.groups, p.order)
+        out = torch.empty(p.shape3, dtype=torch.float32)
+        rc = _cpu_lib().fxc_mixed_unpack(parts, w, sh, nps, kinv, A, C, B, order.data_ptr(), len(p.groups),
+                                         start.ctypes.data, bits, int(p.groups[0][1].signed), out.data_ptr())
+        if rc:
+            raise MemoryError("fxc_mixed_unpack: out of memory for a channel index")
+        return out.reshape(p.shape)
     if len(p.groups) == 1:
         return unpack(p.groups[0][1]).reshape(p.shape)
     dev = p.groups[0][0].device
-    if p.dtype == torch.float32 and _use_c(p.groups[0][0]) and not use_triton(p.groups[0][1].parts[0]):
-        # decode each width group straight into its channels: no index_copy
-        out = torch.empty(p.shape3, dtype=torch.float32)
-        A, C, B = p.shape3
-        import ctypes
-
-        for idx, g in p.groups:
-            sl = slices(g.bits)
-            ptrs = (ctypes.c_void_p * len(sl))(*[q.data_ptr() for q in g.parts])
-            ws = (ctypes.c_int * len(sl))(*[w for w, _ in sl])
-            ss = (ctypes.c_int * len(sl))(*[sh for _, sh in sl])
-            idx64 = idx.to(torch.int64).contiguous()
-            _cpu_lib().fxc_unpack_scatter2(ptrs, ws, ss, len(sl), g.kinv.contiguous().data_ptr(), A, g.shape3[1], B,
-                                          idx64.data_ptr(), C, g.bits, int(g.signed), out.data_ptr())
-        return out.reshape(p.shape)
     out = torch.empty(p.shape3, dtype=p.dtype, device=dev)
     for idx, g in p.groups:
         out.index_copy_(1, idx.to(torch.int64), unpack(g))
@@ -721,10 +798,11 @@ class PackedMixedZVC:
     width group, and `mask` is a reference to that shared mask (its bytes
     belong to the save that made it, and are counted there, once)."""
 
-    __slots__ = ("groups", "mask", "shape", "shape3", "dtype", "C")
+    __slots__ = ("groups", "mask", "shape", "shape3", "dtype", "C", "order")
 
-    def __init__(self, groups, mask, shape, shape3, dtype, C):
+    def __init__(self, groups, mask, shape, shape3, dtype, C, order=None):
         self.groups, self.mask, self.shape, self.shape3, self.dtype, self.C = groups, mask, shape, shape3, dtype, C
+        self.order = order  # as PackedMixed.order
 
     def nbytes(self) -> int:
         """Codes, scales and channel indices; not the shared mask."""
@@ -746,7 +824,8 @@ def mixed_zvc_pack(x3: torch.Tensor, bits_c: torch.Tensor, mask: PackedMask, nnz
     bnp = np.clip(bits_c.detach().cpu().numpy().astype(np.int64), 1, 16)
     nnp = nnz_c.detach().cpu().numpy().astype(np.int64)
     stoch = rounding == "stochastic"
-    fast = x3.dtype == torch.float32 and x3.is_contiguous() and _use_c(x3) and not use_triton(x3)
+    if x3.dtype == torch.float32 and x3.is_contiguous() and _use_c(x3) and not use_triton(x3):
+        return _mixed_zvc_pack_c(x3, bnp, nnp, mask, stoch, seed, amax, shape)
     A, C, B = x3.shape
     groups = []
     for i, b in enumerate(np.unique(bnp).tolist()):
@@ -756,42 +835,55 @@ def mixed_zvc_pack(x3: torch.Tensor, bits_c: torch.Tensor, mask: PackedMask, nnz
         k, kinv = multipliers(amax[idx], b, False)
         key = mix_seed(seed + i) if stoch else 0
         nnz = int(nnp[inp].sum())
-        if fast:
-            idx64 = idx.to(torch.int64).contiguous()
-            k = k.contiguous()
-            sl = slices(b)
-            parts = [torch.empty(-(-nnz // (8 // w)), dtype=torch.uint8) for w, _ in sl]
-            if nnz:
-                _cpu_lib().fxc_zvc_pack_sel(x3.data_ptr(), k.data_ptr(), A, C, B, idx64.data_ptr(), idx.numel(), b,
-                                            *_slice_args(sl, parts), int(stoch), key, _out_ptrs(parts))
-        else:
-            sub = x3.index_select(1, idx)
-            codes = _codes_ref(sub, k, b, False, stoch, key)[(sub > 0).reshape(-1)]
-            parts = pack_codes(codes, b) if nnz else [torch.empty(0, dtype=torch.uint8, device=x3.device)
-                                                       for _ in slices(b)]
+        sub = x3.index_select(1, idx)
+        codes = _codes_ref(sub, k, b, False, stoch, key)[(sub > 0).reshape(-1)]
+        parts = pack_codes(codes, b) if nnz else [torch.empty(0, dtype=torch.uint8, device=x3.device)
+                                                   for _ in slices(b)]
         groups.append((idx.to(torch.int32), Packed(parts, kinv, b, False, (A, idx.numel(), B), (A, idx.numel(), B),
                                                    x3.dtype), nnz))
     return PackedMixedZVC(groups, mask, tuple(shape if shape is not None else x3.shape), tuple(x3.shape),
                           x3.dtype, C)
 
 
+def _mixed_zvc_pack_c(x3, bnp, nnp, mask, stoch, seed, amax, shape) -> PackedMixedZVC:
+    """mixed_zvc_pack's C path: every width group in one call, bit for bit
+    the per-group packing (same channel order, k, seeds, nnz per group)."""
+    import ctypes
+
+    check_bits(int(bnp.max()))
+    A, C, B = x3.shape
+    grp = _Groups(bnp)
+    k, kinv = _group_multipliers(amax, grp, False)
+    order32 = torch.from_numpy(grp.order.astype(np.int32))
+    gnnz = np.add.reduceat(nnp[grp.order], grp.start[:-1]).astype(np.int64)
+    parts, outs = _alloc_parts(grp, gnnz.tolist())
+    keys = (ctypes.c_uint32 * grp.G)(*[mix_seed(seed + i) if stoch else 0 for i in range(grp.G)])
+    rc = _cpu_lib().fxc_mixed_zvc_pack(x3.data_ptr(), k.data_ptr(), A, C, B, order32.data_ptr(), grp.G,
+                                       grp.c_start, gnnz.ctypes.data, grp.c_bits, grp.c_np, grp.c_w, grp.c_sh,
+                                       int(stoch), keys, outs)
+    if rc:
+        raise MemoryError("fxc_mixed_zvc_pack: out of memory for a channel index")
+    groups = []
+    for g, b in enumerate(grp.widths):
+        s, e = int(grp.start[g]), int(grp.start[g + 1])
+        sh3 = (A, e - s, B)
+        groups.append((order32[s:e], Packed(parts[g], kinv[s:e], b, False, sh3, sh3, x3.dtype), int(gnnz[g])))
+    return PackedMixedZVC(groups, mask, tuple(shape if shape is not None else x3.shape), tuple(x3.shape),
+                          x3.dtype, C, order32)
+
+
 def mixed_zvc_unpack(p: PackedMixedZVC) -> torch.Tensor:
     A, C, B = p.shape3
     dev = p.groups[0][0].device
     if p.dtype == torch.float32 and _use_c(p.groups[0][0]) and not use_triton(p.groups[0][1].parts[0]):
-        import ctypes
-
+        order, start, bits, nps, w, sh, parts, kinv, keep = _group_arrays([g[:2] for g in p.groups], p.order)
+        gnnz = np.array([g[2] for g in p.groups], dtype=np.int64)
         out = torch.empty(p.shape3, dtype=torch.float32)
-        mbits = p.mask.bits.contiguous()
-        for idx, g, nnz in p.groups:
-            sl = slices(g.bits)
-            ptrs = (ctypes.c_void_p * len(sl))(*[q.data_ptr() for q in g.parts])
-            ws = (ctypes.c_int * len(sl))(*[w for w, _ in sl])
-            ss = (ctypes.c_int * len(sl))(*[sh for _, sh in sl])
-            idx64 = idx.to(torch.int64).contiguous()
-            _cpu_lib().fxc_zvc_unpack_scatter(ptrs, ws, ss, len(sl), g.kinv.contiguous().data_ptr(), A,
-                                              g.shape3[1], B, idx64.data_ptr(), C, nnz, mbits.data_ptr(),
-                                              out.data_ptr())
+        mbits = p.mask.bits if p.mask.bits.is_contiguous() else p.mask.bits.contiguous()
+        rc = _cpu_lib().fxc_mixed_zvc_unpack(parts, w, sh, nps, kinv, A, C, B, order.data_ptr(), len(p.groups),
+                                             start.ctypes.data, gnnz.ctypes.data, mbits.data_ptr(), out.data_ptr())
+        if rc:
+            raise MemoryError("fxc_mixed_zvc_unpack: out of memory for a channel index")
         return out.reshape(p.shape)
     m = unpack_mask(p.mask).reshape(p.shape3)
     out = torch.empty(p.shape3, dtype=p.dtype, device=dev)

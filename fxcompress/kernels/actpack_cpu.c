@@ -7,6 +7,7 @@
  */
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 /* expand LUT: for a mask byte, lane q takes code number popcount(bits below q) */
@@ -623,4 +624,77 @@ void fxc_pack_gt(const float *x, int64_t n, float thr, uint8_t *out) {
         for (int64_t j = 0; full * 8 + j < n; ++j) acc |= (uint32_t)(x[full * 8 + j] > thr) << j;
         out[full] = (uint8_t)acc;
     }
+}
+
+/* ---- whole tensors at per-channel widths: one call for all width groups.
+ * Group g holds the channels order[start[g] .. start[g+1]) (int32, the order
+ * stored with the packed tensor), at gbits[g] bits in gnp[g] slices with
+ * widths w[5g..], shifts sh[5g..] and outputs outs[5g..]; per-channel
+ * arrays (k, kinv) are in the same sorted order. Each group is exactly the
+ * per-group call above (same bits), minus the per-group Python around it. */
+
+static int64_t *widen(const int32_t *idx, int64_t n) {
+    int64_t *o = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    if (o)
+        for (int64_t i = 0; i < n; ++i) o[i] = idx[i];
+    return o;
+}
+
+/* returns 0, or -1 when out of memory (nothing is half-written then: the
+ * index copy is made before a group is packed, and groups are independent) */
+int fxc_mixed_pack(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
+                   const int64_t *start, const int *gbits, const int *gnp, const int *w, const int *sh,
+                   int is_signed, int stoch, const uint32_t *keys, uint8_t *const *outs) {
+    for (int g = 0; g < G; ++g) {
+        const int64_t s = start[g], csub = start[g + 1] - s;
+        int64_t *idx = widen(order + s, csub);
+        if (!idx) return -1;
+        fxc_quant_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, is_signed, stoch,
+                           keys[g], outs + 5 * g);
+        free(idx);
+    }
+    return 0;
+}
+
+int fxc_mixed_unpack(const uint8_t *const *parts, const int *w, const int *sh, const int *gnp,
+                     const float *const *kinv, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
+                     const int64_t *start, const int *gbits, int is_signed, float *out) {
+    for (int g = 0; g < G; ++g) {
+        const int64_t s = start[g], csub = start[g + 1] - s;
+        int64_t *idx = widen(order + s, csub);
+        if (!idx) return -1;
+        fxc_unpack_scatter2(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C, gbits[g],
+                            is_signed, out);
+        free(idx);
+    }
+    return 0;
+}
+
+int fxc_mixed_zvc_pack(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
+                       const int64_t *start, const int64_t *gnnz, const int *gbits, const int *gnp, const int *w,
+                       const int *sh, int stoch, const uint32_t *keys, uint8_t *const *outs) {
+    for (int g = 0; g < G; ++g) {
+        const int64_t s = start[g], csub = start[g + 1] - s;
+        if (!gnnz[g]) continue;
+        int64_t *idx = widen(order + s, csub);
+        if (!idx) return -1;
+        fxc_zvc_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, stoch, keys[g],
+                         outs + 5 * g);
+        free(idx);
+    }
+    return 0;
+}
+
+int fxc_mixed_zvc_unpack(const uint8_t *const *parts, const int *w, const int *sh, const int *gnp,
+                         const float *const *kinv, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
+                         const int64_t *start, const int64_t *gnnz, const uint8_t *mask, float *out) {
+    for (int g = 0; g < G; ++g) {
+        const int64_t s = start[g], csub = start[g + 1] - s;
+        int64_t *idx = widen(order + s, csub);
+        if (!idx) return -1;
+        fxc_zvc_unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C, gnnz[g],
+                               mask, out);
+        free(idx);
+    }
+    return 0;
 }

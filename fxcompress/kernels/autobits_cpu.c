@@ -34,17 +34,36 @@ static double pairwise_sum(const double* a, int64_t n) {
     return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-/* stable merge sort of idx[0..n) by key[idx] ascending */
-static void merge_sort(int64_t* idx, int64_t* tmp, const double* key, int64_t n) {
-    if (n < 2) return;
-    int64_t h = n / 2;
-    merge_sort(idx, tmp, key, h);
-    merge_sort(idx + h, tmp, key, n - h);
-    int64_t i = 0, j = h, k = 0;
-    while (i < h && j < n) tmp[k++] = key[idx[j]] < key[idx[i]] ? idx[j++] : idx[i++];
-    while (i < h) tmp[k++] = idx[i++];
-    while (j < n) tmp[k++] = idx[j++];
-    memcpy(idx, tmp, (size_t)n * sizeof(int64_t));
+/* Stable sort of idx[0..n) (initially 0..n-1) by key ascending, keys >= 0
+ * or +inf: their bit patterns order as unsigned integers, so an LSD radix
+ * sort (8 passes of a byte, a pass skipped when every key shares that byte)
+ * gives np.argsort(kind="stable")'s order in a few linear passes. */
+static void radix_sort(int64_t* idx, int64_t* tmp, const double* key, int64_t n) {
+    int64_t cnt[256];
+    for (int pass = 0; pass < 8; ++pass) {
+        const int sh = 8 * pass;
+        memset(cnt, 0, sizeof cnt);
+        for (int64_t i = 0; i < n; ++i) {
+            uint64_t u;
+            memcpy(&u, &key[idx[i]], sizeof u);
+            ++cnt[(u >> sh) & 255u];
+        }
+        int same = 0;
+        for (int v = 0; v < 256; ++v) same |= cnt[v] == n;
+        if (same) continue;
+        int64_t pos = 0;
+        for (int v = 0; v < 256; ++v) {
+            int64_t c = cnt[v];
+            cnt[v] = pos;
+            pos += c;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            uint64_t u;
+            memcpy(&u, &key[idx[i]], sizeof u);
+            tmp[cnt[(u >> sh) & 255u]++] = idx[i];
+        }
+        memcpy(idx, tmp, (size_t)n * sizeof(int64_t));
+    }
 }
 
 /* BatchNorm's per-channel budget (_bn_dx2_np): all arrays per channel. */
@@ -76,13 +95,18 @@ void fxc_auto_bits(int64_t C, const float* amax, double eps, const double* const
     double* key = work + 5 * C;
     int64_t* order = iwork;
     int64_t* otmp = iwork + C;
+    double d0 = (dx2_scalar > 1e-30 || dx2_scalar != dx2_scalar) ? dx2_scalar : 1e-30;
+    double l0 = -0.5 * log2(d0); /* one budget for all channels: its log once */
     for (int64_t c = 0; c < C; ++c) {
         a[c] = (double)amax[c] + eps;
-        double dx2 = bn ? bn_dx2(a[c] - eps, bn[0][c], bn[1][c], bn[2][c], bn[3][c], bn[4][c], K, numer)
-                        : dx2_scalar;
-        dx2 = (dx2 > 1e-30 || dx2 != dx2) ? dx2 : 1e-30;
+        double dx2 = d0, ld = l0;
+        if (bn) {
+            dx2 = bn_dx2(a[c] - eps, bn[0][c], bn[1][c], bn[2][c], bn[3][c], bn[4][c], K, numer);
+            dx2 = (dx2 > 1e-30 || dx2 != dx2) ? dx2 : 1e-30;
+            ld = -0.5 * log2(dx2);
+        }
         d[c] = dx2;
-        double f = -0.5 * log2(dx2) + log2(a[c]) - 1.0;
+        double f = ld + log2(a[c]) - 1.0;
         double t = trunc(f);
         t = t < 1.0 ? 1.0 : (t > 15.0 ? 15.0 : t);
         t += is_signed ? 2.0 : 1.0;
@@ -97,7 +121,8 @@ void fxc_auto_bits(int64_t C, const float* amax, double eps, const double* const
     for (int round = 0; round < rounds; ++round) {
         int any_ok = 0;
         for (int64_t c = 0; c < C; ++c) {
-            double q = a[c] / exp2((double)(bits[c] + sh));
+            /* 2^(b+sh) exactly, as exp2 of a whole number gives it */
+            double q = a[c] / ldexp(1.0, (int)(bits[c] + sh));
             r[c] = q * q / d[c];
             tmp[c] = counts[c] * r[c];
         }
@@ -110,7 +135,7 @@ void fxc_auto_bits(int64_t C, const float* amax, double eps, const double* const
             order[c] = c;
         }
         if (slack <= 0 || !any_ok) break;
-        merge_sort(order, otmp, key, C);
+        radix_sort(order, otmp, key, C);
         double cum = 0.0;
         int64_t taken = 0;
         for (int64_t i = 0; i < C; ++i) {
