@@ -191,6 +191,9 @@ def _declare(lib) -> None:
     lib.fxc_stats_nnz.argtypes = [P, I64, I64, I64, P, P, P]
     lib.fxc_zvc_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, U32, P]
     lib.fxc_zvc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I64, P, P]
+    lib.fxc_window_local.argtypes = [P, I64, I64, I64, I64, I, I, I, I, I, I, I, P]
+    lib.fxc_window_global.argtypes = [P, I64, I64, I64, I64, I, I, I, I, I, I, I, P]
+    lib.fxc_window_local.restype = lib.fxc_window_global.restype = None
     for f, extra in (("fxc_mixed_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, I, I, P, P]),
                      ("fxc_mixed_unpack", [P, P, P, P, P, I64, I64, I64, P, I, P, P, I, P]),
                      ("fxc_mixed_zvc_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, P, I, P, P]),
@@ -895,3 +898,45 @@ def mixed_zvc_unpack(p: PackedMixedZVC) -> torch.Tensor:
             codes[sm] = unpack_codes(g.parts, g.bits, nnz)
         out.index_copy_(1, i64, (codes.to(torch.float32) * g.kinv.view(1, -1, 1)).to(p.dtype))
     return out.reshape(p.shape)
+
+
+# ------------------------------------------- max-pool indices as window slots
+
+def window_local(idx: torch.Tensor, geom: dict) -> torch.Tensor:
+    """Max-pool indices (flat input positions, int64, (..., OH, OW)) as the
+    position inside each output's window (int32, 0..kh*kw-1)."""
+    kh, kw = geom["kernel"]
+    sh, sw = geom["stride"]
+    ph, pw = geom["padding"]
+    dh, dw = geom["dilation"]
+    W = geom["in_w"]
+    OH, OW = idx.shape[-2], idx.shape[-1]
+    if idx.dtype == torch.int64 and idx.is_contiguous() and idx.numel() and _use_c(idx):
+        out = torch.empty(idx.shape, dtype=torch.int32)
+        _cpu_lib().fxc_window_local(idx.data_ptr(), idx.numel() // (OH * OW), OH, OW, W, kw, sh, sw, ph, pw, dh, dw,
+                                    out.data_ptr())
+        return out
+    ih, iw = idx // W, idx % W
+    oh = torch.arange(OH, device=idx.device).view(-1, 1)
+    ow = torch.arange(OW, device=idx.device).view(1, -1)
+    return (((ih - oh * sh + ph) // dh) * kw + (iw - ow * sw + pw) // dw).to(torch.int32)
+
+
+def window_global(local: torch.Tensor, geom: dict, W: int) -> torch.Tensor:
+    """window_local's inverse: int64 flat input positions."""
+    kh, kw = geom["kernel"]
+    sh, sw = geom["stride"]
+    ph, pw = geom["padding"]
+    dh, dw = geom["dilation"]
+    OH, OW = local.shape[-2], local.shape[-1]
+    if local.dtype == torch.int32 and local.is_contiguous() and local.numel() and _use_c(local):
+        out = torch.empty(local.shape, dtype=torch.int64)
+        _cpu_lib().fxc_window_global(local.data_ptr(), local.numel() // (OH * OW), OH, OW, W, kw, sh, sw, ph, pw, dh,
+                                     dw, out.data_ptr())
+        return out
+    local = local.to(torch.int64)
+    oh = torch.arange(OH, device=local.device).view(-1, 1)
+    ow = torch.arange(OW, device=local.device).view(1, -1)
+    ih = oh * sh - ph + (local // kw) * dh
+    iw = ow * sw - pw + (local % kw) * dw
+    return ih * W + iw

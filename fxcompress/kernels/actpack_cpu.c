@@ -698,3 +698,34 @@ int fxc_mixed_zvc_unpack(const uint8_t *const *parts, const int *w, const int *s
     }
     return 0;
 }
+
+/* ---- max-pool indices as window positions (runtime/activations.py,
+ * _encode_window_index / _decode_window_index, whose torch code is the
+ * reference). idx holds flat input positions ih * W + iw for `planes`
+ * planes of OH x OW outputs; the window position of an output (oh, ow) is
+ * ((ih - oh*sh + ph) / dh) * kw + (iw - ow*sw + pw) / dw (all terms >= 0). */
+void fxc_window_local(const int64_t *idx, int64_t planes, int64_t OH, int64_t OW, int64_t W, int kw, int sh, int sw,
+                      int ph, int pw, int dh, int dw, int32_t *local) {
+    for (int64_t p = 0; p < planes; ++p)
+        for (int64_t oh = 0; oh < OH; ++oh) {
+            const int64_t *src = idx + (p * OH + oh) * OW;
+            int32_t *dst = local + (p * OH + oh) * OW;
+            for (int64_t ow = 0; ow < OW; ++ow) {
+                const int64_t v = src[ow], ih = v / W, iw = v % W;
+                dst[ow] = (int32_t)(((ih - oh * sh + ph) / dh) * kw + (iw - ow * sw + pw) / dw);
+            }
+        }
+}
+
+void fxc_window_global(const int32_t *local, int64_t planes, int64_t OH, int64_t OW, int64_t W, int kw, int sh,
+                       int sw, int ph, int pw, int dh, int dw, int64_t *idx) {
+    for (int64_t p = 0; p < planes; ++p)
+        for (int64_t oh = 0; oh < OH; ++oh) {
+            const int32_t *src = local + (p * OH + oh) * OW;
+            int64_t *dst = idx + (p * OH + oh) * OW;
+            for (int64_t ow = 0; ow < OW; ++ow) {
+                const int64_t l = src[ow];
+                dst[ow] = (oh * sh - ph + (l / kw) * dh) * W + (ow * sw - pw + (l % kw) * dw);
+            }
+        }
+}

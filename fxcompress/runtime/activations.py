@@ -483,35 +483,17 @@ def bn_dx2(terms: Dict[str, torch.Tensor], amax: torch.Tensor) -> torch.Tensor:
 
 def _encode_window_index(idx: torch.Tensor, geom: dict) -> _WindowIndex:
     kh, kw = geom["kernel"]
-    sh, sw = geom["stride"]
-    ph, pw = geom["padding"]
-    dh, dw = geom["dilation"]
-    W = geom["in_w"]
-    oh_n, ow_n = idx.shape[-2], idx.shape[-1]
-    ih, iw = idx // W, idx % W
-    oh = torch.arange(oh_n, device=idx.device).view(-1, 1)
-    ow = torch.arange(ow_n, device=idx.device).view(1, -1)
-    local = ((ih - oh * sh + ph) // dh) * kw + (iw - ow * sw + pw) // dw
     bits = max(1, math.ceil(math.log2(kh * kw)))
-    return _WindowIndex(actpack.pack_codes(local.to(torch.int32), bits), bits, tuple(idx.shape), dict(geom), W)
+    local = actpack.window_local(idx, geom)
+    return _WindowIndex(actpack.pack_codes(local, bits), bits, tuple(idx.shape), dict(geom), geom["in_w"])
 
 
 def _decode_window_index(obj: _WindowIndex) -> torch.Tensor:
-    g = obj.geom
-    kh, kw = g["kernel"]
-    sh, sw = g["stride"]
-    ph, pw = g["padding"]
-    dh, dw = g["dilation"]
     n = 1
     for s in obj.shape:
         n *= s
-    local = actpack.unpack_codes(obj.parts, obj.bits, n).view(obj.shape).to(torch.int64)
-    oh_n, ow_n = obj.shape[-2], obj.shape[-1]
-    oh = torch.arange(oh_n, device=local.device).view(-1, 1)
-    ow = torch.arange(ow_n, device=local.device).view(1, -1)
-    ih = oh * sh - ph + (local // kw) * dh
-    iw = ow * sw - pw + (local % kw) * dw
-    return ih * obj.width + iw
+    local = actpack.unpack_codes(obj.parts, obj.bits, n).view(obj.shape)
+    return actpack.window_global(local.contiguous(), obj.geom, obj.width)
 
 
 # ------------------------------------------------------------- graph entry

@@ -4,6 +4,7 @@ counter-based hash); round-trip error bounds; unbiased stochastic rounding;
 exact masks and zero-value compression."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fxcompress.errors import BadInput
 from fxcompress.kernels import actpack as ap
@@ -172,3 +173,23 @@ def test_cpu_sel_packers_equal_reference_all_widths(monkeypatch):
         for (_, a), (_, b) in zip(mx.groups, mx_ref.groups):
             assert all(torch.equal(p, q) for p, q in zip(a.parts, b.parts))
         assert torch.equal(ap.mixed_unpack(mx), ap.mixed_unpack(mx_ref))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 2, 1, 1), (2, 2, 0, 1), (3, 1, 1, 2), (5, 3, 2, 1)])
+def test_window_index_c_equals_reference(monkeypatch, kernel, stride, padding, dilation):
+    """Max-pool indices as window positions and back: the C loops give the
+    torch reference's codes and restore the exact indices max_pool2d made."""
+    torch.manual_seed(kernel + stride)
+    x = torch.randn(2, 3, 13, 11)
+    _, idx = F.max_pool2d(x, kernel, stride, padding, dilation, return_indices=True)
+    geom = {"kernel": (kernel, kernel), "stride": (stride, stride), "padding": (padding, padding),
+            "dilation": (dilation, dilation), "in_w": 11}
+    monkeypatch.setenv("FXC_CPU_FAST", "0")
+    ref = ap.window_local(idx, geom)
+    monkeypatch.setenv("FXC_CPU_FAST", "1")
+    fast = ap.window_local(idx, geom)
+    assert ref.dtype == fast.dtype == torch.int32 and torch.equal(fast, ref)
+    assert int(fast.min()) >= 0 and int(fast.max()) < kernel * kernel
+    assert torch.equal(ap.window_global(fast, geom, 11), idx)
+    monkeypatch.setenv("FXC_CPU_FAST", "0")
+    assert torch.equal(ap.window_global(ref, geom, 11), idx)
