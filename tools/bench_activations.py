@@ -128,6 +128,12 @@ def rss_child(name: str, mode: str) -> dict:
     # now, or the step would reuse their memory and hide its own peak
     opt.zero_grad(set_to_none=True)
     gc.collect()
+    # the decode-buffer pool keeps the warm-up's blocks for reuse: drop them,
+    # or the step would reuse memory counted in `before` and hide its peak
+    from fxcompress.kernels import bufpool
+
+    bufpool.POOL.clear()
+    gc.collect()
     before = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

@@ -41,6 +41,7 @@ import torch
 
 from ..errors import BadInput
 from .dispatch import use_triton
+from . import bufpool
 from .cbuild import cpu_fast_enabled, load_library
 
 EPS = 1e-6
@@ -249,7 +250,7 @@ def _unpack_codes_c(parts, bits, n) -> torch.Tensor:
 def _unpack_dequant_c(parts, kinv, bits, signed, shape3, dtype) -> torch.Tensor:
     lib = _cpu_lib()
     n = shape3[0] * shape3[1] * shape3[2]
-    out = torch.empty(shape3, dtype=torch.float32)
+    out = bufpool.empty(shape3, torch.float32)
     kinv = kinv.contiguous()
     if len(parts) == 1:
         lib.fxc_unpack_dequant(parts[0].data_ptr(), kinv.data_ptr(), n, shape3[1], shape3[2], bits,
@@ -554,7 +555,7 @@ def pack_mask_gt(x: torch.Tensor, thr: float = 0.0) -> PackedMask:
 def unpack_mask_values(p: PackedMask, on: float, off: float, dtype=torch.float32) -> torch.Tensor:
     """The mask decoded straight to values: `on` where set, `off` elsewhere."""
     if p.bits.device.type == "cpu" and dtype == torch.float32 and _use_c(p.bits):
-        out = torch.empty(p.n, dtype=torch.float32)
+        out = bufpool.empty((p.n,), torch.float32)
         _cpu_lib().fxc_unpack_mask_values(p.bits.data_ptr(), p.n, float(on), float(off), out.data_ptr())
         return out.view(p.shape)
     m = unpack_mask(p)
@@ -777,7 +778,7 @@ def mixed_unpack(p: PackedMixed) -> torch.Tensor:
             and not use_triton(p.groups[0][1].parts[0]):
         A, C, B = p.shape3
         order, start, bits, nps, w, sh, parts, kinv, keep = _group_arrays(p.groups, p.order)
-        out = torch.empty(p.shape3, dtype=torch.float32)
+        out = bufpool.empty(p.shape3, torch.float32)
         rc = _cpu_lib().fxc_mixed_unpack(parts, w, sh, nps, kinv, A, C, B, order.data_ptr(), len(p.groups),
                                          start.ctypes.data, bits, int(p.groups[0][1].signed), out.data_ptr())
         if rc:
@@ -881,7 +882,7 @@ def mixed_zvc_unpack(p: PackedMixedZVC) -> torch.Tensor:
     if p.dtype == torch.float32 and _use_c(p.groups[0][0]) and not use_triton(p.groups[0][1].parts[0]):
         order, start, bits, nps, w, sh, parts, kinv, keep = _group_arrays([g[:2] for g in p.groups], p.order)
         gnnz = np.array([g[2] for g in p.groups], dtype=np.int64)
-        out = torch.empty(p.shape3, dtype=torch.float32)
+        out = bufpool.empty(p.shape3, torch.float32)
         mbits = p.mask.bits if p.mask.bits.is_contiguous() else p.mask.bits.contiguous()
         rc = _cpu_lib().fxc_mixed_zvc_unpack(parts, w, sh, nps, kinv, A, C, B, order.data_ptr(), len(p.groups),
                                              start.ctypes.data, gnnz.ctypes.data, mbits.data_ptr(), out.data_ptr())
@@ -930,7 +931,7 @@ def window_global(local: torch.Tensor, geom: dict, W: int) -> torch.Tensor:
     dh, dw = geom["dilation"]
     OH, OW = local.shape[-2], local.shape[-1]
     if local.dtype == torch.int32 and local.is_contiguous() and local.numel() and _use_c(local):
-        out = torch.empty(local.shape, dtype=torch.int64)
+        out = bufpool.empty(local.shape, torch.int64)
         _cpu_lib().fxc_window_global(local.data_ptr(), local.numel() // (OH * OW), OH, OW, W, kw, sh, sw, ph, pw, dh,
                                      dw, out.data_ptr())
         return out
