@@ -208,7 +208,9 @@ def main(argv=None):
     ap.add_argument("--rss-child", nargs=2, metavar=("MODEL", "MODE"))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--run-root", default="runs/bench_activations")
+    ap.add_argument("--json", metavar="PATH", help="also write every figure printed to this JSON file")
     args = ap.parse_args(argv)
+    report = {"args": vars(args), "memory": [], "speed": {}, "accuracy": {}}
     if args.rss_child:
         print(json.dumps(rss_child(*args.rss_child)))
         return 0
@@ -221,12 +223,15 @@ def main(argv=None):
                 mem = memory(name, mode) if "memory" in args.only else {}
                 peak = rss(name, mode) / 2**20 if "rss" in args.only else float("nan")
                 fp, st = mem.get("fp32", float("nan")), mem.get("stored", float("nan"))
+                report["memory"].append({"model": name, "mode": mode, "peak_rss_added_mb": peak, **mem})
                 print(f"{name:10} {mode:5} {fp / 2**20:9.1f} {st / 2**20:10.1f} {fp / st:6.2f} "
                       f"{mem.get('avg_bits', 32.0):8.2f} {peak:12.1f} {mem.get('grad_err', 0.0):9.2e} "
                       f"{mem.get('grad_err_worst', 0.0):7.3f}", flush=True)
     if "speed" in args.only:
         modes = [m for m in args.modes if m != "none"]
         t = speed("resnet50", ["none"] + modes, args.steps)
+        report["speed"] = {mode: {"wall_s": w, "cpu_s": c, "ratio": w / t["none"][0], "cpu_ratio": c / t["none"][1]}
+                           for mode, (w, c) in t.items()}
         print(f"\nresnet50 batch 32 64x64, 1 thread, median of {args.steps} alternated steps")
         print(f"  {'mode':5} {'wall s':>7} {'ratio':>6} {'CPU s':>7} {'ratio':>6}")
         for mode in ["none"] + modes:
@@ -235,10 +240,14 @@ def main(argv=None):
     if "accuracy" in args.only:
         acc = accuracy(range(args.seeds), args.run_root)
         base = statistics.mean(acc["baseline"])
+        report["accuracy"] = acc
         print(f"\ndigits, default ResNet-20, {args.seeds} seeds: mean final test accuracy")
         for mode in ("baseline", "auto", "2bit"):
             m = statistics.mean(acc[mode])
             print(f"  {mode:8} {m:6.2f} %  ({m - base:+.2f} points)  " + " ".join(f"{a:.2f}" for a in acc[mode]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=float)
     return 0
 
 
