@@ -192,6 +192,8 @@ def _declare(lib) -> None:
     lib.fxc_stats_nnz.argtypes = [P, I64, I64, I64, P, P, P]
     lib.fxc_zvc_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, U32, P]
     lib.fxc_zvc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I64, P, P]
+    lib.fxc_group_widths.argtypes = [I64, P, P, I, ctypes.c_float, P, P, P, P, P, P, P]
+    lib.fxc_group_widths.restype = I
     lib.fxc_window_local.argtypes = [P, I64, I64, I64, I64, I, I, I, I, I, I, I, P]
     lib.fxc_window_global.argtypes = [P, I64, I64, I64, I64, I, I, I, I, I, I, I, P]
     lib.fxc_window_local.restype = lib.fxc_window_global.restype = None
@@ -622,13 +624,14 @@ def zvc_unpack(p: PackedZVC) -> torch.Tensor:
 class PackedMixed:
     """Channels grouped by bit width (AutoQuant): one Packed per width."""
 
-    __slots__ = ("groups", "shape", "shape3", "dtype", "C", "order")
+    __slots__ = ("groups", "shape", "shape3", "dtype", "C", "order", "c_args")
 
     def __init__(self, groups, shape, shape3, dtype, C, order=None):
         self.groups, self.shape, self.shape3, self.dtype, self.C = groups, shape, shape3, dtype, C
         # the groups' channel indices as one int32 tensor (their idx are views
-        # of it), when the C path made it: its unpack takes it as is
+        # of it), and the C unpack's arguments, when the C path made it
         self.order = order
+        self.c_args = None
 
     def nbytes(self) -> int:
         return sum(p.nbytes() + idx.numel() * 4 for idx, p in self.groups)
@@ -646,11 +649,11 @@ def mixed_pack(x3: torch.Tensor, bits_c: torch.Tensor, rounding: str = "nearest"
         a, mn = stats(x3)
         amax = a if amax is None else amax
         signed = bool(mn < 0) if signed is None else signed
+    if x3.dtype == torch.float32 and x3.is_contiguous() and _use_c(x3) and not use_triton(x3):
+        return _mixed_pack_c(x3, bits_c.detach(), rounding, seed, amax, signed, shape)
     # grouping in numpy: a few thousand channels, where torch's per-op
     # overhead showed in the step time
     bnp = np.clip(bits_c.detach().cpu().numpy().astype(np.int64), 1, 16)
-    if x3.dtype == torch.float32 and x3.is_contiguous() and _use_c(x3) and not use_triton(x3):
-        return _mixed_pack_c(x3, bnp, rounding, seed, amax, signed, shape)
     widths = np.unique(bnp).tolist()
     groups = []
     for i, b in enumerate(widths):
@@ -665,37 +668,56 @@ def mixed_pack(x3: torch.Tensor, bits_c: torch.Tensor, rounding: str = "nearest"
                        x3.shape[1])
 
 
+_SLICE_ARRAYS: dict = {}
+
+
+def _slice_arrays(widths: Tuple[int, ...]):
+    """(bits, nparts, slice widths, slice shifts) C arrays, stride 5 per
+    group, for a tuple of group widths (cached: the same few recur)."""
+    import ctypes
+
+    arr = _SLICE_ARRAYS.get(widths)
+    if arr is None:
+        G = len(widths)
+        sls = [slices(b) + [(0, 0)] * (5 - len(slices(b))) for b in widths]
+        arr = ((ctypes.c_int * G)(*widths), (ctypes.c_int * G)(*[len(slices(b)) for b in widths]),
+               (ctypes.c_int * (5 * G))(*[w for sl in sls for w, _ in sl]),
+               (ctypes.c_int * (5 * G))(*[h for sl in sls for _, h in sl]))
+        _SLICE_ARRAYS[widths] = arr
+    return arr
+
+
 class _Groups:
-    """Width groups of a per-channel-width tensor laid out for one C call:
-    channels sorted by width (stable, so ascending within a group, as the
-    per-group path has them), group starts, and per group its width and
-    slices in the fixed-stride arrays the fxc_mixed_* functions take."""
+    """Width groups of a per-channel-width tensor laid out for one C call
+    (fxc_group_widths): channels sorted by width (stable, so ascending within
+    a group, as the per-group path has them), group starts, per group its
+    width and slices, and k, 1/k of every channel in sorted order (what
+    multipliers() gives each width group, bit for bit)."""
 
-    def __init__(self, bnp: np.ndarray):
-        import ctypes
-
-        self.order = np.argsort(bnp, kind="stable")
-        self.sorted_bits = bnp[self.order]
-        widths, starts = np.unique(self.sorted_bits, return_index=True)
-        self.widths = [int(b) for b in widths]
-        self.G = G = len(self.widths)
-        self.start = np.append(starts, len(bnp)).astype(np.int64)
-        self.slices = [slices(b) for b in self.widths]
-        self.c_start = self.start.ctypes.data_as(ctypes.c_void_p)
-        self.c_bits = (ctypes.c_int * G)(*self.widths)
-        self.c_np = (ctypes.c_int * G)(*[len(sl) for sl in self.slices])
-        self.c_w = (ctypes.c_int * (5 * G))(*[w for sl in self.slices for w, _ in sl + [(0, 0)] * (5 - len(sl))])
-        self.c_sh = (ctypes.c_int * (5 * G))(*[h for sl in self.slices for _, h in sl + [(0, 0)] * (5 - len(sl))])
-
-
-def _group_multipliers(amax: torch.Tensor, grp: _Groups, signed: bool):
-    """k and 1/k of every channel, in sorted order: what multipliers() gives
-    each width group (reciprocal(amax + EPS) times the group's level count,
-    a power of two, so the product is exact either way), in four ops."""
-    lev = np.exp2(grp.sorted_bits - (1 if signed else 0)).astype(np.float32)
-    a = amax.to(torch.float32).index_select(0, torch.from_numpy(grp.order))
-    k = a.add_(EPS).reciprocal_().mul_(torch.from_numpy(lev))
-    return k, k.reciprocal()
+    def __init__(self, bits: torch.Tensor, amax: torch.Tensor, signed: bool, nnz: Optional[torch.Tensor] = None):
+        C = bits.numel()
+        b64 = bits if (bits.dtype == torch.int64 and bits.is_contiguous()) else bits.to(torch.int64).contiguous()
+        b64 = b64.clamp(1, 16)
+        a = amax if (amax.dtype == torch.float32 and amax.is_contiguous()) else amax.to(torch.float32).contiguous()
+        self.order = torch.empty(C, dtype=torch.int32)
+        self.start = np.empty(17, dtype=np.int64)
+        widths = np.empty(16, dtype=np.int32)
+        self.k = torch.empty(C, dtype=torch.float32)
+        self.kinv = torch.empty(C, dtype=torch.float32)
+        self.gnnz = None
+        n64 = None
+        if nnz is not None:
+            n64 = nnz if (nnz.dtype == torch.int64 and nnz.is_contiguous()) else nnz.to(torch.int64).contiguous()
+            self.gnnz = np.zeros(16, dtype=np.int64)
+        G = _cpu_lib().fxc_group_widths(C, b64.data_ptr(), a.data_ptr(), int(signed), EPS, self.order.data_ptr(),
+                                        self.start.ctypes.data, widths.ctypes.data, self.k.data_ptr(),
+                                        self.kinv.data_ptr(), None if n64 is None else n64.data_ptr(),
+                                        None if self.gnnz is None else self.gnnz.ctypes.data)
+        self.G = G
+        self.widths = [int(w) for w in widths[:G]]
+        self.slices = [slices(w) for w in self.widths]
+        self.c_start = self.start.ctypes.data
+        self.c_bits, self.c_np, self.c_w, self.c_sh = _slice_arrays(tuple(self.widths))
 
 
 def _alloc_parts(grp: _Groups, counts: Sequence[int]):
@@ -718,31 +740,42 @@ def _alloc_parts(grp: _Groups, counts: Sequence[int]):
     return parts, (ctypes.c_void_p * len(ptrs))(*ptrs)
 
 
-def _mixed_pack_c(x3, bnp, rounding, seed, amax, signed, shape) -> PackedMixed:
+def _unpack_args(grp: _Groups, outs):
+    """What the one-call unpack needs, made once at pack time (the pointers
+    stay valid while the packed object holds its parts and scales)."""
+    import ctypes
+
+    kinv = grp.kinv.data_ptr()
+    return (outs, grp.c_w, grp.c_sh, grp.c_np,
+            (ctypes.c_void_p * grp.G)(*[kinv + 4 * int(grp.start[g]) for g in range(grp.G)]),
+            grp.start, grp.c_bits)
+
+
+def _mixed_pack_c(x3, bits_c, rounding, seed, amax, signed, shape) -> PackedMixed:
     """mixed_pack's C path: every width group in one call, bit for bit the
     per-group packing (same channel order, k, seeds)."""
     import ctypes
 
-    check_bits(int(bnp.max()))
     stoch = rounding == "stochastic"
     A, C, B = x3.shape
-    grp = _Groups(bnp)
-    k, kinv = _group_multipliers(amax, grp, signed)
-    order32 = torch.from_numpy(grp.order.astype(np.int32))
-    csub = np.diff(grp.start)
-    parts, outs = _alloc_parts(grp, [A * int(c) * B for c in csub])
+    grp = _Groups(bits_c, amax, signed)
+    st = grp.start
+    parts, outs = _alloc_parts(grp, [A * int(st[g + 1] - st[g]) * B for g in range(grp.G)])
     keys = (ctypes.c_uint32 * grp.G)(*[mix_seed(seed + i) if stoch else 0 for i in range(grp.G)])
-    rc = _cpu_lib().fxc_mixed_pack(x3.data_ptr(), k.data_ptr(), A, C, B, order32.data_ptr(), grp.G, grp.c_start,
-                                   grp.c_bits, grp.c_np, grp.c_w, grp.c_sh, int(signed), int(stoch), keys, outs)
+    rc = _cpu_lib().fxc_mixed_pack(x3.data_ptr(), grp.k.data_ptr(), A, C, B, grp.order.data_ptr(), grp.G,
+                                   grp.c_start, grp.c_bits, grp.c_np, grp.c_w, grp.c_sh, int(signed), int(stoch),
+                                   keys, outs)
     if rc:
         raise MemoryError("fxc_mixed_pack: out of memory for a channel index")
     groups = []
     for g, b in enumerate(grp.widths):
-        s, e = int(grp.start[g]), int(grp.start[g + 1])
+        s, e = int(st[g]), int(st[g + 1])
         sh3 = (A, e - s, B)
-        groups.append((order32[s:e], Packed(parts[g], kinv[s:e], b, signed, sh3, sh3, x3.dtype)))
-    return PackedMixed(groups, tuple(shape if shape is not None else x3.shape), tuple(x3.shape), x3.dtype, C,
-                       order32)
+        groups.append((grp.order[s:e], Packed(parts[g], grp.kinv[s:e], b, signed, sh3, sh3, x3.dtype)))
+    out = PackedMixed(groups, tuple(shape if shape is not None else x3.shape), tuple(x3.shape), x3.dtype, C,
+                      grp.order)
+    out.c_args = _unpack_args(grp, outs)
+    return out
 
 
 def _group_arrays(groups, order):
@@ -777,7 +810,11 @@ def mixed_unpack(p: PackedMixed) -> torch.Tensor:
     if p.dtype == torch.float32 and len(p.groups) > 1 and _use_c(p.groups[0][0]) \
             and not use_triton(p.groups[0][1].parts[0]):
         A, C, B = p.shape3
-        order, start, bits, nps, w, sh, parts, kinv, keep = _group_arrays(p.groups, p.order)
+        if p.c_args is not None:  # made at pack time
+            parts, w, sh, nps, kinv, start, bits = p.c_args
+            order = p.order
+        else:
+            order, start, bits, nps, w, sh, parts, kinv, keep = _group_arrays(p.groups, p.order)
         out = bufpool.empty(p.shape3, torch.float32)
         rc = _cpu_lib().fxc_mixed_unpack(parts, w, sh, nps, kinv, A, C, B, order.data_ptr(), len(p.groups),
                                          start.ctypes.data, bits, int(p.groups[0][1].signed), out.data_ptr())
@@ -802,11 +839,11 @@ class PackedMixedZVC:
     width group, and `mask` is a reference to that shared mask (its bytes
     belong to the save that made it, and are counted there, once)."""
 
-    __slots__ = ("groups", "mask", "shape", "shape3", "dtype", "C", "order")
+    __slots__ = ("groups", "mask", "shape", "shape3", "dtype", "C", "order", "c_args")
 
     def __init__(self, groups, mask, shape, shape3, dtype, C, order=None):
         self.groups, self.mask, self.shape, self.shape3, self.dtype, self.C = groups, mask, shape, shape3, dtype, C
-        self.order = order  # as PackedMixed.order
+        self.order, self.c_args = order, None  # as PackedMixed's
 
     def nbytes(self) -> int:
         """Codes, scales and channel indices; not the shared mask."""
@@ -825,11 +862,11 @@ def mixed_zvc_pack(x3: torch.Tensor, bits_c: torch.Tensor, mask: PackedMask, nnz
         raise BadInput(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if amax is None:
         amax = stats(x3)[0]
-    bnp = np.clip(bits_c.detach().cpu().numpy().astype(np.int64), 1, 16)
-    nnp = nnz_c.detach().cpu().numpy().astype(np.int64)
     stoch = rounding == "stochastic"
     if x3.dtype == torch.float32 and x3.is_contiguous() and _use_c(x3) and not use_triton(x3):
-        return _mixed_zvc_pack_c(x3, bnp, nnp, mask, stoch, seed, amax, shape)
+        return _mixed_zvc_pack_c(x3, bits_c.detach(), nnz_c.detach(), mask, stoch, seed, amax, shape)
+    bnp = np.clip(bits_c.detach().cpu().numpy().astype(np.int64), 1, 16)
+    nnp = nnz_c.detach().cpu().numpy().astype(np.int64)
     A, C, B = x3.shape
     groups = []
     for i, b in enumerate(np.unique(bnp).tolist()):
@@ -849,39 +886,43 @@ def mixed_zvc_pack(x3: torch.Tensor, bits_c: torch.Tensor, mask: PackedMask, nnz
                           x3.dtype, C)
 
 
-def _mixed_zvc_pack_c(x3, bnp, nnp, mask, stoch, seed, amax, shape) -> PackedMixedZVC:
+def _mixed_zvc_pack_c(x3, bits_c, nnz_c, mask, stoch, seed, amax, shape) -> PackedMixedZVC:
     """mixed_zvc_pack's C path: every width group in one call, bit for bit
     the per-group packing (same channel order, k, seeds, nnz per group)."""
     import ctypes
 
-    check_bits(int(bnp.max()))
     A, C, B = x3.shape
-    grp = _Groups(bnp)
-    k, kinv = _group_multipliers(amax, grp, False)
-    order32 = torch.from_numpy(grp.order.astype(np.int32))
-    gnnz = np.add.reduceat(nnp[grp.order], grp.start[:-1]).astype(np.int64)
-    parts, outs = _alloc_parts(grp, gnnz.tolist())
+    grp = _Groups(bits_c, amax, False, nnz_c)
+    gnnz = grp.gnnz
+    parts, outs = _alloc_parts(grp, [int(v) for v in gnnz[:grp.G]])
     keys = (ctypes.c_uint32 * grp.G)(*[mix_seed(seed + i) if stoch else 0 for i in range(grp.G)])
-    rc = _cpu_lib().fxc_mixed_zvc_pack(x3.data_ptr(), k.data_ptr(), A, C, B, order32.data_ptr(), grp.G,
+    rc = _cpu_lib().fxc_mixed_zvc_pack(x3.data_ptr(), grp.k.data_ptr(), A, C, B, grp.order.data_ptr(), grp.G,
                                        grp.c_start, gnnz.ctypes.data, grp.c_bits, grp.c_np, grp.c_w, grp.c_sh,
                                        int(stoch), keys, outs)
     if rc:
         raise MemoryError("fxc_mixed_zvc_pack: out of memory for a channel index")
     groups = []
+    st = grp.start
     for g, b in enumerate(grp.widths):
-        s, e = int(grp.start[g]), int(grp.start[g + 1])
+        s, e = int(st[g]), int(st[g + 1])
         sh3 = (A, e - s, B)
-        groups.append((order32[s:e], Packed(parts[g], kinv[s:e], b, False, sh3, sh3, x3.dtype), int(gnnz[g])))
-    return PackedMixedZVC(groups, mask, tuple(shape if shape is not None else x3.shape), tuple(x3.shape),
-                          x3.dtype, C, order32)
+        groups.append((grp.order[s:e], Packed(parts[g], grp.kinv[s:e], b, False, sh3, sh3, x3.dtype), int(gnnz[g])))
+    out = PackedMixedZVC(groups, mask, tuple(shape if shape is not None else x3.shape), tuple(x3.shape),
+                         x3.dtype, C, grp.order)
+    out.c_args = _unpack_args(grp, outs) + (gnnz,)
+    return out
 
 
 def mixed_zvc_unpack(p: PackedMixedZVC) -> torch.Tensor:
     A, C, B = p.shape3
     dev = p.groups[0][0].device
     if p.dtype == torch.float32 and _use_c(p.groups[0][0]) and not use_triton(p.groups[0][1].parts[0]):
-        order, start, bits, nps, w, sh, parts, kinv, keep = _group_arrays([g[:2] for g in p.groups], p.order)
-        gnnz = np.array([g[2] for g in p.groups], dtype=np.int64)
+        if p.c_args is not None:  # made at pack time
+            parts, w, sh, nps, kinv, start, bits, gnnz = p.c_args
+            order = p.order
+        else:
+            order, start, bits, nps, w, sh, parts, kinv, keep = _group_arrays([g[:2] for g in p.groups], p.order)
+            gnnz = np.array([g[2] for g in p.groups], dtype=np.int64)
         out = bufpool.empty(p.shape3, torch.float32)
         mbits = p.mask.bits if p.mask.bits.is_contiguous() else p.mask.bits.contiguous()
         rc = _cpu_lib().fxc_mixed_zvc_unpack(parts, w, sh, nps, kinv, A, C, B, order.data_ptr(), len(p.groups),

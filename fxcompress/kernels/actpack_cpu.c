@@ -729,3 +729,42 @@ void fxc_window_global(const int32_t *local, int64_t planes, int64_t OH, int64_t
             }
         }
 }
+
+/* Channels grouped by width for the fxc_mixed_* calls: a stable counting
+ * sort of bits[0..C) (1..16) into order, group starts (G + 1 entries) and
+ * widths, and per sorted channel k = (1 / (amax + eps)) * levels and 1/k,
+ * the float32 operations of actpack.multipliers (levels = 2^(b-1) signed,
+ * 2^b unsigned; a power of two, so the product is exact); with nnz, gnnz[g]
+ * sums it over group g. Returns G. */
+int fxc_group_widths(int64_t C, const int64_t *bits, const float *amax, int is_signed, float eps, int32_t *order,
+                     int64_t *start, int *widths, float *k, float *kinv, const int64_t *nnz, int64_t *gnnz) {
+    int64_t cnt[17] = {0}, pos[17];
+    for (int64_t c = 0; c < C; ++c) ++cnt[bits[c]];
+    int G = 0;
+    int64_t acc = 0;
+    for (int b = 1; b <= 16; ++b) {
+        pos[b] = acc;
+        if (cnt[b]) {
+            widths[G] = b;
+            start[G++] = acc;
+        }
+        acc += cnt[b];
+    }
+    start[G] = acc;
+    int gi[17] = {0}; /* width -> group number */
+    for (int g = 0; g < G; ++g) {
+        gi[widths[g]] = g;
+        if (gnnz) gnnz[g] = 0;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        const int b = (int)bits[c];
+        const int64_t j = pos[b]++;
+        if (gnnz) gnnz[gi[b]] += nnz[c];
+        order[j] = (int32_t)c;
+        const float lev = (float)(1 << (is_signed ? b - 1 : b));
+        const float kk = (1.0f / (amax[c] + eps)) * lev;
+        k[j] = kk;
+        kinv[j] = 1.0f / kk;
+    }
+    return G;
+}

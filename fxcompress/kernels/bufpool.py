@@ -12,15 +12,17 @@ order, which the allocator reuses.
 How. `empty(shape, dtype)` returns a tensor over a block this pool owns (a
 numpy byte array; torch.from_numpy shares it and keeps it alive). When the
 last tensor or view on it dies, a finalizer puts the block back on the free
-list of its size, so the next step's decode of the same tensor reuses it
-(blocks are matched by exact size: a step decodes the same sizes every
-time). What the pool keeps while no tensor uses it is capped (`max_free`,
+list, and the next decode takes the smallest free block that is large
+enough (a best fit: a step decodes the same sizes every time, and a block
+left over from one tensor serves the next smaller one instead of the pool
+holding an idle block of every size). What the pool keeps while no tensor uses it is capped (`max_free`,
 default 256 MB, FXC_POOL_MB); beyond that a returned block is released.
 This is working memory of the backward, like an op's workspace: the stored
 (packed) bytes that the memory figures count are not affected.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import weakref
@@ -36,6 +38,7 @@ class BufferPool:
     def __init__(self, max_free: int):
         self.max_free = max_free
         self._free: Dict[int, List[np.ndarray]] = {}
+        self._sizes: List[int] = []  # sorted keys of _free
         self._free_bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -43,11 +46,20 @@ class BufferPool:
 
     def _take(self, size: int) -> np.ndarray:
         with self._lock:
-            blocks = self._free.get(size)
-            if blocks:
-                self._free_bytes -= size
+            # best fit: the smallest free block that is large enough, so a
+            # block left over from one tensor serves the next smaller one
+            # instead of the pool growing by a block of every size
+            i = bisect.bisect_left(self._sizes, size)
+            if i < len(self._sizes):
+                have = self._sizes[i]
+                blocks = self._free[have]
+                block = blocks.pop()
+                if not blocks:
+                    del self._free[have]
+                    self._sizes.pop(i)
+                self._free_bytes -= have
                 self.hits += 1
-                return blocks.pop()
+                return block
             self.misses += 1
         return np.empty(size, dtype=np.uint8)
 
@@ -56,7 +68,10 @@ class BufferPool:
         with self._lock:
             if self._free_bytes + size > self.max_free:
                 return  # dropped: numpy frees it
-            self._free.setdefault(size, []).append(block)
+            if size not in self._free:
+                self._free[size] = []
+                bisect.insort(self._sizes, size)
+            self._free[size].append(block)
             self._free_bytes += size
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -73,6 +88,7 @@ class BufferPool:
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
+            self._sizes.clear()
             self._free_bytes = 0
 
     @property
