@@ -331,7 +331,7 @@ class SaveSpec(nn.Module):
             amax, mn, nnz_c = actpack.stats_nnz(x3)
         else:
             amax, mn = actpack.stats(x3)
-        signed = bool(mn < 0)
+        signed = float(mn) < 0  # one read of the scalar, not a compare op and a read
         # stochastic rounding: one draw from torch's global generator per tensor,
         # so runs are reproducible and a resumed run (the driver restores the
         # generator) continues the same stream
@@ -349,14 +349,14 @@ class SaveSpec(nn.Module):
                 obj = actpack.mixed_zvc_pack(x3, bits_c, relu.packed, nnz_c, s.rounding, seed, amax,
                                              shape=t.shape)
                 st["quant_elements"] += t.numel()
-                st["quant_bits"] += float((bits_c.double() * nnz_c.double().to(bits_c.device)).sum())
+                st["quant_bits"] += _dot(bits_c, nnz_c)
                 return obj
             bits_c = self.auto_bits(amax, signed, x3.shape[1],
                                     counts=torch.full((x3.shape[1],), x3.shape[0] * x3.shape[2]))
             obj = (actpack.mixed_pack(x3, bits_c, s.rounding, seed, amax, signed, shape=t.shape)
                    if not s.zvc else actpack.zvc_pack(x3, int(bits_c.max()), s.rounding, seed, amax, signed,
                                                       shape=t.shape))
-            nbits = float((bits_c.double() * (x3.shape[0] * x3.shape[2])).sum())
+            nbits = _dot(bits_c, None) * (x3.shape[0] * x3.shape[2])
         else:
             b = bits or (self.measured_bits if s.mode == "auto" and self.measured_bits else s.bits)
             obj = (actpack.zvc_pack(x3, b, s.rounding, seed, amax, signed, shape=t.shape) if s.zvc
@@ -412,6 +412,16 @@ class SaveSpec(nn.Module):
         if self._method is not None:
             return getattr(args[0], self._method)(*args[1:], **kwargs)
         return args[0](*args[1:], **kwargs)
+
+
+def _dot(bits_c: torch.Tensor, counts: Optional[torch.Tensor]) -> float:
+    """sum_c bits_c * counts_c (or sum_c bits_c), as a float; numpy for CPU
+    tensors (this runs per saved tensor per step: torch's per-op overhead)."""
+    if bits_c.device.type == "cpu" and (counts is None or counts.device.type == "cpu"):
+        b = bits_c.detach().numpy().astype(np.float64)
+        return float(b.sum() if counts is None else b @ counts.detach().numpy().astype(np.float64))
+    b = bits_c.double()
+    return float(b.sum() if counts is None else (b * counts.double().to(b.device)).sum())
 
 
 def spend_slack(bits: np.ndarray, a: np.ndarray, dx2: np.ndarray, n: np.ndarray, signed: bool,
