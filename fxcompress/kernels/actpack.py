@@ -185,13 +185,9 @@ def _declare(lib) -> None:
     lib.fxc_stats.argtypes = [P, I64, I64, I64, P, P]
     lib.fxc_dequant_scatter.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P]
     lib.fxc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I, I, P]
-    lib.fxc_quant_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, I, U32, P]
     lib.fxc_unpack_mask_values.argtypes = [P, I64, ctypes.c_float, ctypes.c_float, P]
     lib.fxc_pack_gt.argtypes = [P, I64, ctypes.c_float, P]
-    lib.fxc_unpack_scatter2.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I, I, P]
     lib.fxc_stats_nnz.argtypes = [P, I64, I64, I64, P, P, P]
-    lib.fxc_zvc_pack_sel.argtypes = [P, P, I64, I64, I64, P, I64, I, I, P, P, I, U32, P]
-    lib.fxc_zvc_unpack_scatter.argtypes = [P, P, P, I, P, I64, I64, I64, P, I64, I64, P, P]
     lib.fxc_group_widths.argtypes = [I64, P, P, I, ctypes.c_float, P, P, P, P, P, P, P]
     lib.fxc_group_widths.restype = I
     lib.fxc_window_local.argtypes = [P, I64, I64, I64, I64, I, I, I, I, I, I, I, P]
@@ -205,9 +201,8 @@ def _declare(lib) -> None:
         getattr(lib, f).restype = I
     for f in ("fxc_quant_pack", "fxc_pack_codes", "fxc_unpack_codes", "fxc_unpack_dequant",
               "fxc_dequant_codes", "fxc_pack_mask", "fxc_unpack_mask", "fxc_stats",
-              "fxc_unpack_mask_values", "fxc_dequant_scatter", "fxc_unpack_scatter",
-              "fxc_quant_pack_sel", "fxc_unpack_scatter2", "fxc_stats_nnz", "fxc_zvc_pack_sel",
-              "fxc_zvc_unpack_scatter", "fxc_pack_gt"):
+              "fxc_unpack_mask_values", "fxc_dequant_scatter", "fxc_unpack_scatter", "fxc_stats_nnz",
+              "fxc_pack_gt"):
         getattr(lib, f).restype = None
 
 
@@ -789,13 +784,10 @@ def _group_arrays(groups, order):
     start = np.zeros(G + 1, dtype=np.int64)
     np.cumsum([g[0].numel() for g in groups], out=start[1:])
     packs = [g[1] for g in groups]
-    sls = [slices(p.bits) for p in packs]
-    w = (ctypes.c_int * (5 * G))(*[x for sl in sls for x, _ in sl + [(0, 0)] * (5 - len(sl))])
-    sh = (ctypes.c_int * (5 * G))(*[x for sl in sls for _, x in sl + [(0, 0)] * (5 - len(sl))])
+    bits, nps, w, sh = _slice_arrays(tuple(p.bits for p in packs))
     parts = (ctypes.c_void_p * (5 * G))(*_part_ptrs(packs))
     kinv = [p.kinv if p.kinv.is_contiguous() else p.kinv.contiguous() for p in packs]
-    return (order, start, (ctypes.c_int * G)(*[p.bits for p in packs]), (ctypes.c_int * G)(*[len(sl) for sl in sls]),
-            w, sh, parts, (ctypes.c_void_p * G)(*[t.data_ptr() for t in kinv]), kinv)
+    return (order, start, bits, nps, w, sh, parts, (ctypes.c_void_p * G)(*[t.data_ptr() for t in kinv]), kinv)
 
 
 def _part_ptrs(packs):
@@ -944,13 +936,19 @@ def mixed_zvc_unpack(p: PackedMixedZVC) -> torch.Tensor:
 
 # ------------------------------------------- max-pool indices as window slots
 
-def window_local(idx: torch.Tensor, geom: dict) -> torch.Tensor:
-    """Max-pool indices (flat input positions, int64, (..., OH, OW)) as the
-    position inside each output's window (int32, 0..kh*kw-1)."""
-    kh, kw = geom["kernel"]
+def _window_geom(geom: dict) -> Tuple[int, int, int, int, int, int, int]:
+    """(kw, sh, sw, ph, pw, dh, dw) of a max-pool geometry dict."""
+    _, kw = geom["kernel"]
     sh, sw = geom["stride"]
     ph, pw = geom["padding"]
     dh, dw = geom["dilation"]
+    return kw, sh, sw, ph, pw, dh, dw
+
+
+def window_local(idx: torch.Tensor, geom: dict) -> torch.Tensor:
+    """Max-pool indices (flat input positions, int64, (..., OH, OW)) as the
+    position inside each output's window (int32, 0..kh*kw-1)."""
+    kw, sh, sw, ph, pw, dh, dw = _window_geom(geom)
     W = geom["in_w"]
     OH, OW = idx.shape[-2], idx.shape[-1]
     if idx.dtype == torch.int64 and idx.is_contiguous() and idx.numel() and _use_c(idx):
@@ -966,10 +964,7 @@ def window_local(idx: torch.Tensor, geom: dict) -> torch.Tensor:
 
 def window_global(local: torch.Tensor, geom: dict, W: int) -> torch.Tensor:
     """window_local's inverse: int64 flat input positions."""
-    kh, kw = geom["kernel"]
-    sh, sw = geom["stride"]
-    ph, pw = geom["padding"]
-    dh, dw = geom["dilation"]
+    kw, sh, sw, ph, pw, dh, dw = _window_geom(geom)
     OH, OW = local.shape[-2], local.shape[-1]
     if local.dtype == torch.int32 and local.is_contiguous() and local.numel() and _use_c(local):
         out = bufpool.empty(local.shape, torch.int64)

@@ -130,7 +130,7 @@ class ScaledGrad(nn.Module):
 
     @torch.no_grad()
     def update_range(self, w: torch.Tensor) -> None:
-        batch = _cpu_batch(self._batches, (0,), [self], [w.detach()])
+        batch = _cpu_batch(self._batches, (0,), [self], [w])
         if batch is not None:  # the C path, as the group takes: the same ranges bit for bit
             batch.ranges([self.initialized])
             self.initialized = True
@@ -189,6 +189,14 @@ def _cpu_batch(cache: Dict[Any, Any], idx: Tuple[int, ...], members: Sequence["S
     if b is not None and not b.matches(ws, ranges):
         return None
     return b
+
+
+def _mark_initialized(members: Sequence["ScaledGrad"], flags) -> None:
+    """After a range update: every member's EMA has started (flags: what
+    `initialized` was before it; nothing to write when all were)."""
+    if not all(flags):
+        for m in members:
+            m.initialized = True
 
 
 def scale_gradients(members: Sequence[ScaledGrad], ws: Sequence[torch.Tensor],
@@ -323,9 +331,7 @@ class ScaledGradGroup(nn.Module):
             if idx != self._all:
                 levels = levels[list(idx)]
             deltas = (rng.amax(1) / levels).clamp_(min=TINY)
-        if not all(flags):
-            for m in members:
-                m.initialized = True
+        _mark_initialized(members, flags)
         return deltas
 
     def _backward(self, idx: Tuple[int, ...], batch: Optional[CpuBatch], ws: Optional[Sequence[torch.Tensor]],
@@ -342,9 +348,7 @@ class ScaledGradGroup(nn.Module):
             flags = bytes([m.initialized for m in members])
             out = batch.step(gs, flags, bytes(active))
             if out is not None:
-                if not all(flags):
-                    for m in members:
-                        m.initialized = True
+                _mark_initialized(members, flags)
                 return out
         if ws is None:
             ws = batch.weights()
