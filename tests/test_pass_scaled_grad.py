@@ -62,6 +62,11 @@ def nearest_grid_point(w, bits):
     return levels[idx].reshape(w.shape)
 
 
+def expected_grad(w, g, bits):
+    """PSGD's gradient by the paper's formula: lambda * |w - Q(w)| * g."""
+    return LAMBDA * (w - nearest_grid_point(w, bits)).abs() * g
+
+
 def compiled(model, pol):
     return fxcompress.compile(model, pol, example_inputs=torch.randn(2, 1, 8, 8))
 
@@ -77,7 +82,7 @@ def test_gradient_is_lambda_times_distance_times_g_exactly():
             assert torch.equal(g_psgd[name], g_plain[name])  # biases untouched by default
             continue
         w = w.detach()
-        expected = LAMBDA * (w - nearest_grid_point(w, 4)).abs() * g_plain[name]
+        expected = expected_grad(w, g_plain[name], 4)
         assert torch.equal(g_psgd[name], expected), name
     # forward is unchanged
     with torch.no_grad():
@@ -165,7 +170,7 @@ def test_bias_option_and_functional_weights():
     g_plain, g = grads(plain, x, y), grads(cm, x, y)
     for name, w in plain.named_parameters():
         w = w.detach()
-        assert torch.equal(g[name], LAMBDA * (w - nearest_grid_point(w, 3)).abs() * g_plain[name]), name
+        assert torch.equal(g[name], expected_grad(w, g_plain[name], 3)), name
     # a get_attr weight selected by name works the same way
     pol = {"rules": [{"match": {"name": "weight"}, "scaled_grad": {}}]}
     cm = fxcompress.compile(FunctionalNet(), pol, example_inputs=torch.randn(2, 12))
@@ -278,7 +283,7 @@ def test_partly_active_group_and_one_range_update_per_forward():
     g_plain, g = grads(plain, x, y), grads(cm, x, y)
     assert torch.equal(g["conv2.weight"], g_plain["conv2.weight"])  # not started yet
     w = plain.fc.weight.detach()
-    assert torch.equal(g["fc.weight"], LAMBDA * (w - nearest_grid_point(w, 4)).abs() * g_plain["fc.weight"])
+    assert torch.equal(g["fc.weight"], expected_grad(w, g_plain["fc.weight"], 4))
     sg = cm.controllers["scaled_grad"].layers["fc.weight"]
     assert sg.ema_range() == (float(w.min().clamp(max=0)), float(w.max().clamp(min=0)))
 
@@ -396,7 +401,7 @@ def test_a_weight_used_twice_gets_its_summed_gradient_scaled():
     g_plain, g = grads(plain, x, y), grads(cm, x, y)
     for name in ("conv.weight", "fc.weight"):
         w = dict(plain.named_parameters())[name].detach()
-        assert torch.equal(g[name], LAMBDA * (w - nearest_grid_point(w, 4)).abs() * g_plain[name]), name
+        assert torch.equal(g[name], expected_grad(w, g_plain[name], 4)), name
 
 
 def test_create_graph_takes_the_out_of_place_path():
