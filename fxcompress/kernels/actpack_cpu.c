@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
+#include "counter_hash.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 /* expand LUT: for a mask byte, lane q takes code number popcount(bits below q) */
@@ -33,17 +34,9 @@ static void exp_init(void) {
 }
 #endif
 
-#define M1 0x6C8E9CF5u
-#define M2 0x2D2A5F3Bu
-
+/* u in [0, 1) of element i: counter_hash's finaliser of (i + key) mod 2^32 */
 static inline float u01(int64_t i, uint32_t key) {
-    uint32_t h = (uint32_t)((uint64_t)(i + (int64_t)key) & 0xFFFFFFFFu);
-    h ^= h >> 16;
-    h *= M1;
-    h ^= h >> 15;
-    h *= M2;
-    h ^= h >> 16;
-    return (float)(h >> 8) * (1.0f / 16777216.0f);
+    return fxc_u24(fxc_mix32((uint32_t)((uint64_t)(i + (int64_t)key) & 0xFFFFFFFFu)));
 }
 
 /* Quantize x (n floats, scale row c = (i / B) % C) and pack the slice

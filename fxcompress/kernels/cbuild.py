@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import threading
@@ -29,6 +30,12 @@ def cpu_fast_enabled() -> bool:
 
 def _build(src_path: str, stem: str) -> ctypes.CDLL:
     src = open(src_path, "rb").read()
+    # the local headers a source includes are part of what gets compiled,
+    # so part of the cache key too
+    here = os.path.dirname(src_path)
+    for name in re.findall(rb'^#include "([^"]+)"', src, re.M):
+        with open(os.path.join(here, name.decode()), "rb") as f:
+            src += f.read()
     cpu = platform.machine()
     try:
         cpu += next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")

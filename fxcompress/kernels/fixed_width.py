@@ -26,6 +26,7 @@ import torch
 from ..errors import BadInput
 from . import bufpool
 from .actpack_cpu import lib as _lib
+from .counter_hash import mix32_triton
 from .dispatch import backend_for
 from .rounding import ROUNDINGS, check_bits, codes_reference, mix_seed, multipliers, qrange, slices
 
@@ -153,11 +154,17 @@ def stats(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------ Triton kernels
 
 _kernels = {}
+_mix32 = None  # counter_hash.mix32_triton(), set when the kernels are built
 
 
 def _build_kernels():
     import triton
     import triton.language as tl
+
+    # a module global, not a local: jit code (and the interpreter) resolves
+    # the functions it calls among the module's globals
+    global _mix32
+    _mix32 = mix32_triton()
 
     @triton.jit
     def pack_kernel(x_ptr, k_ptr, out_ptr, n, n_bytes, C, B, key, shift,
@@ -180,13 +187,8 @@ def _build_kernels():
             k = tl.load(k_ptr + c, mask=m, other=0.0)
             v = x * k
             if STOCH:
-                # the same 32-bit hash as uniform_reference, in uint32 arithmetic
-                h = ((idx + key) & 0xFFFFFFFF).to(tl.uint32)
-                h = h ^ (h >> 16)
-                h = h * 0x6C8E9CF5
-                h = h ^ (h >> 15)
-                h = h * 0x2D2A5F3B
-                h = h ^ (h >> 16)
+                # counter_hash's finaliser, as uniform_reference draws it
+                h = _mix32(((idx + key) & 0xFFFFFFFF).to(tl.uint32))
                 v = v + (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
             else:
                 v = v + 0.5

@@ -17,50 +17,27 @@ import torch
 
 from ..distributed.wire import GROUP, Layout, assemble, check_bits, check_bucket_size, pack_codes, split, unpack_codes
 from ..errors import BadInput
+from .counter_hash import MASK32, mix32, mix32_tensor, mix32_triton, to_uniform
 from .dispatch import use_triton
 
 EPS = 1e-7  # r = x / (||x|| + EPS): an all-zero bucket encodes as zeros, not NaN
-MASK32 = 0xFFFFFFFF
-# multipliers of a 32-bit integer finaliser (xor-shift-multiply); kept below
-# 2^31 so the int64 products of the torch path never overflow
-MUL1, MUL2 = 0x7FEB352D, 0x2C1B3C6D
 NORMS = ("l2", "linf")
 
 
 # ------------------------------------------------------------------ hashing
 
-def _mix32(h: int) -> int:
-    h &= MASK32
-    h ^= h >> 16
-    h = (h * MUL1) & MASK32
-    h ^= h >> 15
-    h = (h * MUL2) & MASK32
-    h ^= h >> 16
-    return h
-
-
 def stream_keys(seed: int):
     """Two 32-bit keys derived from a seed; the kernels only see the keys."""
-    k1 = _mix32(seed & MASK32)
-    return k1, _mix32(k1 ^ 0x5BD1E995)
-
-
-def _mix32_t(h: torch.Tensor) -> torch.Tensor:
-    # in place: this hash is most of the reference encoder's time
-    h = h.clone()
-    h.bitwise_xor_(h >> 16)
-    h.mul_(MUL1).bitwise_and_(MASK32)
-    h.bitwise_xor_(h >> 15)
-    h.mul_(MUL2).bitwise_and_(MASK32)
-    return h.bitwise_xor_(h >> 16)
+    k1 = mix32(seed & MASK32)
+    return k1, mix32(k1 ^ 0x5BD1E995)
 
 
 def uniform_reference(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """u in [0, 1) on a 2^-24 grid (exact in float32) for each index."""
+    """u in [0, 1) on a 2^-24 grid (exact in float32) for each index: the
+    finaliser twice, (index + k1) then xor k2."""
     k1, k2 = stream_keys(seed)
-    h = _mix32_t((index.to(torch.int64) + k1) & MASK32)
-    h = _mix32_t(h.bitwise_xor_(k2))
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    h = mix32_tensor((index.to(torch.int64) + k1) & MASK32)
+    return to_uniform(mix32_tensor(h.bitwise_xor_(k2)))
 
 
 # ------------------------------------------------------- torch reference
@@ -127,14 +104,7 @@ except Exception:  # pragma: no cover - depends on the install
 
 
 if triton is not None:
-    @triton.jit
-    def _mix(h):
-        # literals, not MUL1 / MUL2: jit code cannot read module globals
-        h = h ^ (h >> 16)
-        h = h * 0x7FEB352D
-        h = h ^ (h >> 15)
-        h = h * 0x2C1B3C6D
-        return h ^ (h >> 16)
+    _mix = mix32_triton()
 
     @triton.jit
     def _encode_kernel(x_ptr, levels_ptr, norms_ptr, codes_ptr, numel, bucket_size, key1, key2,

@@ -18,12 +18,9 @@ from typing import List, Tuple
 import torch
 
 from ..errors import BadInput
+from .counter_hash import MASK32, mix32, mix32_tensor, to_uniform
 
 EPS = 1e-6
-MASK32 = 0xFFFFFFFF
-# multipliers of a 32-bit xor-shift-multiply finaliser; below 2^31 so the
-# int64 products of the torch path never overflow
-_M1, _M2 = 0x6C8E9CF5, 0x2D2A5F3B
 ROUNDINGS = ("nearest", "stochastic")
 
 
@@ -47,22 +44,13 @@ def slices(bits: int) -> List[Tuple[int, int]]:
 
 def mix_seed(seed: int) -> int:
     """A 32-bit key from any integer seed (the kernels only see the key)."""
-    h = (seed * 0x9E3779B1 + 0x7F4A7C15) & MASK32
-    h ^= h >> 16
-    h = (h * _M1) & MASK32
-    h ^= h >> 15
-    return h
+    return mix32(seed * 0x9E3779B1 + 0x7F4A7C15)
 
 
 def uniform_reference(idx: torch.Tensor, key: int) -> torch.Tensor:
-    """u in [0,1) on a 2^-24 grid (exact in float32) for each int64 index."""
-    h = (idx + key) & MASK32
-    h = h ^ (h >> 16)
-    h = (h * _M1) & MASK32
-    h = h ^ (h >> 15)
-    h = (h * _M2) & MASK32
-    h = h ^ (h >> 16)
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    """u in [0,1) on a 2^-24 grid (exact in float32) for each int64 index:
+    counter_hash's finaliser of (index + key) mod 2^32."""
+    return to_uniform(mix32_tensor((idx + key) & MASK32))
 
 
 def multipliers(amax: torch.Tensor, bits: int, signed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
