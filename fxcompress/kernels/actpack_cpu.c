@@ -39,9 +39,23 @@ static inline float u01(int64_t i, uint32_t key) {
     return fxc_u24(fxc_mix32((uint32_t)((uint64_t)(i + (int64_t)key) & 0xFFFFFFFFu)));
 }
 
+/* rounding.py's grid: off = the offset that makes codes non-negative (the
+ * position of 0 signed, L = 2^(b-1) - 1, 1/2 at 1 bit; 0 unsigned), hi =
+ * the top code (2L signed, 2^b - 1 unsigned) */
+static inline void grid(int bits, int is_signed, float *off, float *hi) {
+    if (!is_signed) {
+        *off = 0.0f;
+        *hi = (float)((1 << bits) - 1);
+    } else {
+        const float half = bits > 1 ? (float)((1 << (bits - 1)) - 1) : 0.5f;
+        *off = half;
+        *hi = 2.0f * half;
+    }
+}
+
 /* Quantize x (n floats, scale row c = (i / B) % C) and pack the slice
  * (code >> shift) & (2^width - 1), 8/width codes per byte, low bits first.
- * code = (int) clamp(x*k + r + off, 0, 2^bits - 1): adding the offset
+ * code = (int) clamp(x*k + r + off, 0, hi): adding the offset
  * before clamping makes truncation equal floor, so the loop needs no floorf
  * and vectorises. Codes go through a small buffer, in runs of constant k. */
 #define CHUNK 4096
@@ -75,8 +89,8 @@ void fxc_quant_pack(const float *x, const float *k, int64_t n, int64_t C, int64_
                     int shift, int is_signed, int stoch, uint32_t key, uint8_t *out) {
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
-    const float hi = (float)((1 << bits) - 1);
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
     uint16_t buf[CHUNK];
     int64_t c = 0, pos = 0;
     for (int64_t start = 0; start < n; start += CHUNK) {
@@ -158,7 +172,9 @@ void fxc_unpack_dequant(const uint8_t *in, const float *kinv, int64_t n, int64_t
     const int width = bits;
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
+    (void)hi;
     int64_t c = 0, pos = 0, i = 0;
     float kv = kinv[0];
     const int64_t nbytes = (n + per - 1) / per;
@@ -179,7 +195,9 @@ void fxc_unpack_dequant(const uint8_t *in, const float *kinv, int64_t n, int64_t
 /* Multi-slice: codes already assembled in int32. */
 void fxc_dequant_codes(const int32_t *codes, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
                        int is_signed, float *out) {
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
+    (void)hi;
     int64_t c = 0, pos = 0;
     float kv = kinv[0];
     for (int64_t i = 0; i < n; ++i) {
@@ -280,8 +298,8 @@ static void quant_pack_sel(const float *x, const float *k, int64_t A, int64_t C,
                         uint32_t key, uint8_t *const *outs) {
     uint8_t *op[5];
     for (int q = 0; q < nparts; ++q) op[q] = outs[q];
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
-    const float hi = (float)((1 << bits) - 1);
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
     uint16_t buf[CHUNK];
     int64_t fill = 0, e = 0;
     for (int64_t a = 0; a < A; ++a)
@@ -355,7 +373,9 @@ static void decode_stream(const uint8_t *const *parts, const int *w, const int *
 static void unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
                          int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int bits, int is_signed,
                          float *out) {
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
+    (void)hi;
     const int64_t n = A * Csub * B;
     uint16_t buf[CHUNK];
     int64_t row = 0, pos = 0; /* row = a * Csub + j, pos inside the row */
@@ -683,8 +703,8 @@ void fxc_window_global(const int32_t *local, int64_t planes, int64_t OH, int64_t
 /* Channels grouped by width for the fxc_mixed_* calls: a stable counting
  * sort of bits[0..C) (1..16) into order, group starts (G + 1 entries) and
  * widths, and per sorted channel k = (1 / (amax + eps)) * levels and 1/k,
- * the float32 operations of actpack.multipliers (levels = 2^(b-1) signed,
- * 2^b unsigned; a power of two, so the product is exact); with nnz, gnnz[g]
+ * the float32 operations of rounding.multipliers (L of rounding.grid);
+ * with nnz, gnnz[g]
  * sums it over group g. Returns G. */
 int fxc_group_widths(int64_t C, const int64_t *bits, const float *amax, int is_signed, float eps, int32_t *order,
                      int64_t *start, int *widths, float *k, float *kinv, const int64_t *nnz, int64_t *gnnz) {
@@ -711,7 +731,9 @@ int fxc_group_widths(int64_t C, const int64_t *bits, const float *amax, int is_s
         const int64_t j = pos[b]++;
         if (gnnz) gnnz[gi[b]] += nnz[c];
         order[j] = (int32_t)c;
-        const float lev = (float)(1 << (is_signed ? b - 1 : b));
+        float lev, hi;
+        grid(b, is_signed, &lev, &hi); /* L = off when signed */
+        if (!is_signed) lev = hi;
         const float kk = (1.0f / (amax[c] + eps)) * lev;
         k[j] = kk;
         kinv[j] = 1.0f / kk;
