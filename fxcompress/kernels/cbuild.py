@@ -52,10 +52,17 @@ def _build(src_path: str, stem: str) -> ctypes.CDLL:
         # -ffp-contract=off: a*b + c rounds twice, as torch's separate ops do,
         # which is what keeps the C paths bitwise equal to the references
         base = [cc, "-O3", "-ffp-contract=off", "-fPIC", "-shared", src_path, "-o", tmp, "-lm"]
-        try:
-            subprocess.run(base + ["-march=native"], check=True, capture_output=True, timeout=120)
-        except Exception:  # noqa: BLE001 - a compiler without -march=native
-            subprocess.run(base, check=True, capture_output=True, timeout=120)
+        # -fopenmp: links libgomp by its soname, which is the one torch has
+        # already loaded, so the C loops share torch's OpenMP runtime and pool
+        # (kernels/actpack_cpu.c); without it the pragmas are ignored and
+        # the loops run on one thread, with the same results
+        for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+            try:
+                subprocess.run(base + flags, check=True, capture_output=True, timeout=120)
+                break
+            except Exception:  # noqa: BLE001 - a compiler without these flags
+                if not flags:
+                    raise
         os.replace(tmp, so)  # atomic: concurrent processes never load half a file
     return ctypes.CDLL(so)
 

@@ -133,8 +133,9 @@ def stats_nnz(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tenso
         amax = torch.empty(x3.shape[1], dtype=torch.float32)
         mn = torch.empty((), dtype=torch.float32)
         nnz = torch.empty(x3.shape[1], dtype=torch.int64)
-        _lib().fxc_stats_nnz(x3.data_ptr(), x3.numel(), x3.shape[1], x3.shape[2], amax.data_ptr(),
-                                 mn.data_ptr(), nnz.data_ptr())
+        if _lib().fxc_stats_nnz(x3.data_ptr(), x3.numel(), x3.shape[1], x3.shape[2], amax.data_ptr(),
+                                mn.data_ptr(), nnz.data_ptr()):
+            raise MemoryError("fxc_stats_nnz: out of memory for per-thread accumulators")
         return amax, mn, nnz
     amax, mn = _stats_ref(x3)
     return amax, mn, (x3 > 0).sum(dim=(0, 2))
@@ -145,7 +146,8 @@ def stats(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if x3.dtype == torch.float32 and x3.is_contiguous() and x3.numel() and backend_for(x3, _lib) == "c":
         amax = torch.empty(x3.shape[1], dtype=torch.float32)
         mn = torch.empty((), dtype=torch.float32)
-        _lib().fxc_stats(x3.data_ptr(), x3.numel(), x3.shape[1], x3.shape[2], amax.data_ptr(), mn.data_ptr())
+        if _lib().fxc_stats(x3.data_ptr(), x3.numel(), x3.shape[1], x3.shape[2], amax.data_ptr(), mn.data_ptr()):
+            raise MemoryError("fxc_stats: out of memory for per-thread accumulators")
         return amax, mn
     return _stats_ref(x3)
 
