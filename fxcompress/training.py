@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from .errors import BadInput, RunFailure
+from .passes import resolve_passes
 
 CHECKPOINT = "checkpoint.pt"
 REPORT = "report.json"
@@ -626,7 +627,8 @@ def write_json(path: str, data: Dict[str, Any]) -> None:
 
 # --- building and running ---------------------------------------------------------------
 
-def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bundle=None) -> Run:
+def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bundle=None,
+                passes: Optional[Tuple[type, ...]] = None) -> Run:
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     bundle = bundle or build_data(cfg, model_channels(cfg))
@@ -642,7 +644,7 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     if compressed:
         from .compiled import compile as fx_compile
 
-        model = fx_compile(model, cfg.policy, (example,))
+        model = fx_compile(model, cfg.policy, (example,), passes=passes)
         compile_report = _hook(model, "report")
     model = model.to(device)
     optimizer = make_optimizer(cfg, model.parameters())
@@ -653,7 +655,7 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
         from .distributed import CommunicationConfig
         from .distributed.hook import wrap
 
-        comm = _communication(cfg) if use_policy else None
+        comm = _communication(cfg, passes) if use_policy else None
         # the baseline, and a policy without a communication: section, all-reduce in fp32
         comm = comm or CommunicationConfig(method="fp32")
         run.ddp, run.comm = wrap(model, comm, device)
@@ -664,13 +666,13 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     return run
 
 
-def _communication(cfg: TrainConfig):
+def _communication(cfg: TrainConfig, passes: Optional[Tuple[type, ...]] = None):
     """The policy's `communication:` section, or None."""
     if not cfg.policy:
         return None
     from .policy import load_policy
 
-    return load_policy(cfg.policy).section("communication")
+    return load_policy(cfg.policy, resolve_passes(passes)).section("communication")
 
 
 def _jsonable(obj):
@@ -729,8 +731,11 @@ def _claim_run_dir(path: str) -> str:
     return path  # created by the first epoch, so a run that fails to start leaves nothing behind
 
 
-def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    """Train per `cfg` (and its baseline with cfg.baseline) in a new run directory."""
+def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None,
+          passes: Optional[List[type]] = None) -> Dict[str, Any]:
+    """Train per `cfg` (and its baseline with cfg.baseline) in a new run directory.
+    `passes`: the compile's pass list (default fxcompress.passes.DEFAULT_PASSES)."""
+    passes = resolve_passes(passes)
     check_config(cfg)
     run_dir = _claim_run_dir(cfg.run_dir or new_run_dir())
     # Absolute paths, so that --resume works from any working directory.
@@ -739,16 +744,17 @@ def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict
     if model and not model.startswith("torchvision:"):
         model = os.path.abspath(model)
     cfg = dataclasses.replace(cfg, run_dir=run_dir, policy=policy, model=model)
-    return _launch(cfg, {}, log)
+    return _launch(cfg, {}, log, passes)
 
 
-def resume(run_dir: str, log: Optional[Callable[[str], None]] = None,
+def resume(run_dir: str, log: Optional[Callable[[str], None]] = None, passes: Optional[List[type]] = None,
            **overrides) -> Dict[str, Any]:
     """Continue the run in `run_dir` where its last checkpoint left it.
 
     Only settings that do not change the result may be overridden: device,
-    progress, plots, stop_after.
+    progress, plots, stop_after. `passes`: as train()'s (the same list).
     """
+    passes = resolve_passes(passes)
     allowed = {"device", "progress", "plots", "stop_after"}
     bad = set(overrides) - allowed
     if bad:
@@ -767,7 +773,7 @@ def resume(run_dir: str, log: Optional[Callable[[str], None]] = None,
     if saved.get("policy_sha256") != file_digest(cfg.policy):
         raise BadInput(f"--resume {run_dir}: the policy file {cfg.policy} changed since the run started; "
                        "a resumed run must use the same policy")
-    return _launch(cfg, {"resumed": True}, log)
+    return _launch(cfg, {"resumed": True}, log, passes)
 
 
 # --- data-parallel workers ----------------------------------------------------------------
@@ -782,7 +788,7 @@ class StreamLog:
         print(text, file=getattr(sys, self.stream), flush=True)
 
 
-def _launch(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
+def _launch(cfg: TrainConfig, extra: Dict[str, Any], log, passes: Tuple[type, ...]) -> Dict[str, Any]:
     """One process, N spawned workers (cfg.nproc > 1), or this process's rank under torchrun."""
     from .distributed.launch import default_backend, init_from_env, run_data_parallel, under_torchrun
 
@@ -800,7 +806,7 @@ def _launch(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
         dist.broadcast_object_list(names, src=0)
         cfg = dataclasses.replace(cfg, run_dir=names[0])
         try:
-            return _ddp_entry(rank, world, cfg, extra, log)  # None on ranks other than 0
+            return _ddp_entry(rank, world, cfg, extra, log, passes)  # None on ranks other than 0
         finally:
             dist.destroy_process_group()
     if cfg.nproc > 1:
@@ -810,28 +816,30 @@ def _launch(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
                 pickle.dumps(log)
             except Exception:
                 log = StreamLog("stdout")
-        results = run_data_parallel(_ddp_entry, cfg.nproc, (cfg, extra, log), backend=default_backend(device.type),
+        results = run_data_parallel(_ddp_entry, cfg.nproc, (cfg, extra, log, passes), backend=default_backend(device.type),
                                     threads_per_worker=cfg.threads)
         return results[0]
-    return _train_job(cfg, extra, log)
+    return _train_job(cfg, extra, log, passes)
 
 
-def _ddp_entry(rank: int, world: int, cfg: TrainConfig, extra: Dict[str, Any], log) -> Optional[Dict[str, Any]]:
+def _ddp_entry(rank: int, world: int, cfg: TrainConfig, extra: Dict[str, Any], log,
+               passes: Tuple[type, ...]) -> Optional[Dict[str, Any]]:
     """One worker of a data-parallel run (spawned, or a torchrun rank); rank 0 returns the result."""
     if resolve_device(cfg.device).type == "cuda":
         cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
-    result = _train_job(cfg, extra, log if rank == 0 else None)
+    result = _train_job(cfg, extra, log if rank == 0 else None, passes)
     return result if rank == 0 else None
 
 
-def _train_job(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
+def _train_job(cfg: TrainConfig, extra: Dict[str, Any], log, passes: Tuple[type, ...]) -> Dict[str, Any]:
     run_dir = cfg.run_dir
     bundle = build_data(cfg, model_channels(cfg))
-    main = prepare_run(cfg, run_dir, "compressed" if cfg.policy else "run", use_policy=True, bundle=bundle)
+    main = prepare_run(cfg, run_dir, "compressed" if cfg.policy else "run", use_policy=True, bundle=bundle,
+                       passes=passes)
     _resume_if_saved(main)
     if log:
         log(describe_run(main))
-        if main.world == 1 and _communication(cfg) is not None:
+        if main.world == 1 and _communication(cfg, passes) is not None:
             log(f"note: the policy's communication: section applies only to data-parallel training "
                 f"(--nproc > 1); this run has one process")
     status = execute(main, log)

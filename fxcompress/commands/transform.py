@@ -50,9 +50,9 @@ def run(args) -> int:
 
 
 def _dry_run(args) -> int:
-    # The plan needs a traced graph and shapes but no rewrite: compile with
-    # no passes, which resolves and validates everything a real run would.
-    _, _, cm = compile_from_args(args, passes=[])
+    # The plan needs a traced graph and shapes but no rewrite: a dry-run
+    # compile resolves and validates everything a real run would.
+    _, _, cm = compile_from_args(args, dry_run=True)
     if args.json:
         print_json({"summary": summary(cm), "auto_leaves": [vars(a) for a in cm.trace_info.auto_leaves],
                     "plan": cm.plan.to_json()["nodes"]})

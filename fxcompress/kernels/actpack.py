@@ -39,6 +39,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .. import config
 from ..errors import BadInput
 from .dispatch import use_triton
 from . import bufpool
@@ -55,8 +56,8 @@ ROUNDINGS = ("nearest", "stochastic")
 # ----------------------------------------------------------------- helpers
 
 def check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise BadInput(f"activation bits must be an integer in 1..16, got {bits!r}")
+    """Entry guard of the public pack functions (a policy's widths were checked at load)."""
+    config.check_bits("activation bits", bits, 1, 16)
 
 
 def slices(bits: int) -> List[Tuple[int, int]]:

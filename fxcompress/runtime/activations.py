@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -52,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import actpack, autobits
+from .activations_config import ActivationsConfig
 
 # ----------------------------------------------------------------- ledger
 
@@ -155,22 +155,6 @@ def _storage_key(t: torch.Tensor) -> tuple:
 # ------------------------------------------------------------------ spec
 
 
-@dataclass
-class SaveSettings:
-    """The resolved config of one node (from ActivationsConfig)."""
-
-    mode: str = "fixed"           # fixed | auto
-    bits: int = 8
-    zvc: bool = False
-    granularity: str = "channel"  # channel | group
-    group_size: int = 256
-    rounding: str = "nearest"
-    min_numel: int = 1024
-    masks: bool = True
-    max_bits: int = 16
-    eps_bits: float = 0.0
-
-
 class SaveSpec(nn.Module):
     """One compressed node: its rule, settings, accounting, AutoQuant state.
 
@@ -180,7 +164,7 @@ class SaveSpec(nn.Module):
     saved in the controller's state, not here.
     """
 
-    def __init__(self, node: str, op: str, rule: str, settings: SaveSettings, fn: Optional[Callable] = None,
+    def __init__(self, node: str, op: str, rule: str, settings: ActivationsConfig, fn: Optional[Callable] = None,
                  method: Optional[str] = None, weight_args: Tuple[int, ...] = (), geom: Optional[dict] = None,
                  ledger: Optional[Ledger] = None, first: bool = False):
         super().__init__()
@@ -695,7 +679,7 @@ def rebuild_save_spec(node: str, op: str, rule: str, settings: Dict[str, Any], f
     exported module.py calls this).
 
     `fn` is a dotted path resolved through `resolve_function`; `settings`
-    a dict loaded as SaveSettings by the allow-listed config loader. Specs
+    a dict loaded as ActivationsConfig by the allow-listed config loader. Specs
     built with the same `ledger_key` share one Ledger: the `first` spec of
     a graph (built first, as the exporter attaches submodules in graph
     order) starts a new one, and the specs built after it join it, so two
@@ -709,7 +693,7 @@ def rebuild_save_spec(node: str, op: str, rule: str, settings: Dict[str, Any], f
             ledger = Ledger()
             ledger.fxc_key = ledger_key
             _SHARED_LEDGERS[ledger_key] = ledger
-    return SaveSpec(node, op, rule, from_dict(SaveSettings, settings),
+    return SaveSpec(node, op, rule, from_dict(ActivationsConfig, settings),
                     fn=None if fn is None else resolve_function(fn), method=method,
                     weight_args=tuple(weight_args), geom={k: (tuple(v) if isinstance(v, list) else v)
                                                           for k, v in (geom or {}).items()},
