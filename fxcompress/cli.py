@@ -11,6 +11,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from . import __version__
 from .errors import FxcError
 from .passes import resolve_passes
 
@@ -25,8 +26,6 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxcompress", description="A torch.fx compiler for compression-aware training.")
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"fxcompress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:

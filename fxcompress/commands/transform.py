@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..export import export
 from ..report import plan_table, summary
 from .common import add_model_args, compile_from_args, print_json
 
@@ -29,8 +30,6 @@ def run(args) -> int:
     loaded, inputs, cm = compile_from_args(args)
     written = []
     if args.output:
-        from ..export import export
-
         written = export(cm, args.output, loaded.source)
     if args.json:
         print_json({"summary": summary(cm), "report": cm.report(), "written": [str(w) for w in written]})

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..compiled import compile
+from ..loading import example_inputs, load_model
 from ..policy import load_policy
 from .common import print_json
 
@@ -25,9 +27,6 @@ def run(args) -> int:
     policy = load_policy(args.policy, passes)
     result = {"policy": args.policy, "ok": True, "rules": len(policy.rules)}
     if args.model:
-        from ..compiled import compile
-        from ..loading import example_inputs, load_model
-
         loaded = load_model(args.model, args.model_fn)
         inputs = example_inputs(loaded, args.input_shape, args.input_dtype) \
             if (args.input_shape or loaded.example_inputs_fn or loaded.source["kind"] == "torchvision") else None

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..runtime.activations import Ledger, SaveSpec, fxc_save
 from ..runtime.activations_config import ActivationsConfig, ActivationsSettings
+from ..runtime.autoquant import AutoQuantController
 from .base import Pass, PassResult, add_submodule, fxc_name
 
 
@@ -179,8 +180,6 @@ class ActivationsPass(Pass):
         return None
 
     def run(self, gm: fx.GraphModule, plan) -> PassResult:
-        from ..runtime.autoquant import AutoQuantController
-
         res = PassResult()
         ledger = Ledger()
         data = _data_nodes(gm)
