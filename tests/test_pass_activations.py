@@ -175,3 +175,24 @@ def test_auto_mode_notes_fallback_and_controller_state():
 def test_bad_config_is_a_clear_error(act, msg):
     with pytest.raises(BadInput, match=msg):
         fxcompress.compile(Block(), _policy(**act), example_inputs=torch.randn(1, 3, 16, 16))
+
+
+def test_auto_group_with_two_error_bounds_is_refused():
+    """Two convolutions reading one input share one stored copy and one budget:
+    different eps_bits for them is refused rather than the first one winning."""
+    import torch.nn as nn
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "activations": {"mode": "auto"}},
+                        {"match": {"name": "b"}, "activations": {"eps_bits": 2}}]}
+    with pytest.raises(fxcompress.BadInput, match=r"a \(eps_bits 0\), b \(eps_bits 2\) read one input"):
+        fxcompress.compile(TwoHeads(), policy, torch.randn(2, 3, 8, 8))
+    policy["rules"][1]["activations"]["eps_bits"] = 0.0
+    fxcompress.compile(TwoHeads(), policy, torch.randn(2, 3, 8, 8))

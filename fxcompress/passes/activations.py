@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import BadInput
 from ..runtime.activations import Ledger, SaveSpec, fxc_save
 from ..runtime.activations_config import ActivationsConfig, ActivationsSettings
 from ..runtime.autoquant import AutoQuantController
@@ -186,6 +187,7 @@ class ActivationsPass(Pass):
         specs: List[SaveSpec] = []
         fallback: Dict[str, List[str]] = {}
         groups: Dict[str, List[str]] = {}  # auto conv/linear nodes by their input node
+        eps: Dict[str, float] = {}  # their eps_bits: one budget per group
         for node, cfg in plan.selected(self.key):
             rule, op, geom = _rule(node, gm)
             if cfg.mode == "auto" and rule not in ("conv", "linear", "bn", "relu", "hardtanh", "maxpool", "shape",
@@ -225,6 +227,7 @@ class ActivationsPass(Pass):
             res.modified = True
             if cfg.mode == "auto" and rule in ("conv", "linear"):
                 groups.setdefault(src.name if src is not None else old, []).append(old)
+                eps[old] = cfg.eps_bits
         if not specs:
             return res
         for op, named in sorted(fallback.items()):
@@ -234,6 +237,12 @@ class ActivationsPass(Pass):
             res.notes.append(f"activations: no AutoQuant bound for {op} ({len(names)} node(s): {shown}); "
                              f"width measured at statistics steps, fixed {bits} bits until then")
         res.notes.append(f"activations: {len(specs)} node(s) store their saved tensors packed")
+        for members in groups.values():
+            if len({eps[n] for n in members}) > 1:
+                # the group's input is stored once, under one budget: the first
+                # member's eps_bits would silently decide for all of them
+                raise BadInput("activations: " + ", ".join(f"{n} (eps_bits {eps[n]:g})" for n in members)
+                               + " read one input, stored once under one error bound; give them the same eps_bits")
         ctrl = AutoQuantController(specs, list(groups.values()), self.settings)
         res.controllers["activations"] = ctrl
         return res
