@@ -6,16 +6,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.fx as fx
-import torch.nn as nn
 
 import fxcompress.passes as passes_pkg
-from fxcompress.passes import Pass, PassResult
+from fxcompress.passes import PassResult
 from fxcompress.runtime.controller import Controller
 from fxcompress.training import TrainConfig, execute, prepare_run, train
 
 from .helpers import run_cli
-from .test_training import TINY
+from .test_training import TINY, CountingPass
 
 
 @dataclass
@@ -71,14 +69,10 @@ class HooksController(Controller):
         return [path]
 
 
-class HooksPass(Pass):
+class HooksPass(CountingPass):  # on convolutions, as the counting pass
     name = "hooks"
     key = "hooks"
     config = HooksConfig
-
-    def applies_to(self, node: fx.Node, gm: fx.GraphModule):
-        ok = node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d)
-        return None if ok else "convolutions only"
 
     def run(self, gm, plan):
         return PassResult(controllers={"hooks": HooksController(plan.selected(self.key)[0][1])})
