@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fxcompress.passes as passes_pkg
-from fxcompress.passes import PassResult
+from fxcompress.passes import PassResult, add_submodule, fxc_name
 from fxcompress.runtime.controller import Controller
 from fxcompress.training import TrainConfig, execute, prepare_run, train
 
@@ -44,6 +45,8 @@ class HooksController(Controller):
 
     def step(self):
         self.steps += 1
+        if hasattr(self, "holder"):
+            self.holder[0].count += 1
 
     def snapshot_due(self):
         label = self.due.get(self.steps)
@@ -53,6 +56,12 @@ class HooksController(Controller):
 
     def figures(self):
         return {"steps": self.steps}
+
+    def state(self):
+        return {"steps": self.steps}
+
+    def load_state(self, state):
+        self.steps = state["steps"]
 
     def plots(self, history, out_dir):
         import matplotlib
@@ -75,7 +84,13 @@ class HooksPass(CountingPass):  # on convolutions, as the counting pass
     config = HooksConfig
 
     def run(self, gm, plan):
-        return PassResult(controllers={"hooks": HooksController(plan.selected(self.key)[0][1])})
+        ctrl = HooksController(plan.selected(self.key)[0][1])
+        # state a pass keeps in the graph module (as a quantizer's range): counts steps
+        holder = nn.Module()
+        holder.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        add_submodule(gm, fxc_name(gm, "hooks", "state"), holder)
+        ctrl.holder = [holder]  # a list: not registered twice
+        return PassResult(modified=True, controllers={"hooks": ctrl})
 
 
 @pytest.fixture
@@ -156,7 +171,18 @@ def test_init_starts_from_another_runs_weights(tmp_path, hooks_policy):
         state = {k.removeprefix("graph_module."): v for k, v in run.model.state_dict().items()}
         for k, v in trained.items():
             assert torch.equal(state[k], v), k
-        assert run.init["loaded"] == len(trained) and not run.init["missing"] and not run.init["unexpected"]
+        assert run.init["loaded"] == len(trained) and not run.init["unexpected"]
+        assert run.init["missing"] == ([] if policy is None else ["graph_module.fxc_hooks_state.count"])
+
+
+def test_init_of_a_compiled_run_brings_the_pass_state_not_the_controller_state(tmp_path, hooks_policy):
+    policy = hooks_policy()
+    train(TrainConfig(**TINY, epochs=1, policy=policy, run_dir=str(tmp_path / "a")))
+    run = prepare_run(TrainConfig(**TINY, epochs=1, policy=policy, init=str(tmp_path / "a")), str(tmp_path / "b"),
+                      "t", use_policy=True)
+    assert int(run.model.graph_module.fxc_hooks_state.count) == 3  # the 3 steps of run a
+    assert run.model.controllers["hooks"].steps == 0  # a new run: the controller starts afresh
+    assert not run.init["missing"] and not run.init["unexpected"]
 
 
 def _train_cli(tmp_path, *args):

@@ -124,18 +124,21 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     what = f"model {source.get('name') or source.get('path')}"
     example = bundle.example_batch(2)
     check_model_fits(model, example, bundle.num_classes, what)
-    init = init_line = None
-    if cfg.init and not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
-        # before compiling, under the model's own names; a run that resumes
-        # from its checkpoint needs no starting weights
-        init, init_line = load_init(model, weights_path(cfg.init, "--init"))
-    compile_report = None
     compressed = bool(use_policy and cfg.policy)
+    init = init_line = init_path = None
+    if cfg.init and not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        # (a run that resumes from its checkpoint needs no starting weights)
+        # before compiling, so that the passes see the trained weights ...
+        init_path = weights_path(cfg.init, "--init")
+        init, init_line = load_init(model, init_path, compiled=False)
+    compile_report = None
     if compressed:
         from ..compiled import compile as fx_compile
 
         model = fx_compile(model, cfg.policy, (example,))
         compile_report = hook(model, "report")
+        if init_path:  # ... and after, for what the passes keep under the same names
+            init, init_line = load_init(model, init_path, compiled=True)
     model = model.to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     hook(model, "attach_optimizer", optimizer)

@@ -135,6 +135,10 @@ def weights_path(source: str, what: str) -> str:
 def read_weights(path: str, what: str) -> Dict[str, torch.Tensor]:
     """The model state_dict in a final model, snapshot, checkpoint or plain
     state_dict file, under the original model's names."""
+    return original_names(_model_state(path, what))
+
+
+def _model_state(path: str, what: str) -> Dict[str, Any]:
     state = read_pt(path, what)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]  # final_model.pt, a snapshot
@@ -143,7 +147,7 @@ def read_weights(path: str, what: str) -> Dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for k, v in state.items()
                                               if not k.endswith("_extra_state")):
         raise BadInput(f"{what} {path} holds no model state_dict")
-    return original_names(state)
+    return state
 
 
 def original_names(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -160,24 +164,48 @@ def original_names(state: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def load_init(model: torch.nn.Module, path: str) -> Tuple[Dict[str, Any], str]:
+def _pass_made(key: str) -> bool:
+    return any(p.startswith("fxc_") for p in key.split("."))
+
+
+def load_init(model: torch.nn.Module, path: str, compiled: bool) -> Tuple[Dict[str, Any], str]:
     """Load --init weights into `model` (not strict); ({path, loaded, missing,
-    unexpected}, one line saying so). A tensor of another shape is BadInput."""
-    state = read_weights(path, "--init")
+    unexpected, skipped}, one line saying so).
+
+    Into the plain model under the original names (before compiling, so the
+    passes see the trained weights), or into a CompressedModel under its own
+    names: then what a pass keeps (fxc_ modules: quantizer ranges, ...) comes
+    along where the names match, and a pass's load hooks run (CAMP fills its
+    low-precision norms from the loaded ones). Controller state of the other
+    run never comes along: this is a new run. An original tensor of another
+    shape is bad input; a pass's tensor of another shape is skipped."""
+    raw = _model_state(path, "--init")
+    if compiled:
+        state = {k if k.startswith("graph_module.") else "graph_module." + k: v
+                 for k, v in raw.items() if not k.startswith("controllers.")}
+    else:
+        state = original_names(raw)
     own = model.state_dict()
-    for k, v in state.items():
+    skipped = []
+    for k, v in list(state.items()):
         if k in own and torch.is_tensor(own[k]) and tuple(v.shape) != tuple(own[k].shape):
-            raise BadInput(f"--init {path}: {k} has shape {tuple(v.shape)} there but {tuple(own[k].shape)} in "
-                           f"this model; the weights are for another model")
+            if not _pass_made(k):
+                raise BadInput(f"--init {path}: {k.removeprefix('graph_module.')} has shape {tuple(v.shape)} "
+                               f"there but {tuple(own[k].shape)} in this model; the weights are for another model")
+            skipped.append(k)
+            del state[k]
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and not k.startswith("controllers.")]
     unexpected = list(result.unexpected_keys)
-    info = {"path": path, "loaded": len(state) - len(unexpected), "missing": missing, "unexpected": unexpected}
+    info = {"path": path, "loaded": len(state) - len(unexpected), "missing": missing, "unexpected": unexpected,
+            "skipped": skipped}
     line = f"--init {path}: loaded {info['loaded']} tensors"
     if missing:
         line += f"; missing (left as initialised): {_names(missing)}"
     if unexpected:
         line += f"; unexpected (ignored): {_names(unexpected)}"
+    if skipped:
+        line += f"; of another shape (ignored): {_names(skipped)}"
     return info, line
 
 
