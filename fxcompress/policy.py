@@ -343,5 +343,5 @@ def parse_policy_text(text: str, file: str = "<policy>", *, passes: Sequence[typ
         # An empty file (or one with only comments or a version) is more
         # likely a wrong path or an unsaved editor buffer than a policy.
         raise PolicyError("the policy is empty: write 'rules:' with at least one rule "
-                          "(a policy that treats nothing says 'rules: []')", file, 1 if data else None)
+                          "(a policy that treats nothing says 'rules: []')", file, 1)
     return parse_policy(data, file, lines, passes=passes)

@@ -58,8 +58,8 @@ BAD_POLICIES = [
      "'settings: {activations: {stats_every: ...}}'", 3),
     ("rules:\n  - match: {type: Conv2d}\n    activations:\n      window: 5\n", "'settings: {activations: {window", 4),
     # an empty policy and a rule that carries no treatment are mistakes, not no-ops
-    ("", "the policy is empty", None),
-    ("# a comment only\n", "the policy is empty", None),
+    ("", "the policy is empty", 1),
+    ("# a comment only\n", "the policy is empty", 1),
     ("version: 1\n", "the policy is empty", 1),
     ("rules:\n  - match: {type: Conv2d}\n", "rule carries no treatment", 2),
     ("rules:\n  - match: {type: Conv2d}\n    optional: true\n", "rule carries no treatment", 2),
