@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from .cbuild import load_library
+from .cbuild import load_library, on_torch_threads
 
 _SRC = os.path.join(os.path.dirname(__file__), "actpack_cpu.c")
 
@@ -50,9 +48,6 @@ def _declare(lib) -> None:
         getattr(lib, f).restype = None
 
 
-_threads = [0]
-
-
 def lib():
     """The compiled C loops, or None (no compiler: the torch reference runs),
     set to run on torch.get_num_threads() threads (read on every call: a
@@ -62,10 +57,4 @@ def lib():
     (ARCHITECTURE.md recipe, 8 MB tensor, 1 thread): eager torch
     0.06-0.7 GB/s; torch.compile with dynamic shapes 0.3-0.5 GB/s; static
     shapes 1.8 GB/s but one 10-60 s compile per tensor shape."""
-    lib_ = load_library(_SRC, "actpack", _declare)
-    if lib_ is not None:
-        n = torch.get_num_threads()
-        if n != _threads[0]:
-            lib_.fxc_set_threads(n)
-            _threads[0] = n
-    return lib_
+    return on_torch_threads(load_library(_SRC, "actpack", _declare), "fxc_set_threads")

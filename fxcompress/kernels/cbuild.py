@@ -20,6 +20,8 @@ import tempfile
 import threading
 from typing import Callable, Dict, Optional
 
+import torch
+
 _lock = threading.Lock()
 _loaded: Dict[str, Optional[ctypes.CDLL]] = {}
 
@@ -82,3 +84,19 @@ def load_library(src_path: str, stem: str, declare: Callable[[ctypes.CDLL], None
                 lib = None
             _loaded[src_path] = lib
     return _loaded[src_path]
+
+
+_threads: Dict[tuple, int] = {}
+
+
+def on_torch_threads(lib: Optional[ctypes.CDLL], setter: str) -> Optional[ctypes.CDLL]:
+    """lib, with its thread count (the C function `setter`, taking an int)
+    set to torch.get_num_threads(): read on every call, so a
+    torch.set_num_threads between calls takes effect at the next one; the
+    C call is made only when the count changed."""
+    if lib is not None:
+        n = torch.get_num_threads()
+        if _threads.get((id(lib), setter)) != n:
+            getattr(lib, setter)(n)
+            _threads[(id(lib), setter)] = n
+    return lib

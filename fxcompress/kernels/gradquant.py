@@ -23,7 +23,7 @@ import torch
 from ..distributed.wire import GROUP, Layout, assemble, check_bits, check_bucket_size, pack_codes, split, unpack_codes
 from ..errors import BadInput
 from .counter_hash import MASK32, mix32, mix32_tensor, mix32_triton, to_uniform
-from .cbuild import load_library
+from .cbuild import load_library, on_torch_threads
 from .dispatch import backend_for
 
 EPS = 1e-7  # r = x / (||x|| + EPS): an all-zero bucket encodes as zeros, not NaN
@@ -211,7 +211,6 @@ def decode_triton(messages, levels, bits, numel, bucket_size, block: int = 4096)
 # ------------------------------------------------- CPU fast path (C, ctypes)
 
 _SRC_CPU = os.path.join(os.path.dirname(__file__), "gradquant_cpu.c")
-_threads = [0]
 
 
 def _declare(lib) -> None:
@@ -225,13 +224,7 @@ def _declare(lib) -> None:
 
 def cpu_lib():
     """gradquant_cpu.c compiled (None without a compiler), on torch's threads."""
-    lib = load_library(_SRC_CPU, "gradquant", _declare)
-    if lib is not None:
-        n = torch.get_num_threads()
-        if n != _threads[0]:
-            lib.fxc_gq_set_threads(n)
-            _threads[0] = n
-    return lib
+    return on_torch_threads(load_library(_SRC_CPU, "gradquant", _declare), "fxc_gq_set_threads")
 
 
 def _norms_like_reference(flat: torch.Tensor, bucket_size: int, norm: str) -> torch.Tensor:
