@@ -49,3 +49,28 @@ def test_c_loops_equal_reference_at_1_2_3_threads(monkeypatch):
                 assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
     finally:
         torch.set_num_threads(before)
+
+
+def test_psgd_scaling_equal_reference_at_1_2_3_threads():
+    """PSGD's C scaling loop shares the weights out among threads: the same
+    bits as scaled_grad_reference at any thread count."""
+    from fxcompress.kernels import scaled_grad as sg
+
+    if sg.cpu_lib() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(1)
+    ws = [torch.randn(n, generator=gen) for n in (70_000, 3, 50_000, 129, 90_001)]
+    gs = [torch.randn(w.shape, generator=gen) for w in ws]
+    deltas = [float(w.abs().max()) / 7 for w in ws]
+    zero = [False, True, False, False, True]
+    ref = [sg.scaled_grad_reference(g, w, torch.tensor(d), 7, 0.5, 1e-3 if i % 2 else 0.0, z)
+           for i, (g, w, d, z) in enumerate(zip(gs, ws, deltas, zero))]
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = sg.scale_many_cpu(gs, ws, deltas, [7] * 5, [0.5] * 5, [1e-3 if i % 2 else 0.0 for i in range(5)],
+                                    zero)
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), n
+    finally:
+        torch.set_num_threads(before)
