@@ -109,6 +109,9 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), concrete_args: Opt
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta["fxc_auto_leaves"] = [a.path for a in info.auto_leaves]
+    # where the model's class lives: export rebuilds submodules it cannot
+    # construct from a fresh model of this class when no source is given
+    gm.meta["fxc_model_class"] = (type(model).__module__, type(model).__qualname__)
     return gm, info
 
 
@@ -171,6 +174,9 @@ class _MetaShapeRecorder(_ShapeRecorder):
         if isinstance(mod, _SAME_SHAPE) and args and torch.is_tensor(args[0]) and not kwargs:
             return torch.empty_like(args[0])
         saved = []
+        # Plain attributes too: an RNN re-reads its weights into
+        # `_flat_weights` when it sees them changed, and would keep the meta ones.
+        attrs = [(m, dict(m.__dict__)) for m in mod.modules()]
         try:
             for m in mod.modules():
                 for d in (m._parameters, m._buffers):
@@ -182,6 +188,10 @@ class _MetaShapeRecorder(_ShapeRecorder):
         finally:
             for d, k, v in saved:
                 d[k] = v
+            for m, before in attrs:
+                for k in [k for k in m.__dict__ if k not in before]:
+                    del m.__dict__[k]
+                m.__dict__.update(before)
 
     def get_attr(self, target, args, kwargs):
         v = super().get_attr(target, args, kwargs)
