@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,6 +14,7 @@ from .errors import BadInput, RunFailure
 from .passes.base import PassResult
 from .plan import Plan, make_plan
 from .policy import Policy, load_policy
+from .report import Report
 from .tracing import TraceInfo, propagate_shapes, trace
 
 
@@ -67,15 +69,20 @@ class CompressedModel(nn.Module):
                 out[f"{name}.{k}"] = v
         return out
 
-    def report(self) -> Dict[str, Any]:
-        return {
-            "auto_leaves": [vars(a) for a in self.trace_info.auto_leaves],
-            "leaf_modules": list(self.trace_info.leaf_modules),
-            "plan": self.plan.to_json()["nodes"],
-            "passes": {name: {"inserted": r.inserted, "notes": r.notes} for name, r in self.pass_results.items()},
-            "controllers": {name: c.report() for name, c in self.controllers.items()},
-            "timings_s": dict(self.timings),
-        }
+    def report(self) -> Report:
+        """Plan, leaves, pass notes, controller figures: a dict that prints as
+        readable tables (fxcompress.report.Report; `.to_dict()` for a plain one)."""
+        info = self.trace_info
+        return Report(
+            auto_leaves=[vars(a) for a in info.auto_leaves],
+            leaf_modules=list(info.leaf_modules),
+            trace={"fixed_args": dict(info.fixed_args),
+                   "leaf_containers": [asdict(c) for c in info.leaf_containers]},
+            plan=self.plan.to_json()["nodes"],
+            passes={name: {"inserted": r.inserted, "notes": r.notes} for name, r in self.pass_results.items()},
+            controllers={name: c.report() for name, c in self.controllers.items()},
+            timings_s=dict(self.timings),
+        )
 
 
 def _as_inputs(example_inputs) -> Optional[Tuple[Any, ...]]:
@@ -105,10 +112,11 @@ def compile(model: nn.Module, policy: Union[str, Dict[str, Any], Policy, None] =
     pol = load_policy(policy)
     timings["policy"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gm, info = trace(model, pol.trace.leaf_modules, pol.trace.concrete_args, pol.trace.auto_leaf)
+    inputs = _as_inputs(example_inputs)
+    gm, info = trace(model, pol.trace.leaf_modules, pol.trace.concrete_args, pol.trace.auto_leaf,
+                     n_inputs=None if inputs is None else len(inputs))
     original_code = gm.code
     timings["trace"] = time.perf_counter() - t0
-    inputs = _as_inputs(example_inputs)
     if inputs is not None:
         t0 = time.perf_counter()
         propagate_shapes(gm, inputs)

@@ -1,7 +1,7 @@
 """Human-readable per-layer tables of a plan and a compiled model."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from .config import to_dict
 from .plan import Plan
@@ -37,3 +37,81 @@ def summary(cm) -> Dict[str, Any]:
         "auto_leaves": [a.path for a in cm.trace_info.auto_leaves],
         "inserted": sum(len(r.inserted) for r in cm.pass_results.values()),
     }
+
+
+class Report(dict):
+    """What `CompressedModel.report()` returns: a dict (so `report()["plan"]`
+    and `json.dumps(report)` work as before) that prints as tables a person
+    can read: plan, leaves, forward arguments fixed while tracing, pass
+    notes, controller figures, timings. `to_dict()` gives a plain dict."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in self.items()}
+
+    def __str__(self) -> str:
+        out: List[str] = []
+        plan = self.get("plan") or []
+        out.append(f"plan: {len(plan)} selected nodes")
+        if plan:
+            rows = []
+            for n in plan:
+                treat = "; ".join(f"{k}({' '.join(f'{f}={v}' for f, v in (cfg or {}).items())})"
+                                  for k, cfg in n.get("treatments", {}).items()) or "(selected, no treatment)"
+                eff = n.get("effective") or {}
+                if eff:
+                    treat += "  [" + "; ".join(f"{k}: " + " ".join(f"{f}={v}" for f, v in d.items())
+                                               for k, d in eff.items()) + "]"
+                rows.append([n.get("qualname"), n.get("target"),
+                             "x".join(map(str, n["shape"])) if n.get("shape") else None, treat])
+            out.append(_indent(format_table(["layer", "target", "shape", "treatments"], rows)))
+        trace = self.get("trace") or {}
+        leaves = [f"auto-leaf {a['path']} ({a['type']}) at {a['where']}: {a['reason']}"
+                  for a in self.get("auto_leaves") or []]
+        leaves += [f"leaf {c['path']} ({c['type']}) holds {', '.join(c['inner'])}: {c['why']}"
+                   for c in trace.get("leaf_containers") or []]
+        if self.get("leaf_modules"):
+            leaves.append("policy leaf_modules: " + ", ".join(self["leaf_modules"]))
+        if leaves:
+            out.append("leaves:\n" + _indent("\n".join(leaves)))
+        if trace.get("fixed_args"):
+            out.append("forward arguments fixed at their defaults while tracing: "
+                       + ", ".join(f"{k}={v!r}" for k, v in trace["fixed_args"].items()))
+        passes = self.get("passes") or {}
+        if passes:
+            lines = []
+            for name, r in passes.items():
+                lines.append(f"{name}: {len(r.get('inserted', []))} nodes/modules inserted")
+                lines += [f"  note: {note}" for note in r.get("notes", [])]
+            out.append("passes:\n" + _indent("\n".join(lines)))
+        ctrl = self.get("controllers") or {}
+        rows = [[name, k, v] for name, rep in ctrl.items() for k, v in _scalars(rep).items()]
+        if rows:
+            out.append("controllers:\n" + _indent(format_table(["controller", "figure", "value"], rows)))
+        t = self.get("timings_s") or {}
+        if t:
+            out.append("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items()))
+        return "\n\n".join(out)
+
+    __repr__ = __str__
+
+    def _repr_pretty_(self, p, cycle):  # IPython shows the tables too
+        p.text(str(self))
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _scalars(rep: Any, prefix: str = "", depth: int = 0) -> Dict[str, Any]:
+    """The numbers and short values of a controller's report, flattened
+    (`figures.near_grid`); per-layer details stay in the dict."""
+    out: Dict[str, Any] = {}
+    if not isinstance(rep, dict) or depth > 1:
+        return out
+    for k, v in rep.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+        elif isinstance(v, dict) and k != "layers":
+            out.update(_scalars(v, key + ".", depth + 1))
+    return out

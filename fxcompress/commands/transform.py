@@ -20,7 +20,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _auto_leaf_lines(cm) -> list:
-    return [f"auto-leaf: {a.path} ({a.type}) at {a.where}: {a.reason}" for a in cm.trace_info.auto_leaves]
+    """What tracing decided on its own: automatic leaves, leaves that hold
+    layers no rule reaches, forward arguments fixed at their defaults."""
+    info = cm.trace_info
+    lines = [f"auto-leaf: {a.path} ({a.type}) at {a.where}: {a.reason}" for a in info.auto_leaves]
+    lines += [f"leaf: {c.path} ({c.type}) holds {', '.join(c.inner)}: {c.why}" for c in info.leaf_containers]
+    if info.fixed_args:
+        fixed = ", ".join(f"{k}={v!r}" for k, v in info.fixed_args.items())
+        lines.append(f"traced with forward arguments at their defaults (the example inputs do not give them): {fixed}")
+    return lines
 
 
 def run(args) -> int:
