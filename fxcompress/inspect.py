@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional
 
 import torch.fx as fx
 
-from .config import to_dict
 from .errors import BadInput
+from .report import treatment_lines
 from .table import format_table
 
 FXC_PREFIX = "fxc_"
@@ -73,12 +73,7 @@ def _guess_pass(name: str, cm) -> str:
 
 
 def _fmt_treatments(entry) -> str:
-    parts = []
-    for key, cfg in entry.treatments.items():
-        fields = " ".join(f"{k}={v}" for k, v in to_dict(cfg).items())
-        parts.append(f"{key}({fields})" if fields else key)
-    parts += [f"{key}: skipped ({why})" for key, why in entry.skipped.items()]
-    return "; ".join(parts)
+    return "; ".join(treatment_lines(entry))
 
 
 def _node_shape(node: fx.Node):

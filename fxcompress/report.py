@@ -1,7 +1,7 @@
 """Human-readable per-layer tables of a plan and a compiled model."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from .config import to_dict
 from .plan import Plan
@@ -13,14 +13,53 @@ def _fmt_config(cfg) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items())
 
 
+def treatment_lines(entry) -> List[str]:
+    """One line per treatment, with the fields a pass really applies where
+    they differ from the config (`bits=2 -> 8 (first layer)`), then skips."""
+    lines = []
+    for key, cfg in entry.treatments.items():
+        fields = to_dict(cfg)
+        eff = entry.effective.get(key, {})
+        parts = []
+        for k, v in fields.items():
+            if k in eff and eff[k] != v:
+                role = f" ({eff['role']} layer)" if eff.get("role") else ""
+                parts.append(f"{k}={v} -> {eff[k]}{role}")
+            else:
+                parts.append(f"{k}={v}")
+        lines.append(f"{key}({' '.join(parts)})" if parts else key)
+    lines += [f"{key}: skipped ({why})" for key, why in entry.skipped.items()]
+    return lines
+
+
+def plan_rows(plan: Plan) -> List[Any]:
+    """(label, entry) per selected node in graph order. A module called twice
+    has one node per call: its rows are labelled `name #1`, `name #2`."""
+    entries = plan.selected_entries
+    if plan.gm is not None:
+        order = {n.name: i for i, n in enumerate(plan.gm.graph.nodes)}
+        entries = sorted(entries, key=lambda e: order.get(e.name, len(order)))
+    counts: Dict[str, int] = {}
+    for e in entries:
+        counts[e.qualname] = counts.get(e.qualname, 0) + 1
+    seen: Dict[str, int] = {}
+    out = []
+    for e in entries:
+        label = e.qualname
+        if counts[e.qualname] > 1:
+            seen[e.qualname] = seen.get(e.qualname, 0) + 1
+            label = f"{e.qualname} #{seen[e.qualname]}"
+        out.append((label, e))
+    return out
+
+
 def plan_table(plan: Plan) -> str:
     rows: List[List[Any]] = []
-    for e in plan.selected_entries:
+    for label, e in plan_rows(plan):
         shape = "x".join(map(str, e.shape)) if e.shape else "-"
-        treat = "; ".join(f"{k}({_fmt_config(v)})" for k, v in e.treatments.items()) or "(selected, no treatment)"
-        skipped = "; ".join(f"{k}: {why}" for k, why in e.skipped.items())
-        rows.append([e.qualname, e.kind.replace("call_", ""), e.target, shape, e.dtype or "-",
-                     ",".join(map(str, e.rules)), treat + (f"  [skipped {skipped}]" if skipped else "")])
+        treat = "\n".join(treatment_lines(e)) or "(selected, no treatment)"
+        rows.append([label, e.kind.replace("call_", ""), e.target, shape, e.dtype or "-",
+                     ",".join(map(str, e.rules)), treat])
     if not rows:
         return "(no node matched any rule)"
     return format_table(["layer", "kind", "target", "shape", "dtype", "rules", "treatments"], rows)
