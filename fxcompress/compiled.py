@@ -14,7 +14,7 @@ from .errors import BadInput, RunFailure
 from .passes.base import PassResult
 from .plan import Plan, make_plan
 from .policy import Policy, load_policy
-from .report import Report
+from .report import Report, plan_rows
 from .tracing import TraceInfo, propagate_shapes, trace
 
 
@@ -78,7 +78,7 @@ class CompressedModel(nn.Module):
             leaf_modules=list(info.leaf_modules),
             trace={"fixed_args": dict(info.fixed_args),
                    "leaf_containers": [asdict(c) for c in info.leaf_containers]},
-            plan=self.plan.to_json()["nodes"],
+            plan=[e.as_dict() for _, e in plan_rows(self.plan)],  # graph order
             passes={name: {"inserted": r.inserted, "notes": r.notes} for name, r in self.pass_results.items()},
             controllers={name: c.report() for name, c in self.controllers.items()},
             timings_s=dict(self.timings),

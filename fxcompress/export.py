@@ -8,7 +8,8 @@
   loads the weights (strict, `weights_only=True`).
 - `weights.pt` (and `weights.safetensors` when safetensors is installed).
 - `report.json`: `cm.report()` (plan, leaves, pass notes) and the source.
-- `graph.dot`, and `graph.svg` when Graphviz `dot` is installed.
+- `graph.dot`, `graph.png` (networkx + matplotlib) and `graph.svg` when
+  Graphviz `dot` is installed.
 
 How a submodule is rebuilt, first that works:
 
@@ -784,13 +785,15 @@ def _self_check(directory: Path) -> None:
 
 # --- entry point ----------------------------------------------------------------
 
-def export(cm, directory, source: Optional[Dict[str, Any]] = None, check: bool = True) -> List[Path]:
+def export(cm, directory, source: Optional[Dict[str, Any]] = None, check: bool = True,
+           notes: Optional[List[str]] = None) -> List[Path]:
     """Write `cm` to `directory` (created if needed); return the written paths.
 
     `source` says where the model came from (what fxcompress.loading records
     as `LoadedModel.source`); it is needed only for submodules whose
     constructor cannot be inferred. `check=False` skips loading the result
-    back, which costs one more build of the model.
+    back, which costs one more build of the model. `notes` (a list) gets
+    what was not written and why (no Graphviz: no graph.svg).
     """
     from .inspect import write_graph
 
@@ -814,11 +817,13 @@ def export(cm, directory, source: Optional[Dict[str, Any]] = None, check: bool =
     if importlib.util.find_spec("safetensors") is not None:
         _save_safetensors(state, out / "weights.safetensors")
         written.append(out / "weights.safetensors")
-    report = {"source": writer.source, "class": CLASS_NAME, **cm.report()}
+    report = {"source": writer.source, "class": CLASS_NAME, **cm.report().to_dict()}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     written.append(out / "report.json")
     graph = write_graph(cm, out / "graph")
     written += graph.paths
+    if graph.note and notes is not None:
+        notes.append(graph.note)
     if check:
         _self_check(out)
     return written

@@ -17,7 +17,7 @@ TRADEOFF_WORDS = ("energy", "cost")
 MAX_BARS = 120
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,14 +34,14 @@ def _grid(n: int):
 def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_curves(history: Sequence[Dict[str, Any]], path: str,
                 baseline: Optional[Sequence[Dict[str, Any]]] = None, title: str = "") -> str:
     """Loss and accuracy per epoch, train and test; the baseline dashed if given."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     runs = [("", history, "-")] + ([("baseline ", baseline, "--")] if baseline else [])
     for prefix, hist, style in runs:
@@ -75,7 +75,7 @@ def plot_figures(history: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     names = figure_names(history)
     if not names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     rows, cols = _grid(len(names))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
@@ -116,7 +116,7 @@ def plot_layers(reports: Dict[str, Any], path: str) -> Optional[str]:
     tables = per_layer_tables(reports)
     if not tables:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(tables), 1, figsize=(10, 3.2 * len(tables)), squeeze=False)
     for ax, (name, table) in zip(axes.flat, tables.items()):
         items = list(table.items())[:MAX_BARS]
@@ -132,7 +132,7 @@ def plot_tradeoff(history: Sequence[Dict[str, Any]], path: str) -> Optional[str]
     names = [n for n in figure_names(history) if any(w in n.lower() for w in TRADEOFF_WORDS)]
     if not names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes.flat, names):
         pts = [(h["figures"][name], 100 * h["test_acc"], h["epoch"]) for h in history
@@ -150,7 +150,7 @@ def write_plots(run_dir: str, history: Sequence[Dict[str, Any]], reports: Option
     if not history:
         return []
     try:
-        _pyplot()
+        pyplot()
     except ImportError:
         return []
     folder = os.path.join(run_dir, "plots")

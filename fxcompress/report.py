@@ -16,19 +16,23 @@ def _fmt_config(cfg) -> str:
 def treatment_lines(entry) -> List[str]:
     """One line per treatment, with the fields a pass really applies where
     they differ from the config (`bits=2 -> 8 (first layer)`), then skips."""
+    return _lines({k: to_dict(v) for k, v in entry.treatments.items()}, entry.effective, entry.skipped)
+
+
+def _lines(treatments: Dict[str, Dict[str, Any]], effective: Dict[str, Dict[str, Any]],
+           skipped: Dict[str, str]) -> List[str]:
     lines = []
-    for key, cfg in entry.treatments.items():
-        fields = to_dict(cfg)
-        eff = entry.effective.get(key, {})
+    for key, fields in treatments.items():
+        eff = effective.get(key, {})
         parts = []
-        for k, v in fields.items():
+        for k, v in (fields or {}).items():
             if k in eff and eff[k] != v:
                 role = f" ({eff['role']} layer)" if eff.get("role") else ""
                 parts.append(f"{k}={v} -> {eff[k]}{role}")
             else:
                 parts.append(f"{k}={v}")
         lines.append(f"{key}({' '.join(parts)})" if parts else key)
-    lines += [f"{key}: skipped ({why})" for key, why in entry.skipped.items()]
+    lines += [f"{key}: skipped ({why})" for key, why in skipped.items()]
     return lines
 
 
@@ -94,12 +98,8 @@ class Report(dict):
         if plan:
             rows = []
             for n in plan:
-                treat = "; ".join(f"{k}({' '.join(f'{f}={v}' for f, v in (cfg or {}).items())})"
-                                  for k, cfg in n.get("treatments", {}).items()) or "(selected, no treatment)"
-                eff = n.get("effective") or {}
-                if eff:
-                    treat += "  [" + "; ".join(f"{k}: " + " ".join(f"{f}={v}" for f, v in d.items())
-                                               for k, d in eff.items()) + "]"
+                treat = "\n".join(_lines(n.get("treatments", {}), n.get("effective") or {}, n.get("skipped") or {}))
+                treat = treat or "(selected, no treatment)"
                 rows.append([n.get("qualname"), n.get("target"),
                              "x".join(map(str, n["shape"])) if n.get("shape") else None, treat])
             out.append(_indent(format_table(["layer", "target", "shape", "treatments"], rows)))

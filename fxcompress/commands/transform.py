@@ -15,7 +15,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan only; rewrite nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-o", "--output", metavar="DIR", help="write module.py, weights, report.json, graph.dot/svg")
+    p.add_argument("-o", "--output", metavar="DIR", help="write module.py, weights, report.json, graph.dot/png (and graph.svg with Graphviz)")
     return p
 
 
@@ -35,13 +35,14 @@ def run(args) -> int:
     if args.dry_run:
         return _dry_run(args)
     loaded, inputs, cm = compile_from_args(args)
-    written = []
+    written, notes = [], []
     if args.output:
         from ..export import export
 
-        written = export(cm, args.output, loaded.source)
+        written = export(cm, args.output, loaded.source, notes=notes)
     if args.json:
-        print_json({"summary": summary(cm), "report": cm.report(), "written": [str(w) for w in written]})
+        print_json({"summary": summary(cm), "report": cm.report().to_dict(), "written": [str(w) for w in written],
+                    "notes": notes})
         return 0
     for line in _auto_leaf_lines(cm):
         print(line)
@@ -54,6 +55,8 @@ def run(args) -> int:
             print(f"note: {note}")
     for w in written:
         print(f"wrote {w}")
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 
