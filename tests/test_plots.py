@@ -30,6 +30,6 @@ def test_layers_plot_shows_every_treated_layer(tmp_path):
     psgd = tables["scaled_grad: bits per weight"]
     assert set(psgd) == {"conv1.weight", "conv2.weight", "fc.weight"} and set(psgd.values()) == {4.0}
     assert names.index("sparsity: sparsity") > names.index("scaled_grad: bits per weight")
-    assert names[0].startswith("activations: stored bits")
+    assert set(names[:2]) == {"activations: stored bits per element (last forward)", "scaled_grad: bits per weight"}
     path = plot_layers(reports, str(tmp_path / "layers.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
