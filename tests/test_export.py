@@ -340,16 +340,16 @@ class HoldsFn(nn.Module):
 
 
 class UsesHoldsFn(nn.Module):
-    def __init__(self):
+    def __init__(self, fn):  # needs an argument: no fresh model of this class to fall back on
         super().__init__()
-        self.act = HoldsFn(torch.tanh)
+        self.act = HoldsFn(fn)
 
     def forward(self, x):
         return self.act(x)
 
 
 def test_an_inferred_constructor_that_loses_hidden_state_is_rejected(tmp_path):
-    cm = fxcompress.compile(UsesHoldsFn(), {"trace": {"leaf_modules": ["HoldsFn"]}}, torch.randn(2, 3))
+    cm = fxcompress.compile(UsesHoldsFn(torch.tanh), {"trace": {"leaf_modules": ["HoldsFn"]}}, torch.randn(2, 3))
     with pytest.raises(BadInput, match=r"'act'.*attribute _fn is <built-in method relu"):
         export(cm, tmp_path)
 
