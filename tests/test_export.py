@@ -431,3 +431,32 @@ def test_save_spec_functions_come_from_the_allow_list_only():
             resolve_function(bad)
     with pytest.raises(BadInput, match="'os.system' is not allowed"):
         rebuild_save_spec("n", "op", "quant", {}, fn="os.system")
+
+
+@pytest.mark.parametrize("policy", ["acgc_auto.yaml", "psgd_w4_acgc_auto.yaml"])
+def test_compiled_model_deepcopies_and_pickles_at_any_step(policy):
+    # issue 11: after two steps under acgc_auto, deepcopy and torch.save raised
+    # "ctypes objects containing pointers cannot be pickled" (AutoQuant's
+    # BatchNorm terms cached a C pointer array): no EMA copy, no best-model copy
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    cm = fxcompress.compile(SmallCNN(), os.path.join(ROOT, "policies", policy), torch.randn(2, 3, 16, 16)).train()
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    cm.attach_optimizer(opt)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(cm(torch.randn(4, 3, 16, 16)), torch.randint(0, 10, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cm.step()
+        twin = copy.deepcopy(cm)
+        buf = io.BytesIO()
+        torch.save(cm, buf)
+        twin(torch.randn(4, 3, 16, 16)).sum().backward()  # the copy trains on its own
+    x = torch.randn(2, 3, 16, 16)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), cm.eval()(x))
