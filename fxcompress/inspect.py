@@ -231,7 +231,8 @@ def draw_png(cm, path: Path) -> Path:
     depth = 1 + max((d for _, d in g.nodes(data="depth")), default=0)
     width = 1 + max((sum(1 for _, d in g.nodes(data="depth") if d == k) for k in range(depth)), default=1)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(min(4 + 1.6 * width, 60), min(2 + 0.55 * depth, 200)))
+    size = (min(4 + 1.6 * width, 40), min(2 + 0.55 * depth, 80))
+    fig, ax = plt.subplots(figsize=size)
     colours = [_node_style(cm, n, auto_leaves) for n in gm.graph.nodes]
     nx.draw_networkx_edges(g, pos, ax=ax, arrowsize=6, width=0.6, edge_color="#777777", node_size=900)
     nx.draw_networkx_nodes(g, pos, nodelist=[n.name for n in gm.graph.nodes], node_color=colours,
@@ -239,7 +240,7 @@ def draw_png(cm, path: Path) -> Path:
     nx.draw_networkx_labels(g, pos, labels={n.name: _short(n.name, 24) for n in gm.graph.nodes}, font_size=5, ax=ax)
     ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110 if max(size) <= 40 else 60)  # a deep graph: fewer pixels, not a huge file
     plt.close(fig)
     return path
 
