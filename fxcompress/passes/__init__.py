@@ -7,5 +7,6 @@ activation pass sees the final ops whose saved tensors it compresses.
 from .activations import ActivationsPass
 from .base import Pass, PassResult, add_submodule, fxc_name  # noqa: F401
 from .scaled_grad import ScaledGradPass
+from .sparsity import SparsityPass
 
-PASS_ORDER: list = [ScaledGradPass, ActivationsPass]  # activations last: it wraps the final ops
+PASS_ORDER: list = [ScaledGradPass, SparsityPass, ActivationsPass]  # activations last: it wraps the final ops

@@ -22,6 +22,9 @@ def run_passes(gm: fx.GraphModule, plan: Plan, passes: Optional[Sequence[type]] 
     timings: Dict[str, float] = {}
     for cls in passes:
         p: Pass = cls()
+        # (spine's manager sets these for every pass; this is its minimal equivalent)
+        if getattr(cls, "schedule_config", None) is not None:
+            p.schedule = (plan.policy.schedule.get(p.key) if plan.policy is not None else None)
         if p.key and not plan.selected(p.key):
             continue  # nothing in the plan for this pass
         t0 = time.perf_counter()
