@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from .errors import FxcError
 
-COMMANDS = ["transform", "validate", "inspect", "train", "evaluate"]
+COMMANDS = ["transform", "validate", "inspect", "train", "evaluate", "sparse_export"]
 
 
 class _Parser(argparse.ArgumentParser):
