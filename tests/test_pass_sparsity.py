@@ -352,3 +352,19 @@ def test_plot_written(tmp_path):
     history = [{"epoch": e, "figures": {"sparsity.sparsity": s}} for e, s in enumerate([0, .9, 0, .9, .9])]
     (path,) = c.plots(history, str(tmp_path))
     assert path.endswith(".png") and (tmp_path / "sparsity.png").stat().st_size > 1000
+
+
+def test_with_activations_in_one_policy():
+    """The pass runs before activations: a policy using both builds, and the
+    masked weight still reaches the conv."""
+    pol = {"rules": [{"match": {"type": ["Conv2d", "Linear"]}, "sparsity": {"sparsity": 0.5}},
+                     {"match": {"type": "Conv2d"}, "activations": {"bits": 8}}],
+           "schedule": {"sparsity": {"unit": "step", "warmup": 0, "final": 0}}}
+    torch.manual_seed(0)
+    cm = fxcompress.compile(Net(), pol, example_inputs=(torch.randn(2, 4, 8, 8),))
+    cm.attach_optimizer(torch.optim.SGD(cm.parameters(), lr=0.1))
+    x, y = data()
+    F.cross_entropy(cm(x), y).backward()
+    for p, mask in masked_params(cm).values():
+        assert (p.grad[~mask] == 0).all()
+    assert "fxc_sparsity_conv1_weight" in cm.code

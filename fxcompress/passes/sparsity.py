@@ -224,8 +224,11 @@ class SparsityPass(Pass):
                     self._rewrite_leaf(node, m, cfg)
             elif node.op == "call_function" and node.target in _WEIGHT_FNS:
                 w = _weight_arg(node)
-                if w is not None and w.op == "get_attr":  # not already masked through its get_attr
+                if w is not None and w.op == "get_attr":
                     self._wrap_use(node, w, cfg, 1)
+                elif w is not None and not (w.op == "call_module" and str(w.target) in self._names.values()):
+                    # an earlier pass (scaled_grad) put its own node on this weight
+                    result.notes.append(f"{node.name}: weight already passes through {w.name}; not masked")
             elif node.op == "call_function":
                 for w, d in _matmul_weight(node, gm):
                     self._wrap_use(node, w, cfg, d)
