@@ -60,6 +60,17 @@ class CompressedModel(nn.Module):
         for c in self.controllers.values():
             c.on_epoch_end(epoch)
 
+    def snapshot_due(self):
+        # (minimal fan-out for AC/DC's snapshots; trainsplit's loop side replaces it at merge)
+        for c in self.controllers.values():
+            label = getattr(c, "snapshot_due", lambda: None)()
+            if label:
+                return label
+        return None
+
+    def plots(self, history, out_dir: str):
+        return [p for c in self.controllers.values() for p in (getattr(c, "plots", lambda h, d: [])(history, out_dir))]
+
     def figures(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
         for name, c in self.controllers.items():

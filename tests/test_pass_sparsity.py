@@ -368,3 +368,38 @@ def test_with_activations_in_one_policy():
     for p, mask in masked_params(cm).values():
         assert (p.grad[~mask] == 0).all()
     assert "fxc_sparsity_conv1_weight" in cm.code
+
+
+def test_training_run_end_to_end_resume_snapshots_export(tmp_path):
+    """fxcompress train with an AC/DC policy in epochs: resuming in the middle
+    of the alternation gives the same weights; the run keeps a dense and a
+    sparse model; sparse-export writes a compact file that reloads bitwise."""
+    from fxcompress.training import TrainConfig, resume, train
+    from tests.helpers import run_cli
+
+    pol = tmp_path / "acdc.yaml"
+    pol.write_text("rules:\n  - match: {type: [Conv2d, Linear]}\n    sparsity: {sparsity: 0.8}\n"
+                   "schedule:\n  sparsity: {warmup: 1, compressed: 1, decompressed: 1, final: 3}\n")
+    tiny = dict(data="digits", upscale=8, depth=8, batch_size=32, train_limit=96, test_limit=40, lr=0.05,
+                progress=False, plots=False, epochs=4, policy=str(pol))
+    full = train(TrainConfig(**tiny, run_dir=str(tmp_path / "full")))
+    train(TrainConfig(**tiny, run_dir=str(tmp_path / "part"), stop_after=2))  # stops after epoch 1 (sparse)
+    done = resume(str(tmp_path / "part"))
+    assert done["status"] == "done"
+    a = torch.load(tmp_path / "full" / "final_model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "part" / "final_model.pt", weights_only=True)["state_dict"]
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+    figs = [e["figures"] for e in full["main"]["epochs"]]
+    assert [f["sparsity.sparse"] for f in figs] == [0.0, 1.0, 0.0, 1.0]
+    assert (tmp_path / "full" / "models" / "dense.pt").exists() and (tmp_path / "full" / "models" / "sparse.pt").exists()
+    code, out, err = run_cli(["sparse-export", str(tmp_path / "full"), "--json"])
+    assert code == 0, err
+    import json
+
+    res = json.loads(out)
+    assert res["compact_bytes"] < res["dense_bytes"] and res["weight_sparsity"] > 0.7
+    back = load_compact(res["compact"])
+    plain = torch.load(res["with_zeros"], weights_only=True)
+    assert set(back) == set(plain) and all(torch.equal(back[k], plain[k]) for k in plain)

@@ -256,7 +256,9 @@ class SparsityController(Controller):
     def report(self) -> Dict[str, Any]:
         return {"phase": self.phase(), "sparsity": self.measured_sparsity(), "unit": self.unit,
                 "schedule": [list(p) for p in self.phases], "phases": list(self.log),
-                "momentum_resets": self.momentum_resets, "layers": self.layer_table()}
+                "momentum_resets": self.momentum_resets, "layers": self.layer_table(),
+                # {layer: number}: the run's layers.png draws it as a bar chart
+                "layer_sparsity": {r["weight"]: r["sparsity"] for r in self.layer_table()}}
 
     def plots(self, history, out_dir: str) -> List[str]:
         from ..plots_sparsity import plot_sparsity

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ..errors import RunFailure
-from .checkpoint import save_checkpoint
+from .checkpoint import FORMAT, save_checkpoint
 from .config import TrainConfig
 from .hooks import hook, model_figures
 from .rundir import REPORT, finish, run_report, write_json
@@ -157,6 +157,11 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
         loss.backward()
         opt.step()
         hook(model, "step")
+        label = hook(model, "snapshot_due")  # (minimal AC/DC snapshot; trainsplit's version replaces it)
+        if label and run.rank == 0:
+            os.makedirs(os.path.join(run.run_dir, "models"), exist_ok=True)
+            torch.save({"format": FORMAT, "model": run.source, "data": run.bundle.describe(), "epochs": epoch + 1,
+                        "state_dict": model.state_dict()}, os.path.join(run.run_dir, "models", f"{label}.pt"))
         epoch_figures.add(model_figures(model))
         loss_sum += loss.item() * y.numel()
         correct += int((out.detach().argmax(1) == y).sum())

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import BadInput
 from .checkpoint import CHECKPOINT, FINAL_MODEL, FORMAT
-from .hooks import controller_reports
+from .hooks import controller_reports, hook
 
 if TYPE_CHECKING:
     from .build import Run
@@ -142,6 +142,7 @@ def run_plots(main: Run, base: Optional[Run]) -> List[str]:
     reports = jsonable(controller_reports(main.model)) or {}
     title = f"{main.source.get('name', 'model')} on {main.bundle.name}"
     written = write_plots(main.run_dir, main.history, reports, base.history if base else None, title)
+    written += hook(main.model, "plots", main.history, os.path.join(main.run_dir, "plots")) or []  # (minimal)
     if base is not None:
         written += write_plots(base.run_dir, base.history, None, None, title + " (baseline)")
     return written
