@@ -13,6 +13,8 @@ batches and step learning-rate schedule (decays at 50 % and 75 %) for every arm:
   WeightNormSparsifier's unstructured per-layer magnitude rule with the cubic schedule CubicSL from 10 % to 75 % of
   training (mask updated every --gmp-every steps), then fine-tuning with the
   final masks; masks folded in at the end (squash_mask).
+- acdc90fl / acdc95fl (on request, --arms): global with the first conv and the
+  last linear kept dense (the sparsity then counts the other layers only).
 - sparseml90: the ablation of SparseML's simplified AC/DC: fixed 5 % phases from
   step 0 (no warm-up), no long final phase, ending on a compressed phase.
 Every arm prunes the same weights: all Conv2d and Linear weights.
@@ -55,6 +57,7 @@ from fxcompress.models import resnet_cifar  # noqa: E402
 from fxcompress.sparse_export import compact, nbytes, sparsity_of  # noqa: E402
 
 ARMS = ["dense", "acdc90", "acdc95", "acdc24", "gmp90", "gmp95", "sparseml90"]
+EXTRA_ARMS = ["acdc90fl", "acdc95fl"]  # global with the first and last layer dense (not in the default set)
 
 
 def parse_args(argv=None):
@@ -134,7 +137,10 @@ def acdc_policy(arm, total):
     if arm == "acdc24":
         sparsity = {"kind": "nm", "n": 2, "m": 4}
     else:
-        sparsity = {"kind": "global", "sparsity": int(arm[-2:]) / 100}
+        level = int(arm.removeprefix("sparseml").removeprefix("acdc")[:2]) / 100
+        sparsity = {"kind": "global", "sparsity": level}
+        if arm.endswith("fl"):  # the first conv and the last linear kept dense, the rest global
+            sparsity["first_last_dense"] = True
     rules = [{"match": {"type": ["Conv2d", "Linear"]}, "sparsity": sparsity}]
     if arm == "acdc24":  # the stem's input channels (1 or 3) are not a multiple of 4
         rules.append({"match": {"name": "conv1"}, "sparsity": None})
@@ -374,7 +380,7 @@ def main(argv=None):
         return 0
     torch.set_num_threads(args.threads)
     arms = [a for a in args.arms.split(",") if a]
-    bad = [a for a in arms if a not in ARMS]
+    bad = [a for a in arms if a not in ARMS + EXTRA_ARMS]
     if bad:
         print(f"unknown arm(s) {bad}; choose from {ARMS}", file=sys.stderr)
         return 2
