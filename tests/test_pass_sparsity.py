@@ -309,7 +309,7 @@ def test_sparse_export_reloads_with_the_same_outputs(tmp_path):
     opt = torch.optim.SGD(cm.parameters(), lr=0.05)
     cm.attach_optimizer(opt)
     train_steps(cm, opt, 2)
-    from fxcompress.commands.evaluate import original_names
+    from fxcompress.training.checkpoint import original_names
 
     state = original_names(cm.state_dict())
     path = tmp_path / "m.pt"

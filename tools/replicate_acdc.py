@@ -51,7 +51,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxcompress  # noqa: E402
-from fxcompress.commands.evaluate import original_names  # noqa: E402
+from fxcompress.training.checkpoint import original_names  # noqa: E402
 from fxcompress.data import load_data  # noqa: E402
 from fxcompress.models import resnet_cifar  # noqa: E402
 from fxcompress.sparse_export import compact, nbytes, sparsity_of  # noqa: E402

@@ -44,11 +44,11 @@ def _source(source: str, weights: str):
 
 
 def run(args) -> int:
-    from ..sparse_export import expand, compact, nbytes, save_compact, sparsity_of
-    from .evaluate import _state_dict
+    from ..sparse_export import compact, expand, nbytes, save_compact, sparsity_of
+    from ..training.checkpoint import read_weights
 
     run_dir, path = _source(args.source, args.weights)
-    state = _state_dict(path)
+    state = read_weights(path, "weights file")
     out = args.out or os.path.join(run_dir, "export")
     os.makedirs(out, exist_ok=True)
     plain = os.path.join(out, "model_with_zeros.pt")
