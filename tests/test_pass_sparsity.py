@@ -403,3 +403,16 @@ def test_training_run_end_to_end_resume_snapshots_export(tmp_path):
     back = load_compact(res["compact"])
     plain = torch.load(res["with_zeros"], weights_only=True)
     assert set(back) == set(plain) and all(torch.equal(back[k], plain[k]) for k in plain)
+
+
+def test_masked_graph_compiles_without_graph_breaks():
+    """The mask multiply is plain tensor code: dynamo captures the whole
+    forward in one graph, in a dense and in a compressed phase alike."""
+    cm = compiled({"unit": "step", "warmup": 0, "final": 0}, sparsity=0.5)
+    cm.attach_optimizer(torch.optim.SGD(cm.parameters(), lr=0.1))
+    x, _ = data()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(cm.graph_module)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    fn = torch.compile(cm.graph_module, backend="eager")
+    torch.testing.assert_close(fn(x), cm.graph_module(x))
