@@ -416,3 +416,12 @@ def test_masked_graph_compiles_without_graph_breaks():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     fn = torch.compile(cm.graph_module, backend="eager")
     torch.testing.assert_close(fn(x), cm.graph_module(x))
+
+
+def test_nm_on_a_layer_whose_inputs_are_not_groups_of_m_is_a_clear_error():
+    from fxcompress.errors import BadInput
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    with pytest.raises(BadInput, match=r"multiple of m.*0\.weight"):
+        fxcompress.compile(net, policy({"preset": "cifar"}, kind="nm"), example_inputs=(torch.randn(1, 3, 8, 8),))

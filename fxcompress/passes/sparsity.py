@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..config import ConfigError
+from ..errors import BadInput
 from ..runtime.sparsity import MaskedWeight, Member, SparsityController
 from .base import Pass, PassResult, add_submodule, fxc_name
 from .scaled_grad import _MODULE_FN, _WEIGHT_FNS, _param, _weight_arg
@@ -243,8 +244,8 @@ class SparsityPass(Pass):
                 result.notes.append("kept dense (first/last layer): " + ", ".join(dense))
             nm_bad = [mb.name for mb in members if mb.kind == "nm" and params[mb.name].shape[mb.in_dim] % mb.m]
             if nm_bad:
-                raise ConfigError("m", f"N:M masks need the input dimension to be a multiple of m; not so for "
-                                  f"{', '.join(nm_bad[:3])} (opt them out with `sparsity: null`)")
+                raise BadInput(f"sparsity: N:M masks need the input dimension to be a multiple of m; not so for "
+                               f"{', '.join(nm_bad[:3])} (opt them out with a rule `sparsity: null`)")
             result.controllers["sparsity"] = SparsityController(members, params, self._modules, sched)
         return result
 
