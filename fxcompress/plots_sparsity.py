@@ -34,14 +34,15 @@ def plot_sparsity(history: Sequence[Dict[str, Any]], phases: Sequence[Tuple[int,
             xs.append(rec.get("epoch", i))
             ys.append(100.0 * s)
     scale = 1.0 if unit == "epoch" else 1.0 / max(steps_per_epoch or 1, 1)
-    end = max([x + 1 for x in xs] + [p[0] * scale + 1 for p in phases])
+    step = (xs[-1] - xs[-2]) if len(xs) > 1 else 1.0  # one record's width: an epoch, or a step
+    end = xs[-1] + step if xs else phases[-1][0] * scale + 1
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for i, (start, kind) in enumerate(phases):
         stop = phases[i + 1][0] * scale if i + 1 < len(phases) else end
         if kind == "sparse":
             ax.axvspan(start * scale, stop, color="tab:orange", alpha=0.18, lw=0)
     if xs:
-        ax.step(xs, ys, where="post", color="tab:blue", marker="o", ms=3, label="sparsity of the epoch (mean)")
+        ax.step(xs, ys, where="post", color="tab:blue", marker="o", ms=3, label="sparsity (mean over each record)")
     ax.set_xlim(0, end)
     ax.set_ylim(-2, 102)
     ax.set_xlabel("epoch")
