@@ -418,10 +418,13 @@ def test_masked_graph_compiles_without_graph_breaks():
     torch.testing.assert_close(fn(x), cm.graph_module(x))
 
 
-def test_nm_on_a_layer_whose_inputs_are_not_groups_of_m_is_a_clear_error():
-    from fxcompress.errors import BadInput
-
+def test_nm_keeps_a_layer_whose_inputs_are_not_groups_of_m_dense_and_says_so():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
-    with pytest.raises(BadInput, match=r"multiple of m.*0\.weight"):
-        fxcompress.compile(net, policy({"preset": "cifar"}, kind="nm"), example_inputs=(torch.randn(1, 3, 8, 8),))
+    cm = fxcompress.compile(net, policy({"unit": "step", "warmup": 0, "final": 0}, kind="nm"),
+                            example_inputs=(torch.randn(1, 3, 8, 8),))
+    assert any("not a multiple of m): 0.weight" in n for n in cm.pass_results["sparsity"].notes)
+    cm.attach_optimizer(torch.optim.SGD(cm.parameters(), lr=0.1))
+    ms = masked_params(cm)
+    assert ms["0.weight"][1].all()
+    assert (ms["2.weight"][1].reshape(-1, 4).sum(1) == 2).all()

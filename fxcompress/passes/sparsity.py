@@ -36,7 +36,6 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..config import ConfigError
-from ..errors import BadInput
 from ..runtime.sparsity import MaskedWeight, Member, SparsityController
 from .base import Pass, PassResult, add_submodule, fxc_name
 from .scaled_grad import _MODULE_FN, _WEIGHT_FNS, _param, _weight_arg
@@ -242,10 +241,12 @@ class SparsityPass(Pass):
             dense = sorted(mb.name for mb in members if mb.dense)
             if dense:
                 result.notes.append("kept dense (first/last layer): " + ", ".join(dense))
-            nm_bad = [mb.name for mb in members if mb.kind == "nm" and params[mb.name].shape[mb.in_dim] % mb.m]
+            nm_bad = [mb for mb in members if mb.kind == "nm" and params[mb.name].shape[mb.in_dim] % mb.m]
+            for mb in nm_bad:  # e.g. a 3-channel stem, a depthwise conv: no groups of m to zero
+                mb.dense = True
             if nm_bad:
-                raise BadInput(f"sparsity: N:M masks need the input dimension to be a multiple of m; not so for "
-                               f"{', '.join(nm_bad[:3])} (opt them out with a rule `sparsity: null`)")
+                result.notes.append(f"kept dense (input dimension not a multiple of m): "
+                                    f"{', '.join(mb.name for mb in nm_bad)}")
             result.controllers["sparsity"] = SparsityController(members, params, self._modules, sched)
         return result
 
