@@ -167,7 +167,6 @@ class SparsityPass(Pass):
     schedule_config = SparsitySchedule
     after = ("scaled_grad",)
     before = ("activations",)
-    schedule = None
 
     def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
         if node.op == "call_module":
