@@ -46,7 +46,7 @@ SECTIONS = {
     "trace": "fxcompress.policy:TraceConfig",
     "communication": "fxcompress.distributed.config:CommunicationConfig",
 }
-TOP_KEYS = ["version", "trace", "rules", "schedule", "communication"]
+TOP_KEYS = ["version", "trace", "rules", "schedule", "settings", "communication"]
 MATCH_KEYS = ["name", "type", "op"]
 
 
@@ -77,6 +77,8 @@ class Policy:
     trace: TraceConfig = field(default_factory=TraceConfig)
     rules: List[Rule] = field(default_factory=list)
     schedule: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    #: treatment key -> its pass's settings_config instance (pass-wide settings)
+    settings: Dict[str, Any] = field(default_factory=dict)
     raw: Dict[str, Any] = field(default_factory=dict)
     file: Optional[str] = None
     lines: Dict[Path, int] = field(default_factory=dict, repr=False)
@@ -164,6 +166,7 @@ def parse_policy(data: Any, file: Optional[str] = None, lines: Optional[Dict[Pat
     policy.trace = policy._sections.get("trace") or TraceConfig()
     keys = treatment_keys()
     policy.schedule = _parse_schedule(policy, data.get("schedule"), keys)
+    policy.settings = _parse_schedule(policy, data.get("settings"), keys, "settings")
     rules = data.get("rules", [])
     if rules is None:
         rules = []
@@ -186,22 +189,23 @@ def _parse_section(policy: Policy, name: str, cls, value):
     return _load_config(policy, cls, value, (name,))
 
 
-def _parse_schedule(policy: Policy, value, keys) -> Dict[str, Dict[str, Any]]:
+def _parse_schedule(policy: Policy, value, keys, section: str = "schedule") -> Dict[str, Dict[str, Any]]:
+    """`schedule:` or `settings:` (pass-wide): treatment -> that pass's dataclass."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise policy.error("schedule must be a mapping of treatment -> settings", ("schedule",))
+        raise policy.error(f"{section} must be a mapping of treatment -> settings", (section,))
     from .passes import PASS_ORDER
 
-    schedules = {p.key: getattr(p, "schedule_config", None) for p in PASS_ORDER if p.key}
+    schedules = {p.key: getattr(p, f"{section}_config", None) for p in PASS_ORDER if p.key}
     out = {}
     for key, body in value.items():
         if key not in keys:
-            raise policy.error("unknown treatment", ("schedule", key), closest(str(key), list(keys)))
+            raise policy.error("unknown treatment", (section, key), closest(str(key), list(keys)))
         cls = schedules.get(key)
         if cls is None:
-            raise policy.error(f"treatment '{key}' takes no schedule", ("schedule", key))
-        out[key] = _load_config(policy, cls, body, ("schedule", key))
+            raise policy.error(f"treatment '{key}' takes no {section}", (section, key))
+        out[key] = _load_config(policy, cls, body, (section, key))
     return out
 
 

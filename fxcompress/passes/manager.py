@@ -22,6 +22,8 @@ def run_passes(gm: fx.GraphModule, plan: Plan, passes: Optional[Sequence[type]] 
     timings: Dict[str, float] = {}
     for cls in passes:
         p: Pass = cls()
+        if getattr(cls, "settings_config", None) is not None:  # pass-wide settings, defaults when absent
+            p.settings = (plan.policy.settings.get(p.key) if plan.policy else None) or cls.settings_config()
         if p.key and not plan.selected(p.key):
             continue  # nothing in the plan for this pass
         t0 = time.perf_counter()
