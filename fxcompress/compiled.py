@@ -60,6 +60,14 @@ class CompressedModel(nn.Module):
         for c in self.controllers.values():
             c.on_epoch_end(epoch)
 
+    def extra_loss(self, outputs, targets):
+        """The sum of the controllers' loss terms (CAMP's RL term), or None."""
+        terms = [t for t in (c.extra_loss(outputs, targets) for c in self.controllers.values()) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def plots(self, history, out_dir: str):
+        return [p for c in self.controllers.values() for p in c.plots(history, out_dir)]
+
     def figures(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
         for name, c in self.controllers.items():

@@ -108,6 +108,8 @@ class TrainConfig:
     # Data-parallel workers (torch.distributed: gloo on CPU, NCCL on GPU).
     # batch_size is the global batch, split evenly over the workers.
     nproc: int = 1
+    # start from another run's weights (final_model.pt / checkpoint.pt / a state_dict), strict=False
+    init: Optional[str] = None
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -452,6 +454,9 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         out = forward(x)
         loss = F.cross_entropy(out, y)
+        extra = _hook(model, "extra_loss", out, y)  # a controller's loss term (CAMP's RL)
+        if extra is not None:
+            loss = loss + extra
         if not torch.isfinite(loss):
             raise RunFailure(f"{run.label}: loss became {loss.item()} in epoch {epoch + 1} (try a smaller --lr)")
         opt.zero_grad(set_to_none=True)
@@ -644,6 +649,8 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
 
         model = fx_compile(model, cfg.policy, (example,))
         compile_report = _hook(model, "report")
+    if cfg.init and use_policy:
+        load_init(model, cfg.init)
     model = model.to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     _hook(model, "attach_optimizer", optimizer)
@@ -662,6 +669,28 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     # (on each rank its own: stochastic methods must not draw alike on all).
     seed_everything(derived_seed(cfg.seed, 0, 2) if run.rank == 0 else derived_seed(cfg.seed, 0, 20_000 + run.rank))
     return run
+
+
+def load_init(model: nn.Module, path: str) -> None:
+    """--init: another run's weights, loaded with strict=False; what did not
+    match is listed in one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BadInput(f"--init {path}: file not found") from None
+    except Exception as e:
+        raise BadInput(f"--init {path}: cannot read it: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise BadInput(f"--init {path}: the weights do not fit this model: {str(e).splitlines()[0]}") from None
+    print(f"--init {path}: {len(state) - len(unexpected)} tensors loaded; missing {len(missing)}"
+          f"{': ' + ', '.join(missing[:8]) + (' ...' if len(missing) > 8 else '') if missing else ''}; "
+          f"unexpected {len(unexpected)}{': ' + ', '.join(unexpected[:8]) if unexpected else ''}", file=sys.stderr)
 
 
 def _communication(cfg: TrainConfig):
@@ -738,7 +767,8 @@ def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict
     model = cfg.model
     if model and not model.startswith("torchvision:"):
         model = os.path.abspath(model)
-    cfg = dataclasses.replace(cfg, run_dir=run_dir, policy=policy, model=model)
+    init = os.path.abspath(cfg.init) if cfg.init else None
+    cfg = dataclasses.replace(cfg, run_dir=run_dir, policy=policy, model=model, init=init)
     return _launch(cfg, {}, log)
 
 
@@ -924,6 +954,7 @@ def _plots(main: Run, base: Optional[Run]) -> List[str]:
         reports = _jsonable({n: _hook(c, "report") for n, c in main.model.controllers.items()}) or {}
     title = f"{main.source.get('name', 'model')} on {main.bundle.name}"
     written = write_plots(main.run_dir, main.history, reports, base.history if base else None, title)
+    written += _hook(main.model, "plots", main.history, os.path.join(main.run_dir, "plots")) or []
     if base is not None:
         written += write_plots(base.run_dir, base.history, None, None, title + " (baseline)")
     return written

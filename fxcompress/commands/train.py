@@ -14,7 +14,7 @@ from ..training import OPTIMIZERS, SCHEDULES, TrainConfig
 # resumed run must continue exactly as it was configured.
 CONFIG_FLAGS = ["model", "model_fn", "policy", "data", "upscale", "depth", "epochs", "batch_size", "lr",
                 "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "decay_epochs", "gamma",
-                "seed", "threads", "run_dir", "baseline", "train_limit", "test_limit", "nproc"]
+                "seed", "threads", "run_dir", "baseline", "train_limit", "test_limit", "nproc", "init"]
 RESUME_FLAGS = ["device", "stop_after"]
 
 
@@ -68,6 +68,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--baseline", action="store_true", default=None,
                    help="also train without the policy (same seed, same data order) and compare")
     g.add_argument("--run-dir", metavar="DIR", help="where to write the run (default runs/<timestamp>)")
+    g.add_argument("--init", metavar="PATH", help="start from another run's weights (RUN/final_model.pt), "
+                   "loaded non-strictly; e.g. CAMP from a trained all-4-bit run")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     g.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs (resumable with --resume)")
     g.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")

@@ -63,7 +63,7 @@ from ..config import ConfigError, check_range
 from ..errors import BadInput
 from ..quantizers.dorefa import ActQuant, WeightQuant
 from ..quantizers.pact import PactQuant
-from ..runtime.dual_precision import DualBlock, DualPrecisionController, Gate
+from ..runtime.dual_precision import DualBlock, DualPrecisionController, Gate, fill_low_norms
 from .base import Pass, PassResult, add_submodule, fxc_name
 
 #: the width relative energy is measured against (CAMP's all-4-bit network)
@@ -329,6 +329,8 @@ class DualPrecisionPass(Pass):
         for b in blocks.values():
             layers += b._costs
         cost = CostModel(layers, reference, settings.pre_gate)
+        if blocks:
+            gm._register_load_state_dict_pre_hook(fill_low_norms, with_module=True)
         if result.modified:
             result.controllers["dual_precision"] = DualPrecisionController(
                 blocks, cost, settings.mode, settings.alpha, settings.gamma, settings.w_rl)

@@ -37,6 +37,14 @@ class Controller(nn.Module):
     def on_epoch_end(self, epoch: int) -> None:
         pass
 
+    def extra_loss(self, outputs, targets):
+        """A term the training loop adds to the loss before backward (None: nothing)."""
+        return None
+
+    def plots(self, history, out_dir: str):
+        """PNG paths of the method's own figures, written once after training."""
+        return []
+
     # --- figures ------------------------------------------------------------
     def figures(self) -> Dict[str, float]:
         """Numbers the training loop prints per epoch (name -> value)."""

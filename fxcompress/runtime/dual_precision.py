@@ -141,7 +141,6 @@ class DualBlock(nn.Module):
         self.action: Optional[torch.Tensor] = None
         #: tests and the timing tool: force every sample to one path (0 or 1)
         self.force: Optional[float] = None
-        self._register_load_state_dict_pre_hook(self._fill_low_norms)
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         p = probs[:, 1]
@@ -172,19 +171,23 @@ class DualBlock(nn.Module):
         for r in (self.route_high, self.route_low, self.merge):
             r.routed = routed
 
-    def _fill_low_norms(self, state_dict, prefix, *args):
-        """Loading an all-4-bit model (no low-path norms in its state_dict):
-        the low path's norms start as copies of the block's own norms."""
-        own = prefix.rstrip(".")
-        root = prefix[: len(prefix) - len(own.rsplit(".", 1)[-1]) - 1]
-        for key, src in self._norm_sources.items():
-            for name in self.low_norms[key].state_dict():
-                dst, orig = f"{prefix}low_norms.{key}.{name}", f"{root}{src}.{name}"
-                if dst not in state_dict and orig in state_dict:
-                    state_dict[dst] = state_dict[orig].clone()
-
     def extra_repr(self) -> str:
         return f"block={self.block!r}, mode={self.mode}, pre_gate={self.pre_gate}"
+
+
+def fill_low_norms(root: nn.Module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook of the graph module. Loading an all-4-bit
+    model (no low-path norms in its state_dict): each low path's norms start
+    as copies of the block's own loaded norms. On the root module, because a
+    module's hook sees only the keys under its own prefix."""
+    for name, block in root.named_modules():
+        if not isinstance(block, DualBlock):
+            continue
+        for key, src in block._norm_sources.items():
+            for item in block.low_norms[key].state_dict():
+                dst, orig = f"{prefix}{name}.low_norms.{key}.{item}", f"{prefix}{src}.{item}"
+                if dst not in state_dict and orig in state_dict:
+                    state_dict[dst] = state_dict[orig].clone()
 
 
 def usage_of(sums: torch.Tensor, counts: torch.Tensor) -> Optional[float]:
@@ -241,6 +244,8 @@ class DualPrecisionController(Controller):
         return {"usage": sum(usage.values()) / len(usage), "energy": self.cost.relative(usage)}
 
     def on_epoch_start(self, epoch: int) -> None:
+        if epoch == 0:
+            self.epochs = []  # a new run (weights from --init may carry an old history)
         for b in self._blocks.values():
             b.train_sum.zero_()
             b.train_count.zero_()
