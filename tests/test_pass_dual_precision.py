@@ -299,3 +299,24 @@ def test_report_and_figures():
     usage = {n: v["test_usage"] for n, v in rep["blocks"].items()}
     assert rep["test_energy"] == pytest.approx(ctl.cost.relative(usage))
     assert rep["epochs"][0]["epoch"] == 1
+
+
+def test_train_4bit_then_camp_rl_with_init(tmp_path, capsys):
+    """The README sequence, tiny: the all-4-bit run, then CAMP RL from its
+    weights (--init); the RL term runs through the loop's extra_loss."""
+    import os
+
+    from fxcompress.training import TrainConfig, train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = dict(depth=8, upscale=8, epochs=1, train_limit=64, test_limit=32, batch_size=32, plots=False,
+                  progress=False)
+    w4 = train(TrainConfig(policy=os.path.join(root, "policies", "camp_w4.yaml"), run_dir=str(tmp_path / "w4"),
+                           **common))
+    assert w4["status"] == "done"
+    rl = train(TrainConfig(policy=os.path.join(root, "policies", "camp_rl.yaml"), run_dir=str(tmp_path / "rl"),
+                           init=str(tmp_path / "w4" / "final_model.pt"), **common))
+    err = capsys.readouterr().err
+    assert "--init" in err and "missing" in err and "low_norms" not in err
+    figures = rl["main"]["epochs"][0]["figures"]
+    assert 0 <= figures["dual_precision.usage"] <= 1 and figures["dual_precision.energy"] > 0
