@@ -8,8 +8,9 @@ Per seed, the built-in CIFAR ResNet, SGD with a step schedule:
   trained from scratch;
 - CAMP supervised (`camp_sp.yaml`): from the all-4-bit model's weights
   (the low norms start as copies of its norms), hard gate, cross-entropy;
-- CAMP RL (`camp_rl.yaml`) at each --alphas value: from the supervised
-  CAMP model, as the authors' README trains it.
+- CAMP RL (`camp_rl.yaml`) at each --alphas value: from the all-4-bit
+  model (default), or with --rl-from sp from the supervised CAMP model, as
+  the authors' README trains it.
 Accuracy is the test accuracy in eval mode, where every sample runs only the
 path its gate chose; energy is the BOPs per sample at the test set's gate
 usage, relative to the all-4-bit network (fxcompress/bops.py).
@@ -64,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--alphas", default="0.1,1,4", help="RL alpha values, comma-separated")
     p.add_argument("--w-rl", type=float, default=0.01)
+    p.add_argument("--rl-from", choices=("w4", "sp"), default="w4",
+                   help="RL starts from the all-4-bit model (issue 15; default) or the supervised CAMP model "
+                   "(the authors' README)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write the energy-accuracy plot here")
@@ -173,7 +177,10 @@ def run_seed(seed, data, args, alphas):
     res["rl"] = {}
     for a in alphas:
         rl = fxcompress.compile(build(args, ch, seed), camp_policy("rl", alpha=a, w_rl=args.w_rl), ex)
-        rl.load_state_dict(sp.state_dict())
+        if args.rl_from == "sp":
+            rl.load_state_dict(sp.state_dict())
+        else:
+            rl.load_state_dict(w4.state_dict(), strict=False)
         rl = train(rl, data, args, seed, args.camp_epochs, args.camp_lr)
         res["rl"][str(a)] = list(evaluate(rl, data))
     res["train_s"] = time.perf_counter() - t0
