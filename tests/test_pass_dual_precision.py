@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 import fxcompress
+import fxcompress.errors
 from fxcompress.errors import PolicyError
 from fxcompress.models import resnet_cifar
 from fxcompress.passes.dual_precision import find_residual_blocks
@@ -320,3 +321,36 @@ def test_train_4bit_then_camp_rl_with_init(tmp_path, capsys):
     assert "--init" in err and "missing" in err and "low_norms" not in err
     figures = rl["main"]["epochs"][0]["figures"]
     assert 0 <= figures["dual_precision.usage"] <= 1 and figures["dual_precision.energy"] > 0
+
+
+class PlainNet(nn.Module):
+    """No residual add: the block is named by its module path (settings.blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.body(torch.relu(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_block_named_by_module_path():
+    pol = {"settings": {"dual_precision": {"blocks": ["body"]}},
+           "rules": [{"match": {"name": "body.*"}, "dual_precision": {"gate_channels": 2}}]}
+    cm = fxcompress.compile(PlainNet(), pol, (torch.randn(2, 1, 8, 8),))
+    block = cm.controllers["dual_precision"].blocks["body"]
+    assert block.gate.conv.out_channels == 2  # the rule's settings for the block's layer
+    assert "self.fxc_dual_body.merge(" in cm.code and "self.fxc_dual_body.low_norms.body_1(" in cm.code
+    cm.eval()
+    with torch.no_grad():
+        x = torch.randn(5, 1, 8, 8)
+        block.force = 1.0
+        high = cm(x)
+        block.set_routed(False)
+        torch.testing.assert_close(cm(x), high)
+    bad = {"settings": {"dual_precision": {"blocks": ["stem"]}}, "rules": pol["rules"]}
+    with pytest.raises(fxcompress.errors.BadInput, match="first or last"):
+        fxcompress.compile(PlainNet(), bad, (torch.randn(2, 1, 8, 8),))

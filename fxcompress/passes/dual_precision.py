@@ -10,6 +10,9 @@ What a rule selects:
   4-bit network CAMP starts from.
 The first and the last weight layer of the network (and their inputs) stay
 full precision whatever the rules say, as the authors' configs keep them.
+A block without a residual add is named by its module path in the
+settings (`blocks: [stage2]`): that module's forward, if it reads one tensor
+and has one output.
 
 Settings (`settings: {dual_precision: {...}}`): `mode` sp (supervised,
 hard gate with straight-through gradient), rl (sampled gates, REINFORCE term
@@ -116,6 +119,9 @@ class DualPrecisionSettings:
     w_rl: float = 0.01
     #: the gate reads the block input (the low path then runs only for its samples)
     pre_gate: bool = False
+    #: module paths whose whole forward is a block (for blocks without a residual
+    #: add); block settings come from the rule that selects the block's first layer
+    blocks: List[str] = field(default_factory=list)
 
     def check(self):
         for name in ("alpha", "w_rl"):
@@ -240,6 +246,32 @@ def find_residual_blocks(gm: fx.GraphModule) -> Tuple[Dict[str, Region], Dict[st
     return regions, reasons
 
 
+def _in_module(node: fx.Node, prefix: str) -> bool:
+    if node.op == "call_module" and (node.target == prefix or str(node.target).startswith(prefix + ".")):
+        return True
+    paths = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+    return any(p == prefix or p.startswith(prefix + ".") for p in paths)
+
+
+def module_region(gm: fx.GraphModule, prefix: str) -> Region:
+    """The nodes of module `prefix`'s forward as a block; ValueError says why not."""
+    members = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")
+               and _in_module(n, prefix)]
+    if not members:
+        raise ValueError(f"no node of the graph belongs to module '{prefix}'")
+    inside = set(members)
+    inputs = {a for n in members for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+    exits = [n for n in members if any(u not in inside for u in n.users)]
+    if len(inputs) != 1:
+        raise ValueError(f"module '{prefix}' reads {len(inputs)} tensors from outside; a block reads one")
+    if len(exits) != 1 or exits[0] is not members[-1]:
+        raise ValueError(f"module '{prefix}' has {len(exits)} outputs used outside; a block has one, its last node")
+    layers = [n for n in members if _is_layer(gm, n)]
+    if not any(isinstance(_module(gm, n), nn.modules.conv._ConvNd) for n in layers):
+        raise ValueError(f"module '{prefix}' holds no Conv module")
+    return Region(next(iter(inputs)), members, exits[0], prefix, layers)
+
+
 def _weight_layers(gm: fx.GraphModule) -> List[fx.Node]:
     return [n for n in gm.graph.nodes if _is_layer(gm, n)]
 
@@ -307,6 +339,21 @@ class DualPrecisionPass(Pass):
         taken: set = set()
         dual = settings.mode != "fixed"
         fixed: List[Tuple[fx.Node, DualPrecisionConfig]] = []
+        configs = {node: cfg for node, cfg in selected}
+        for prefix in settings.blocks:
+            try:
+                r = module_region(gm, prefix)
+            except ValueError as e:
+                raise BadInput(f"dual_precision settings blocks: {e}") from None
+            if any(n.name in first_last for n in r.layers):
+                raise BadInput(f"dual_precision settings blocks: '{prefix}' holds the first or last weight layer, "
+                               "which stays full precision")
+            cfg = configs.get(r.layers[0]) or DualPrecisionConfig()
+            taken.update(r.nodes)
+            if dual:
+                blocks[r.name] = self._rewrite_block(r, cfg, costs)
+            else:
+                fixed += [(n, cfg) for n in r.layers]
         for node, cfg in selected:
             if node.name in regions:
                 r = regions[node.name]
