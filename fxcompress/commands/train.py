@@ -68,8 +68,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--baseline", action="store_true", default=None,
                    help="also train without the policy (same seed, same data order) and compare")
     g.add_argument("--run-dir", metavar="DIR", help="where to write the run (default runs/<timestamp>)")
-    g.add_argument("--init", metavar="PATH", help="start from another run's weights (RUN/final_model.pt), "
-                   "loaded non-strictly; e.g. CAMP from a trained all-4-bit run")
+    g.add_argument("--init", metavar="RUN_DIR|WEIGHTS",
+                   help="start from the trained weights of another run (its final model, else its last "
+                   "checkpoint) or of a .pt state_dict; tensors it lacks keep their seeded initialisation")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     g.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs (resumable with --resume)")
     g.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
@@ -112,6 +113,9 @@ def run(args) -> int:
     except KeyboardInterrupt:
         if os.path.isfile(os.path.join(run_dir, training.CHECKPOINT)):
             print(f"interrupted; continue with: fxcompress train --resume {run_dir}", file=sys.stderr)
+        elif os.path.isfile(os.path.join(run_dir, training.REPORT)):
+            print(f"interrupted in the first epoch: no epoch was saved; fxcompress train --resume {run_dir} "
+                  f"starts the run again from epoch 1", file=sys.stderr)
         raise
     if result is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0

@@ -2,6 +2,7 @@
 torch.distributed, its DDP wrapper."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -11,6 +12,7 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from ..errors import BadInput
+from .checkpoint import CHECKPOINT, load_init, weights_path
 from .config import DIGITS_DEFAULT_UPSCALE, TrainConfig, resolve_device
 from .hooks import hook
 from .rundir import jsonable
@@ -106,6 +108,9 @@ class Run:
     rank: int = 0
     world: int = 1
     backend: Optional[str] = None
+    # --init: where the starting weights came from, what was missing or unexpected
+    init: Optional[Dict[str, Any]] = None
+    init_line: Optional[str] = None
 
 
 def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bundle=None) -> Run:
@@ -119,20 +124,26 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     what = f"model {source.get('name') or source.get('path')}"
     example = bundle.example_batch(2)
     check_model_fits(model, example, bundle.num_classes, what)
-    compile_report = None
     compressed = bool(use_policy and cfg.policy)
+    init = init_line = init_path = None
+    if cfg.init and not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        # (a run that resumes from its checkpoint needs no starting weights)
+        # before compiling, so that the passes see the trained weights ...
+        init_path = weights_path(cfg.init, "--init")
+        init, init_line = load_init(model, init_path, compiled=False)
+    compile_report = None
     if compressed:
         from ..compiled import compile as fx_compile
 
         model = fx_compile(model, cfg.policy, (example,))
         compile_report = hook(model, "report")
-    if cfg.init and use_policy:
-        load_init(model, cfg.init)
+        if init_path:  # ... and after, for what the passes keep under the same names
+            init, init_line = load_init(model, init_path, compiled=True)
     model = model.to(device)
     optimizer = make_optimizer(cfg, model.parameters())
     hook(model, "attach_optimizer", optimizer)
     run = Run(cfg, label, run_dir, model, optimizer, bundle, device, source, compressed,
-              compile_report=jsonable(compile_report))
+              compile_report=jsonable(compile_report), init=init, init_line=init_line)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from ..distributed import CommunicationConfig
         from ..distributed.hook import wrap
@@ -155,27 +166,3 @@ def communication(cfg: TrainConfig):
     from ..policy import load_policy
 
     return load_policy(cfg.policy).section("communication")
-
-
-def load_init(model: nn.Module, path: str) -> None:
-    """--init: another run's weights, loaded with strict=False; what did not
-    match is listed in one line."""
-    import sys
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BadInput(f"--init {path}: file not found") from None
-    except Exception as e:
-        raise BadInput(f"--init {path}: cannot read it: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise BadInput(f"--init {path}: the weights do not fit this model: {str(e).splitlines()[0]}") from None
-    print(f"--init {path}: {len(state) - len(unexpected)} tensors loaded; missing {len(missing)}"
-          f"{': ' + ', '.join(missing[:8]) + (' ...' if len(missing) > 8 else '') if missing else ''}; "
-          f"unexpected {len(unexpected)}{': ' + ', '.join(unexpected[:8]) if unexpected else ''}", file=sys.stderr)

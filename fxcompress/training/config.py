@@ -55,7 +55,8 @@ class TrainConfig:
     # Data-parallel workers (torch.distributed: gloo on CPU, NCCL on GPU).
     # batch_size is the global batch, split evenly over the workers.
     nproc: int = 1
-    # start from another run's weights (final_model.pt / checkpoint.pt / a state_dict), strict=False
+    # Start from these weights (a run directory or a .pt file) instead of
+    # the seeded initialisation; tensors the file lacks keep the latter.
     init: Optional[str] = None
 
     @classmethod
