@@ -355,3 +355,17 @@ def test_a_block_named_by_module_path():
     bad = {"settings": {"dual_precision": {"blocks": ["stem"]}}, "rules": pol["rules"]}
     with pytest.raises(fxcompress.errors.BadInput, match="first or last"):
         fxcompress.compile(PlainNet(), bad, (torch.randn(2, 1, 8, 8),))
+
+
+def test_training_forward_is_one_dynamo_graph():
+    """Quantizers, gate and merge are plain tensor code: torch.compile sees the
+    training forward whole (routed eval breaks at the data-dependent split)."""
+    import torch._dynamo as dynamo
+
+    _, cm = compiled(mode="rl", blocks=2)
+    cm.train()
+    try:
+        e = dynamo.explain(cm)(torch.randn(4, 1, 8, 8))
+    finally:
+        dynamo.reset()
+    assert e.graph_break_count == 0 and e.graph_count == 1

@@ -33,13 +33,21 @@ inverted residuals, and any user block of the same shape.
 
 The rewritten block in gm.code (post-gate):
 
-    fxc_dual_layer1_0_low_conv1 = torch.conv2d(self.fxc_dual_layer1_0.quant.low_a_layer1_0_conv1(x), ...)
+    fxc_dual_layer1_0_low_layer1_0_conv1_in = self.fxc_dual_layer1_0.quant.low_a_layer1_0_conv1(relu)
+    fxc_dual_layer1_0_low_layer1_0_conv1_w = self.fxc_dual_layer1_0.quant.low_w(layer1_0_conv1_weight)
+    fxc_dual_layer1_0_low_layer1_0_conv1 = torch.conv2d(fxc_..._conv1_in, fxc_..._conv1_w, None, ...)
+    fxc_dual_layer1_0_low_layer1_0_bn1 = self.fxc_dual_layer1_0.low_norms.layer1_0_bn1(...)
     ...
-    fxc_dual_layer1_0_gate = self.fxc_dual_layer1_0.gate(fxc_dual_layer1_0_low_relu_1)
+    fxc_dual_layer1_0_gate = self.fxc_dual_layer1_0.gate(fxc_dual_layer1_0_low_relu_2)
     fxc_dual_layer1_0 = self.fxc_dual_layer1_0(fxc_dual_layer1_0_gate)
-    fxc_dual_layer1_0_route_high = self.fxc_dual_layer1_0.route_high(x, fxc_dual_layer1_0)
-    fxc_dual_layer1_0_high_conv1 = ...
-    fxc_dual_layer1_0_merge = self.fxc_dual_layer1_0.merge(low, high, fxc_dual_layer1_0)
+    fxc_dual_layer1_0_route_high = self.fxc_dual_layer1_0.route_high(relu, fxc_dual_layer1_0)
+    fxc_dual_layer1_0_high_layer1_0_conv1_in = self.fxc_dual_layer1_0.quant.high_a_layer1_0_conv1(...)
+    ...                                            # the high path uses layer1.0.bn1 itself
+    fxc_dual_layer1_0_merge = self.fxc_dual_layer1_0.merge(fxc_dual_layer1_0_low_relu_2,
+                                                           fxc_dual_layer1_0_high_relu_2, fxc_dual_layer1_0)
+
+torch.compile sees a training forward as one graph (tested); routed eval
+breaks the graph at the data-dependent split (nonzero) of each block.
 
 The high path reads the original modules' parameters and norms, so a
 CAMP model's state_dict holds the 4-bit model's names and `--init` from an
