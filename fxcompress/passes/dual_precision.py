@@ -289,6 +289,7 @@ class DualPrecisionPass(Pass):
     key = "dual_precision"
     config = DualPrecisionConfig
     settings_config = DualPrecisionSettings
+    before = ("activations",)  # activations wraps the final ops, these paths included
 
     def __init__(self):
         self._cache: Optional[Tuple[int, Dict[str, Region], Dict[str, str], set]] = None
