@@ -179,16 +179,17 @@ def test_bops_against_hand_count():
     stem = 8 * 8 * 4 * 1 * 9          # first conv: out 4x8x8, 1 input channel, 3x3
     body = 8 * 8 * 4 * 4 * 9          # each block conv
     fc = 4 * 3
-    gate = 8 * 4 * 9 * 4 * 4 + 8 * 2  # 3x3 stride 2 to 8 channels on 4x4, then 1x1 to 2 logits
+    # 3x3 stride 2 to 8 channels on 4x4 (4-bit), then the full-precision 1x1 head on 4-bit features
+    gate = 8 * 4 * 9 * 4 * 4 * 16 + 8 * 2 * 32 * 4
     reference = (stem + fc) * 32 * 32 + 2 * body * 4 * 4
     assert cost.reference == reference
     for u in (0.0, 0.25, 1.0):
-        expect = (stem + fc) * 1024 + 2 * body * 1 + gate * 16 + u * 2 * body * 16
+        expect = (stem + fc) * 1024 + 2 * body * 1 + gate + u * 2 * body * 16
         assert cost.relative({"blocks.0": u}) == pytest.approx(expect / reference)
     # the pre-gate runs the low path only for its own samples
     _, cm = compiled(pre_gate=True, gate_channels=8, gate_bits=4)
     cost = cm.controllers["dual_precision"].cost
-    expect = (stem + fc) * 1024 + 0.75 * 2 * body + gate * 16 + 0.25 * 2 * body * 16
+    expect = (stem + fc) * 1024 + 0.75 * 2 * body + gate + 0.25 * 2 * body * 16
     assert cost.relative({"blocks.0": 0.25}) == pytest.approx(expect / reference)
 
 
@@ -252,6 +253,41 @@ def test_rl_credits_each_sample_with_its_own_reward():
     torch.testing.assert_close(logp[1].grad, -w_rl * r2 / 4)
     torch.testing.assert_close(logp[0].grad, -w_rl * r2 / 4)
     assert len(set(logp[0].grad.tolist())) == 4  # a batch-mean CE would give equal gradients
+    # gamma < 1: R_i = sum_{j>=i} gamma^(j-i) r_j + gamma^(N-i+1) (-CE), i 1-based (SPEC)
+    logp = [torch.zeros(4, requires_grad=True) for _ in range(2)]
+    g = 0.5
+    rl_loss(outputs, targets, logp, actions, alpha, g, w_rl).backward()
+    r = [alpha / 2 * (1 - a) for a in actions]
+    torch.testing.assert_close(logp[1].grad, -w_rl * (r[1] + g * -ce) / 4)
+    torch.testing.assert_close(logp[0].grad, -w_rl * (r[0] + g * r[1] + g ** 2 * -ce) / 4)
+
+
+def test_rl_gates_stay_undecided_after_a_step_and_actions_vary():
+    """The gate starts at p_high = sigmoid(1) for every input, so sampled
+    actions differ within a batch; one small RL step must move it a little,
+    not saturate it (a DoReFa-quantized head did: tanh(w) / max|tanh(w)| turns
+    the first tiny update into weights of +-1, p_high ~0.005 after one step)."""
+    torch.manual_seed(0)
+    _, cm = compiled(mode="rl", blocks=2)
+    ctl = cm.controllers["dual_precision"]
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
+    cm.train()
+    for step in range(3):
+        seen = []
+        hooks = [b.gate.register_forward_hook(lambda m, i, o: seen.append(o[:, 1].detach()))
+                 for b in ctl.blocks.values()]
+        out = cm(x)
+        actions = [b.action for b in ctl.blocks.values()]
+        loss = F.cross_entropy(out, y) + cm.extra_loss(out, y)
+        for h in hooks:
+            h.remove()
+        for p, a in zip(seen, actions):
+            assert 0.6 < float(p.mean()) < 0.85 and float(p.min()) > 0.5, (step, p)
+            assert 0 < float(a.sum()) < len(a)  # both paths sampled in one batch
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 def test_rl_training_step_reaches_the_gates():

@@ -529,7 +529,8 @@ class DualPrecisionPass(Pass):
         h, w = (shape[2] + 1) // 2, (shape[3] + 1) // 2
         block._costs.append(LayerCost(f"{bname}.gate.conv", cfg.gate_channels * shape[1] * 9 * h * w, gb, gb,
                                       "gate", r.name))
-        block._costs.append(LayerCost(f"{bname}.gate.fc", cfg.gate_channels * 2, gb, gb, "gate", r.name))
+        # the head reads gb-bit features with full-precision weights (Gate's docstring)
+        block._costs.append(LayerCost(f"{bname}.gate.fc", cfg.gate_channels * 2, 32, gb, "gate", r.name))
         self._result.modified = True
         return block
 

@@ -47,8 +47,18 @@ _EPS = 1e-6
 
 class Gate(nn.Module):
     """conv3x3 stride 2 -> BN -> ReLU -> global average pool -> 1x1 conv to 2
-    logits -> softmax. `bits` quantizes its weights and inputs (DoReFa; None:
-    full precision); `signed` says whether its input can be negative."""
+    logits -> softmax. `bits` quantizes the 3x3 conv's weights and input and
+    the pooled features (DoReFa; None: full precision); `signed` says whether
+    its input can be negative.
+
+    The 1x1 head stays full precision (2 x channels MACs, nothing in the
+    BOPs): DoReFa k-bit weights are tanh(w) / max|tanh(w)|, so a quantized
+    head's logits would have a fixed scale whatever its weights' size. The
+    head starts at zero; the first optimizer step would then blow its tiny
+    update up to weights of +-1 and saturate every gate (p_high 0.73 -> ~0.005
+    in one step on digits), after which REINFORCE has nothing left to sample.
+    In full precision the head's size is the gate's confidence, and it grows
+    only as fast as the gradients say."""
 
     def __init__(self, channels: int, hidden: int, bits: Optional[int], signed: bool):
         super().__init__()
@@ -65,7 +75,7 @@ class Gate(nn.Module):
         w1, w2 = self.conv.weight, self.fc.weight
         if self.bits is not None:
             x = quantize_activation(x, self.bits, self.signed)
-            w1, w2 = quantize_weight(w1, self.bits), quantize_weight(w2, self.bits)
+            w1 = quantize_weight(w1, self.bits)
         h = F.relu(self.bn(F.conv2d(x, w1, None, 2, 1)))
         h = F.adaptive_avg_pool2d(h, 1)
         if self.bits is not None:
