@@ -103,7 +103,8 @@ class DualPrecisionConfig:
     pact_alpha: float = 6.0
     #: channels of the gate's 3x3 convolution
     gate_channels: int = 8
-    #: the gate's weight and input width (null: full precision); counted in the BOPs
+    #: the gate's 3x3 conv weight and input width (null: full precision; the 1x1
+    #: head is always full precision, see runtime Gate); counted in the BOPs
     gate_bits: Optional[int] = 4
 
     def check(self):
