@@ -250,3 +250,59 @@ def test_c_widths_equal_the_numpy_reference(monkeypatch):
         monkeypatch.setenv("FXC_CPU_FAST", "0")
         ref = auto_bits(amax, signed, C, dx2, bn, 8, counts=counts)
         assert torch.equal(fast, ref), (trial, C, signed)
+
+
+def _small_auto_net():
+    """Conv, BatchNorm (its budget caches the C path's ctypes arrays), ReLU,
+    GELU (a measured width) and a linear head, under policies/acgc_auto.yaml."""
+    import os
+
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                      nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    policy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "policies", "acgc_auto.yaml")
+    return fxcompress.compile(m, policy, example_inputs=(torch.randn(2, 3, 16, 16),))
+
+
+def _train_step(cm, opt, x, y):
+    opt.zero_grad()
+    loss = F.cross_entropy(cm(x), y)
+    loss.backward()
+    opt.step()
+    cm.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_compiled_model_copies_and_pickles_at_any_step(steps):
+    """deepcopy and torch.save/load of a compiled `auto` model after `steps`
+    steps (after two, BatchNorm budgets hold the C path's ctypes arrays):
+    the copy trains, and its next steps match the original's bit for bit
+    (so the loaded copy still compresses: its backward is the original's)."""
+    import io
+
+    cm = _small_auto_net()
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+               for _ in range(steps + 2)]
+    for x, y in batches[:steps]:
+        _train_step(cm, opt, x, y)
+    buf = io.BytesIO()
+    torch.save(cm, buf)
+    buf.seek(0)
+    copies = [copy.deepcopy(cm), torch.load(buf, weights_only=False)]
+    rest = batches[steps:]
+    ref = [_train_step(cm, opt, x, y) for x, y in rest]
+    for c in copies:
+        # torch.load re-traces the graph module from its code: the
+        # compressed saves must stay calls, not be traced through
+        assert c.graph_module.code.count("fxc_save(") == cm.graph_module.code.count("fxc_save(") > 0
+        c_opt = torch.optim.SGD(c.parameters(), lr=0.05)
+        got = [_train_step(c, c_opt, x, y) for x, y in rest]
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), (steps, [float(v) for v in got], [float(v) for v in ref])
+        for (n, p), q in zip(cm.named_parameters(), c.parameters()):
+            assert torch.equal(p, q), n
+        assert c.controllers["activations"].steps == cm.controllers["activations"].steps

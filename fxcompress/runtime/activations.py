@@ -112,6 +112,16 @@ class SaveSpec(nn.Module):
         self.measured_bits: Optional[int] = None
         self._skip: set = set()
 
+    def __getstate__(self):
+        # deepcopy and pickle at any step: the width rule's caches inside
+        # bn_terms (numpy arrays, the C path's ctypes pointer arrays: not
+        # picklable) are dropped; widths.py rebuilds them on first use
+        state = super().__getstate__()
+        if state.get("bn_terms") is not None:
+            state["bn_terms"] = {k: v for k, v in state["bn_terms"].items() if not k.startswith("_")}
+        state["_skip"] = set()
+        return state
+
     def extra_repr(self) -> str:
         s = self.settings
         what = {"relu": "1-bit mask", "hardtanh": "1-bit range mask", "maxpool": "window index, input shape only",

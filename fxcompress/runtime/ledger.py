@@ -31,6 +31,15 @@ class Ledger:
         self.nodes = {}
         self.forwards += 1
 
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) keeps the last forward's figures; the
+        # registry and the counted sets are keyed by the addresses of this
+        # process's live tensors, so they start empty (the next forward
+        # fills them)
+        state = dict(self.__dict__)
+        state.update(registry={}, seen=set(), counted=set())
+        return state
+
     def export_key(self) -> str:
         """The key every exported spec of this graph names its ledger by
         (rebuild_save_spec joins the specs of one instance on it)."""
