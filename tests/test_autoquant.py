@@ -306,3 +306,42 @@ def test_compiled_model_copies_and_pickles_at_any_step(steps):
         for (n, p), q in zip(cm.named_parameters(), c.parameters()):
             assert torch.equal(p, q), n
         assert c.controllers["activations"].steps == cm.controllers["activations"].steps
+
+
+def test_a_pack_belongs_to_one_forward():
+    """The same tensor object fed to a later forward is packed again: under
+    `auto` the step after the statistics step stores the first convolution's
+    input at its measured widths (not the 8 bits of step 0's pack), exactly
+    as a copy of the tensor would be; at fixed stochastic bits the draws are
+    new."""
+    cm = _small_auto_net()
+    opt = torch.optim.SGD(cm.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    ledger = cm.graph_module.fxc_act__0._ledger
+
+    def stored(node="_0"):
+        return ledger.nodes[node]["stored_bytes"]
+
+    _train_step(cm, opt, x, y)  # statistics step: the input is stored at the fallback bits
+    at_8 = stored()
+    _train_step(cm, opt, x, y)  # the same object again
+    again = stored()
+    _train_step(cm, opt, x.clone(), y)
+    assert again == stored() < at_8
+
+    torch.manual_seed(0)
+    import torch.nn as nn
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
+    policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
+                                       "activations": {"bits": 2, "rounding": "stochastic"}}]}
+    cm = fxcompress.compile(net, policy, example_inputs=(x[:1],))
+    spec = cm.graph_module.fxc_act__0
+    packs = []
+    for _ in range(2):
+        cm(x).sum().backward()
+        ptr = x.untyped_storage().data_ptr()
+        packs += [obj for key, obj in spec._ledger.registry.items() if key[0] == ptr]
+    assert len(packs) == 2 and packs[0] is not packs[1]
+    assert not torch.equal(spec.unpack(packs[0]), spec.unpack(packs[1]))  # new draws

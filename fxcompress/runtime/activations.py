@@ -34,7 +34,8 @@ A storage saved by several ops (a ReLU output that the next convolution and
 the downsample convolution both save) is packed once: packed objects are
 shared through a registry keyed by storage, view geometry and version, whose
 entries die with the source tensor (weakref.finalize), so a reused address
-can never hit a stale entry.
+can never hit a stale entry, and with the forward (Ledger.reset), so the
+same tensor object fed again is packed again.
 
 Around it: runtime/ledger.py (the registry and byte counts a graph's specs
 share), runtime/stored_forms.py (kept, shape-only, masks, window indices),
@@ -160,8 +161,8 @@ class SaveSpec(nn.Module):
         form = self._form(t)
         rkey = key + (form,)
         hit = ledger.registry.get(rkey)
-        if hit is not None:  # already stored by another save of this storage
-            if id(hit) not in ledger.counted:  # (made in an earlier forward: count it in this one)
+        if hit is not None:  # already stored by another save of this storage in this forward
+            if id(hit) not in ledger.counted:
                 ledger.counted.add(id(hit))
                 st["stored_bytes"] += _nbytes(hit)
             return hit
