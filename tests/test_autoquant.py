@@ -178,6 +178,36 @@ def test_no_gradient_at_step_0_is_measured_again(batch):
     assert not ctrl._specs[ln].collect  # measured: back to the every-100-steps schedule
 
 
+@pytest.mark.parametrize("eps_bits", [0, 4])
+def test_measured_in_the_backward_from_16_bit_copies(batch, monkeypatch, eps_bits):
+    """The statistics step's memory: a measured op's input copies are packed
+    at 16 bits, and the op is measured inside the backward as its output's
+    gradient arrives, its copies and gradient freed there. The widths equal
+    those measured from exact fp32 copies."""
+    from fxcompress.kernels import actpack
+    from fxcompress.runtime import probe
+
+    x, y, bundle = batch
+    x = _gray_to_rgb(x)[:32]
+    policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
+                                       "activations": {"mode": "auto", "eps_bits": eps_bits, "min_numel": 256}}]}
+    widths = []
+    for copy_bits in (16, None):
+        monkeypatch.setattr(probe, "COPY_BITS", copy_bits)
+        cm = fxcompress.compile(_tiny_vit(bundle.num_classes), policy, example_inputs=x[:2])
+        ctrl = cm.controllers["activations"]
+        out = cm(x)
+        args = [a for n in ctrl.probe_nodes for a in ctrl._specs[n].snapshot["args"]]
+        packed = [a for a in args if isinstance(a, actpack.Packed)]
+        assert bool(packed) == (copy_bits == 16)
+        F.cross_entropy(out, y[:32]).backward()
+        # measured in the backward: nothing but the result is held until step()
+        assert all(set(ctrl._specs[n].snapshot) == {"measured"} for n in ctrl.probe_nodes)
+        cm.step()
+        widths.append({n: ctrl._specs[n].measured_bits for n in ctrl.probe_nodes})
+    assert widths[0] == widths[1] and all(widths[0].values()), widths
+
+
 def test_measured_op_keeps_its_input_from_before_an_in_place_op():
     """Hardswish(inplace=True) overwrites its input: the statistics must keep
     the input as it was (a BN output, below hardswish's minimum -0.375)."""
@@ -192,9 +222,12 @@ def test_measured_op_keeps_its_input_from_before_an_in_place_op():
     cm = fxcompress.compile(model, policy, example_inputs=x[:1])
     ctrl = cm.controllers["activations"]
     (node,) = [n for n in ctrl.probe_nodes if ctrl._specs[n].op == "Hardswish"]
-    F.cross_entropy(cm(x), y).backward()
-    kept = ctrl._specs[node].snapshot["args"][1]
+    out = cm(x)
+    from fxcompress.runtime.probe import _restore
+
+    kept = _restore(ctrl._specs[node].snapshot["args"][1])
     assert float(kept.min()) < -1.0
+    F.cross_entropy(out, y).backward()
     cm.step()
     assert ctrl._specs[node].measured_bits is not None
 
