@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -59,6 +59,18 @@ class CompressedModel(nn.Module):
     def on_epoch_end(self, epoch: int) -> None:
         for c in self.controllers.values():
             c.on_epoch_end(epoch)
+
+    def extra_loss(self, outputs, targets) -> Optional[torch.Tensor]:
+        terms = [t for c in self._modules["controllers"]._modules.values()
+                 if (t := c.extra_loss(outputs, targets)) is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def snapshot_due(self) -> List[str]:
+        return [label for c in self._modules["controllers"]._modules.values()
+                if (label := c.snapshot_due()) is not None]
+
+    def plots(self, history, out_dir: str) -> List[str]:
+        return [path for c in self.controllers.values() for path in c.plots(history, out_dir)]
 
     def figures(self) -> Dict[str, float]:
         out: Dict[str, float] = {}

@@ -316,7 +316,7 @@ def test_resume_refuses_changed_config_and_existing_dir(tmp_path):
     code, _, err = _cli(["--resume", str(tmp_path / "none")])
     assert code == 2 and "report.json" in err
     (tmp_path / "r" / "checkpoint.pt").write_bytes(b"garbage")
-    with pytest.raises(BadInput, match="cannot read checkpoint"):
+    with pytest.raises(BadInput, match="checkpoint.pt is damaged"):
         resume(str(tmp_path / "r"))
 
 

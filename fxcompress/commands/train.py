@@ -14,7 +14,7 @@ from ..training import OPTIMIZERS, SCHEDULES, TrainConfig
 # resumed run must continue exactly as it was configured.
 CONFIG_FLAGS = ["model", "model_fn", "policy", "data", "upscale", "depth", "epochs", "batch_size", "lr",
                 "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "decay_epochs", "gamma",
-                "seed", "threads", "run_dir", "baseline", "train_limit", "test_limit", "nproc"]
+                "seed", "threads", "run_dir", "baseline", "train_limit", "test_limit", "nproc", "init"]
 RESUME_FLAGS = ["device", "stop_after"]
 
 
@@ -68,6 +68,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--baseline", action="store_true", default=None,
                    help="also train without the policy (same seed, same data order) and compare")
     g.add_argument("--run-dir", metavar="DIR", help="where to write the run (default runs/<timestamp>)")
+    g.add_argument("--init", metavar="RUN_DIR|WEIGHTS",
+                   help="start from the trained weights of another run (its final model, else its last "
+                   "checkpoint) or of a .pt state_dict; tensors it lacks keep their seeded initialisation")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     g.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs (resumable with --resume)")
     g.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
@@ -110,6 +113,9 @@ def run(args) -> int:
     except KeyboardInterrupt:
         if os.path.isfile(os.path.join(run_dir, training.CHECKPOINT)):
             print(f"interrupted; continue with: fxcompress train --resume {run_dir}", file=sys.stderr)
+        elif os.path.isfile(os.path.join(run_dir, training.REPORT)):
+            print(f"interrupted in the first epoch: no epoch was saved; fxcompress train --resume {run_dir} "
+                  f"starts the run again from epoch 1", file=sys.stderr)
         raise
     if result is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..errors import BadInput
 from .build import build_data, communication, model_channels, prepare_run
-from .checkpoint import resume_if_saved
+from .checkpoint import resume_if_saved, weights_path
 from .config import TrainConfig, check_config, resolve_device
 from .loop import execute
 from .rundir import (BASELINE_DIR, REPORT, claim_run_dir, comparison_rows, describe_run, file_digest, job_report,
@@ -23,13 +23,16 @@ from .rundir import (BASELINE_DIR, REPORT, claim_run_dir, comparison_rows, descr
 def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Train per `cfg` (and its baseline with cfg.baseline) in a new run directory."""
     check_config(cfg)
+    if cfg.init is not None:
+        weights_path(cfg.init, "--init")  # fail before the run directory is claimed
     run_dir = claim_run_dir(cfg.run_dir or new_run_dir())
     # Absolute paths, so that --resume works from any working directory.
     policy = os.path.abspath(cfg.policy) if isinstance(cfg.policy, str) else cfg.policy
     model = cfg.model
     if model and not model.startswith("torchvision:"):
         model = os.path.abspath(model)
-    cfg = dataclasses.replace(cfg, run_dir=run_dir, policy=policy, model=model)
+    init = os.path.abspath(cfg.init) if cfg.init else cfg.init
+    cfg = dataclasses.replace(cfg, run_dir=run_dir, policy=policy, model=model, init=init)
     return _launch(cfg, {}, log)
 
 
@@ -120,6 +123,8 @@ def _train_job(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
     resume_if_saved(main)
     if log:
         log(describe_run(main))
+        if main.init_line:
+            log(main.init_line)
         if main.world == 1 and communication(cfg) is not None:
             log(f"note: the policy's communication: section applies only to data-parallel training "
                 f"(--nproc > 1); this run has one process")
