@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -137,10 +137,16 @@ def _shape_dtype(node: fx.Node):
 CANDIDATE_OPS = ("call_module", "call_function", "call_method", "get_attr")
 
 
-def make_plan(gm: fx.GraphModule, policy: Policy) -> Plan:
-    from .passes import PASS_ORDER
-
-    passes = {p.key: p() for p in PASS_ORDER if p.key}
+def make_plan(gm: fx.GraphModule, policy: Policy, passes: Sequence[type]) -> Plan:
+    """The plan of `policy` on `gm` for the given pass list (the one the
+    policy was loaded with: each treatment's pass decides where it applies)."""
+    passes = {p.key: p() for p in passes if p.key}
+    for r in policy.rules:
+        for key in r.treatments:
+            if key not in passes:
+                raise policy.error(f"treatment '{key}' has no pass in this compile's pass list "
+                                   f"({', '.join(passes) or 'empty'}); load the policy with the same passes",
+                                   ("rules", r.index, key))
     plan = Plan(policy=policy, gm=gm)
     matched = {r.index: 0 for r in policy.rules}
     applied = {r.index: 0 for r in policy.rules}

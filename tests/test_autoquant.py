@@ -33,7 +33,8 @@ def test_weight_gradient_error_within_bound(batch, eps_bits):
     model = resnet_cifar(20, bundle.num_classes, bundle.in_channels)
     ref = copy.deepcopy(model)
     policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
-                                       "activations": {"mode": "auto", "eps_bits": eps_bits, "stats_every": 1}}]}
+                                       "activations": {"mode": "auto", "eps_bits": eps_bits}}],
+              "settings": {"activations": {"stats_every": 1}}}
     cm = fxcompress.compile(model, policy, example_inputs=x[:2])
     # step 0: statistics (stored at `bits` meanwhile); no weight update
     _weight_grads(cm, x, y)
@@ -75,7 +76,8 @@ def test_statistics_schedule(batch):
     torch.manual_seed(0)
     model = resnet_cifar(8, bundle.num_classes, bundle.in_channels)
     policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
-                                       "activations": {"mode": "auto", "stats_every": 3, "window": 2}}]}
+                                       "activations": {"mode": "auto"}}],
+              "settings": {"activations": {"stats_every": 3, "window": 2}}}
     cm = fxcompress.compile(model, policy, example_inputs=x[:2])
     ctrl = cm.controllers["activations"]
     key = ctrl.groups[0][0]

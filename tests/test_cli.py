@@ -15,7 +15,8 @@ GATED = os.path.join(os.path.dirname(__file__), "models", "gated.py")
 @pytest.fixture
 def policy(tmp_path):
     p = tmp_path / "p.yaml"
-    p.write_text("version: 1\nrules:\n  - match: {type: [Conv2d, Linear]}\n")
+    # selects the layers and treats none (activations: null), so the plan lists them
+    p.write_text("version: 1\nrules:\n  - match: {type: [Conv2d, Linear]}\n    activations: null\n")
     return str(p)
 
 
@@ -53,7 +54,7 @@ def test_dry_run_json(policy):
 
 def test_transform_reports_auto_leaf(policy, tmp_path):
     p = tmp_path / "lin.yaml"
-    p.write_text("rules:\n  - match: {type: Linear}\n")
+    p.write_text("rules:\n  - match: {type: Linear}\n    activations: null\n")
     code, out, err = run_cli(["transform", GATED, "--policy", str(p)])
     assert code == 0, err
     assert "auto-leaf: block.gate (Gate)" in out and "gated.py:12" in out

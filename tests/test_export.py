@@ -17,7 +17,7 @@ from fxcompress.export import export
 from fxcompress.loading import load_model
 from fxcompress.passes import Pass, PassResult, add_submodule, fxc_name
 from tests.models.small_cnn import SmallCNN
-from tests.test_inspect import POLICY, MarkPass, mark_pass  # noqa: F401  (fixture)
+from tests.test_inspect import POLICY, MarkPass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -36,13 +36,6 @@ class MarkPass(DemoPass):
     config = MarkConfig
 
 
-@pytest.fixture(autouse=True)
-def mark_pass(monkeypatch):
-    import fxcompress.passes as P
-
-    monkeypatch.setattr(P, "PASS_ORDER", list(P.PASS_ORDER) + [MarkPass])
-
-
 @pytest.fixture
 def cm():
     return fxcompress.compile(SmallCNN(), POLICY, torch.randn(1, 3, 16, 16), passes=[MarkPass])
@@ -153,7 +146,7 @@ def policy_file(tmp_path):
 
 
 def test_cli_default_prints_table_and_diff(policy_file):
-    code, out, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file])
+    code, out, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file], passes=[MarkPass])
     assert code == 0, err
     assert "fxc_mark_conv1" in out and "mark(level=3)" in out      # the table
     assert "+++ rewritten (after passes)" in out                   # the diff
@@ -162,7 +155,7 @@ def test_cli_default_prints_table_and_diff(policy_file):
 
 def test_cli_json_with_code_table_and_graph(policy_file, tmp_path):
     code, out, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file, "--json", "--code", "--table",
-                              "--graph", str(tmp_path / "g")])
+                              "--graph", str(tmp_path / "g")], passes=[MarkPass])
     assert code == 0, err
     data = json.loads(out)
     assert set(data) == {"code_before", "code_after", "nodes", "graph"}
@@ -173,7 +166,8 @@ def test_cli_json_with_code_table_and_graph(policy_file, tmp_path):
 
 
 def test_cli_bad_input_exits_2(policy_file, tmp_path):
-    code, _, err = run_cli(["inspect", str(tmp_path / "nope.py"), "--policy", policy_file])
+    code, _, err = run_cli(["inspect", str(tmp_path / "nope.py"), "--policy", policy_file], passes=[MarkPass])
     assert code == 2 and "model file not found" in err and "Traceback" not in err
-    code, _, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file, "--graph", str(tmp_path / "no" / "g")])
+    code, _, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file, "--graph", str(tmp_path / "no" / "g")],
+                           passes=[MarkPass])
     assert code == 2 and "does not exist" in err

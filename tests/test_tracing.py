@@ -19,7 +19,7 @@ def test_auto_leaf_makes_the_deepest_failing_module_a_leaf():
 def test_auto_leaf_model_runs_and_report_names_the_leaf():
     model = GatedNet()
     x = torch.randn(3, 8)
-    cm = fxcompress.compile(model, {"rules": [{"match": {"type": "Linear"}}]}, x)
+    cm = fxcompress.compile(model, {"rules": [{"match": {"type": "Linear"}, "activations": None}]}, x)
     assert torch.equal(cm(x), model(x))
     assert cm.report()["auto_leaves"][0]["path"] == "block.gate"
 
@@ -59,7 +59,7 @@ def test_shapes_filled_without_touching_bn_stats_or_rng():
     torch.manual_seed(5)
     expect = torch.rand(1)
     torch.manual_seed(5)
-    cm = fxcompress.compile(model, {"rules": [{"match": {"type": "Conv2d"}}]}, x)
+    cm = fxcompress.compile(model, {"rules": [{"match": {"type": "Conv2d"}, "activations": None}]}, x)
     assert torch.equal(torch.rand(1), expect)
     assert torch.equal(model.bn1.running_mean, before)
     assert model.training and model.bn1.training

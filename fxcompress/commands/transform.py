@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..export import export
 from ..report import plan_table, summary
 from .common import add_model_args, compile_from_args, print_json
 
@@ -29,8 +30,6 @@ def run(args) -> int:
     loaded, inputs, cm = compile_from_args(args)
     written = []
     if args.output:
-        from ..export import export
-
         written = export(cm, args.output, loaded.source)
     if args.json:
         print_json({"summary": summary(cm), "report": cm.report(), "written": [str(w) for w in written]})
@@ -50,9 +49,9 @@ def run(args) -> int:
 
 
 def _dry_run(args) -> int:
-    # The plan needs a traced graph and shapes but no rewrite: compile with
-    # no passes, which resolves and validates everything a real run would.
-    _, _, cm = compile_from_args(args, passes=[])
+    # The plan needs a traced graph and shapes but no rewrite: a dry-run
+    # compile resolves and validates everything a real run would.
+    _, _, cm = compile_from_args(args, dry_run=True)
     if args.json:
         print_json({"summary": summary(cm), "auto_leaves": [vars(a) for a in cm.trace_info.auto_leaves],
                     "plan": cm.plan.to_json()["nodes"]})

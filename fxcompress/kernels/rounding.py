@@ -17,7 +17,7 @@ from typing import List, Tuple
 
 import torch
 
-from ..errors import BadInput
+from .. import config
 
 EPS = 1e-6
 MASK32 = 0xFFFFFFFF
@@ -30,8 +30,8 @@ ROUNDINGS = ("nearest", "stochastic")
 # ----------------------------------------------------------------- helpers
 
 def check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise BadInput(f"activation bits must be an integer in 1..16, got {bits!r}")
+    """Entry guard of the public pack functions (a policy's widths were checked at load)."""
+    config.check_bits("activation bits", bits, 1, 16)
 
 
 def slices(bits: int) -> List[Tuple[int, int]]:
