@@ -38,6 +38,7 @@ accuracy (only with --only accuracy: 15 trainings): the default model on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -173,7 +174,8 @@ def peaks_child(spec: str, mode: str, stats_step: int) -> dict:
     m, x, y = build(name, mode, batch=int(batch), size=int(size))
     ctrl = m.controllers["activations"] if mode != "none" and "activations" in m.controllers else None
     if ctrl is not None:
-        ctrl.stats_every = stats_step  # statistics at step 0 and at stats_step
+        # statistics at step 0 and at stats_step (the policy's settings: section, here set directly)
+        ctrl.settings = dataclasses.replace(ctrl.settings, stats_every=stats_step)
         ctrl._arm()
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(1)
