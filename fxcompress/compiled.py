@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -15,6 +16,7 @@ from .passes import resolve_passes, run_passes
 from .passes.base import PassResult
 from .plan import Plan, make_plan
 from .policy import Policy
+from .report import Report, plan_rows
 from .tracing import TraceInfo, propagate_shapes, trace
 
 
@@ -81,15 +83,20 @@ class CompressedModel(nn.Module):
                 out[f"{name}.{k}"] = v
         return out
 
-    def report(self) -> Dict[str, Any]:
-        return {
-            "auto_leaves": [vars(a) for a in self.trace_info.auto_leaves],
-            "leaf_modules": list(self.trace_info.leaf_modules),
-            "plan": self.plan.to_json()["nodes"],
-            "passes": {name: {"inserted": r.inserted, "notes": r.notes} for name, r in self.pass_results.items()},
-            "controllers": {name: c.report() for name, c in self.controllers.items()},
-            "timings_s": dict(self.timings),
-        }
+    def report(self) -> Report:
+        """Plan, leaves, pass notes, controller figures: a dict that prints as
+        readable tables (fxcompress.report.Report; `.to_dict()` for a plain one)."""
+        info = self.trace_info
+        return Report(
+            auto_leaves=[vars(a) for a in info.auto_leaves],
+            leaf_modules=list(info.leaf_modules),
+            trace={"fixed_args": dict(info.fixed_args),
+                   "leaf_containers": [asdict(c) for c in info.leaf_containers]},
+            plan=[e.as_dict() for _, e in plan_rows(self.plan)],  # graph order
+            passes={name: {"inserted": r.inserted, "notes": r.notes} for name, r in self.pass_results.items()},
+            controllers={name: c.report() for name, c in self.controllers.items()},
+            timings_s=dict(self.timings),
+        )
 
 
 def _as_inputs(example_inputs) -> Optional[Tuple[Any, ...]]:
@@ -129,10 +136,11 @@ def compile(model: nn.Module, policy: Union[str, Dict[str, Any], Policy, None] =
     pol = policy_mod.load_policy(policy, passes)
     timings["policy"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gm, info = trace(model, pol.trace.leaf_modules, pol.trace.concrete_args, pol.trace.auto_leaf)
+    inputs = _as_inputs(example_inputs)
+    gm, info = trace(model, pol.trace.leaf_modules, pol.trace.concrete_args, pol.trace.auto_leaf,
+                     n_inputs=None if inputs is None else len(inputs))
     original_code = gm.code
     timings["trace"] = time.perf_counter() - t0
-    inputs = _as_inputs(example_inputs)
     if inputs is not None:
         t0 = time.perf_counter()
         propagate_shapes(gm, inputs)

@@ -33,6 +33,9 @@ class PlanEntry:
     rules: List[int] = field(default_factory=list)
     treatments: Dict[str, Any] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)
+    # per treatment, the fields a pass will really use where they differ from
+    # the config (PSGD's first/last rule: bits=8 where the rule says 2)
+    effective: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> Dict[str, Any]:
         return {
@@ -41,6 +44,7 @@ class PlanEntry:
             "rules": self.rules,
             "treatments": {k: to_dict(v) for k, v in self.treatments.items()},
             "skipped": dict(self.skipped),
+            "effective": {k: dict(v) for k, v in self.effective.items()},
         }
 
 
@@ -187,6 +191,9 @@ def make_plan(gm: fx.GraphModule, policy: Policy, passes: Sequence[type]) -> Pla
                     applied[r.index] += 1
         plan.entries[node.name] = entry
     _check_rules_matched(gm, policy, matched, applied)
+    for p in passes.values():  # a pass may say what it will really apply (see PlanEntry.effective)
+        for name, fields in (p.effective(gm, plan) if hasattr(p, "effective") else {}).items():
+            plan.entries[name].effective[p.key] = fields
     return plan
 
 

@@ -110,7 +110,7 @@ BAD_MODELS = [
     (["transform", "tests/models/two_models.py"], "cannot tell which model"),
     (["transform", CNN, "--model-fn", "build_modle"], "did you mean 'build_model'"),
     (["transform", CNN, "--input-shape", "1,3,x"], "comma-separated integers"),
-    (["transform", CNN, "--input-shape", "2,5,16,16"], "does not fit the model"),
+    (["transform", CNN, "--input-shape", "2,5,16,16"], "likely cause: the example input's shape"),
     (["transform", "torchvision:resnet5O"], "did you mean 'resnet50'"),
     (["transform", "tests/models/root_branch.py", "--input-shape", "2,4"], "root_branch.py:11"),
     (["transform", CNN, "--input-dtype", "float33"], "unknown input dtype"),

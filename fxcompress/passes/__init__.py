@@ -18,8 +18,9 @@ from .activations import ActivationsPass
 from .base import Pass, PassResult, add_submodule, fxc_name  # noqa: F401
 from .manager import check_passes, run_passes  # noqa: F401
 from .scaled_grad import ScaledGradPass
+from .sparsity import SparsityPass
 
-DEFAULT_PASSES: Tuple[type, ...] = (ScaledGradPass, ActivationsPass)
+DEFAULT_PASSES: Tuple[type, ...] = (ScaledGradPass, SparsityPass, ActivationsPass)
 
 
 def resolve_passes(passes: Optional[Sequence[type]] = None) -> Tuple[type, ...]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -111,6 +111,14 @@ def _functional_reason(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
     return None
 
 
+def _bits_for(cfg: ScaledGradConfig, role: str) -> Tuple[int, str]:
+    """The width a weight really gets: quantize.authors_first_last_bits (the
+    one copy of the rule) for the first and last layer, else cfg.bits. The
+    pass and the plan table (`effective`) both ask here."""
+    width = authors_first_last_bits(cfg.bits, cfg.first_last_bits) if role else None
+    return (width, role) if width is not None else (cfg.bits, role)
+
+
 class ScaledGradPass(Pass):
     name = "scaled_grad"
     key = "scaled_grad"
@@ -146,15 +154,35 @@ class ScaledGradPass(Pass):
                 names.append(str(_weight_arg(n).target))
         return names
 
+    @classmethod
+    def _first_last_roles(cls, gm: fx.GraphModule) -> Dict[str, str]:
+        order = cls._weight_layers(gm)
+        return {order[0]: "first", order[-1]: "last"} if order else {}
+
+    def effective(self, gm: fx.GraphModule, plan) -> Dict[str, Dict[str, Any]]:
+        """Plan nodes whose width the first/last rule changes: node name ->
+        {bits, role} (what plan tables show; run() applies the same rule)."""
+        roles = self._first_last_roles(gm)
+        out: Dict[str, Dict[str, Any]] = {}
+        for node, cfg in plan.selected(self.key):
+            if node.op == "call_module":
+                weight = f"{node.target}.weight"
+            elif node.op == "call_function":
+                weight = str(_weight_arg(node).target)
+            else:
+                weight = str(node.target)
+            bits, role = _bits_for(cfg, roles.get(weight, ""))
+            if bits != cfg.bits:
+                out[node.name] = {"bits": bits, "role": role}
+        return out
+
     def run(self, gm: fx.GraphModule, plan) -> PassResult:
         result = PassResult()
-        order = self._weight_layers(gm)
-        first, last = (order[0], order[-1]) if order else (None, None)
         self._gm, self._plan, self._result = gm, plan, result
         self._modules: Dict[str, ScaledGrad] = {}
         self._names: Dict[str, str] = {}
         self._params: Dict[str, nn.Parameter] = {}
-        self._roles = {first: "first", last: "last"} if first else {}
+        self._roles = self._first_last_roles(gm)
         for node, cfg in list(plan.selected(self.key)):
             if getattr(node, "_erased", False):  # a get_attr an earlier rewrite here replaced
                 continue
@@ -211,9 +239,7 @@ class ScaledGradPass(Pass):
                     gm.graph.erase_node(old)
 
     def _bits(self, param_name: str, cfg: ScaledGradConfig) -> Tuple[int, str]:
-        role = self._roles.get(param_name, "")
-        width = authors_first_last_bits(cfg.bits, cfg.first_last_bits) if role else None
-        return (width, role) if width is not None else (cfg.bits, role)
+        return _bits_for(cfg, self._roles.get(param_name, ""))
 
     def _scaled(self, param_name: str, cfg: ScaledGradConfig, anchor: fx.Node, layer_weight: str) -> fx.Node:
         """A get_attr of the parameter followed by its ScaledGrad node, inserted
