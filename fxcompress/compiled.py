@@ -36,7 +36,19 @@ class CompressedModel(nn.Module):
         self.timings = timings
 
     def forward(self, *args, **kwargs):
+        compiled = self.__dict__.get("_compiled")  # set by compile(backend=...); not a submodule
+        if compiled is not None:
+            return compiled(*args, **kwargs)
         return self.graph_module(*args, **kwargs)
+
+    def compile_with(self, backend: Optional[str] = "inductor", **options) -> "CompressedModel":
+        """torch.compile the rewritten graph in place (runtime/compile_support.py:
+        compile-friendly ops, activation hooks inlined into the compiled graph);
+        `backend=None` goes back to eager. Returns self."""
+        from .runtime.compile_support import CompiledCall
+
+        self.__dict__["_compiled"] = None if backend is None else CompiledCall(self.graph_module, backend, **options)
+        return self
 
     @property
     def code(self) -> str:
@@ -90,11 +102,13 @@ def _as_inputs(example_inputs) -> Optional[Tuple[Any, ...]]:
 
 def compile(model: nn.Module, policy: Union[str, Dict[str, Any], Policy, None] = None,
             example_inputs: Union[torch.Tensor, Sequence[Any], None] = None,
-            passes: Optional[Sequence[type]] = None) -> CompressedModel:
+            passes: Optional[Sequence[type]] = None, backend: Optional[str] = None) -> CompressedModel:
     """Trace `model`, resolve `policy` against its graph and rewrite it.
 
     `example_inputs` (a tensor or a tuple) fills shapes and dtypes, which the
-    plan, the report and shape-dependent passes use.
+    plan, the report and shape-dependent passes use. `backend` ("inductor",
+    "aot_eager", "eager"): also torch.compile the result
+    (CompressedModel.compile_with); None: eager.
     """
     if not isinstance(model, nn.Module):
         raise BadInput(f"compile() takes an nn.Module, got {type(model).__name__}")
@@ -125,4 +139,5 @@ def compile(model: nn.Module, policy: Union[str, Dict[str, Any], Policy, None] =
             if name in controllers:
                 raise RunFailure(f"two passes created a controller named {name!r}")
             controllers[name] = c
-    return CompressedModel(gm, plan, controllers, info, original_code, results, timings)
+    cm = CompressedModel(gm, plan, controllers, info, original_code, results, timings)
+    return cm.compile_with(backend) if backend is not None else cm
