@@ -40,93 +40,94 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-_TINY = torch.finfo(torch.float32).tiny
+from ..kernels import actpack
 
 
-def _storage_bits(bits: int) -> int:
-    """Bits a code takes in the packed form: the smallest of 1, 2, 4, 8, 16 >= bits."""
-    for b in (1, 2, 4, 8, 16):
-        if bits <= b:
-            return b
-    raise ValueError(f"activation bits must be 1..16, got {bits}")
-
-
-def _channel_view(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """x as (outer, channels, inner) for per-channel statistics: channel dim 1
-    for >= 3 dims (N, C, ...), the last dim for 2-D (tokens, features), as eager."""
+def _channel_view(x: torch.Tensor) -> torch.Tensor:
+    """x (float32, contiguous) as (A, C, B), one scale per C: channel dim 1 for
+    >= 3 dims (N, C, ...), the last dim for 2-D (tokens, features), as eager."""
     if x.dim() >= 3:
-        return x.reshape(x.shape[0], x.shape[1], -1), 1
-    return x.reshape(1, x.shape[0], x.shape[1]).transpose(1, 2), 2
+        return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(1, -1, x.shape[-1]).transpose(1, 2)
 
 
-def _pack_codes(codes: torch.Tensor, sbits: int) -> torch.Tensor:
-    """uint8 codes (< 2^sbits) flattened, 8 // sbits per byte (little end first)."""
+def _pack_slices(codes: torch.Tensor, bits: int) -> list:
+    """int32 codes < 2^bits as actpack stores them: one uint8 tensor per
+    power-of-two slice of the code (actpack.slices), 8 // width per byte."""
     flat = codes.reshape(-1)
-    per = 8 // sbits
-    pad = (-flat.numel()) % per
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    g = flat.view(-1, per).to(torch.int32)
-    shifts = torch.arange(per, dtype=torch.int32, device=flat.device) * sbits
-    return (g << shifts).sum(1).to(torch.uint8)
+    out = []
+    for w, sh in actpack.slices(bits):
+        per = 8 // w
+        part = (flat >> sh) & ((1 << w) - 1)
+        pad = (-part.numel()) % per
+        if pad:
+            part = torch.cat([part, part.new_zeros(pad)])
+        shifts = torch.arange(per, dtype=torch.int32, device=flat.device) * w
+        out.append((part.view(-1, per) << shifts).sum(1, dtype=torch.int32).to(torch.uint8))
+    return out
 
 
-def _unpack_codes(packed: torch.Tensor, sbits: int, n: int) -> torch.Tensor:
-    per = 8 // sbits
-    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * sbits
-    g = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << sbits) - 1)
-    return g.reshape(-1)[:n]
+def _unpack_slices(parts, bits: int, n: int) -> torch.Tensor:
+    codes = None
+    for (w, sh), p in zip(actpack.slices(bits), parts):
+        shifts = torch.arange(8 // w, dtype=torch.int32, device=p.device) * w
+        c = ((p.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << w) - 1)).reshape(-1)[:n] << sh
+        codes = c if codes is None else codes | c
+    return codes
 
 
 def pack_tensor(x: torch.Tensor, bits: int, stochastic: bool, min_numel: int):
-    """The pack hook's body (plain tensor code, traced per saved tensor)."""
+    """The pack hook's body: plain tensor code, traced once per saved tensor.
+
+    Floating tensors: eager's fixed-width arithmetic (kernels/actpack: per
+    channel k_c = 2^b / (max|x_c| + EPS), 2^(b-1) when the tensor has a
+    negative value, code = trunc(clamp(x k_c + r + offset)), r = 0.5 or a
+    uniform draw), with the sign test as a tensor instead of a Python branch.
+    Stochastic draws: actpack's counter-based hash of the element index,
+    keyed by a hash of the tensor's own bits (a random op cannot sit in the
+    inlined hook: inductor's RNG handling does not reach it), so every step
+    gets new draws without RNG state in the graph."""
     if x.dtype == torch.bool:
-        n = x.numel()
-        return ("mask", _pack_codes(x.to(torch.uint8), 1), tuple(x.shape), n)
-    if not x.is_floating_point() or x.dim() < 2 or x.numel() < min_numel or bits >= 16 and x.element_size() <= 2:
+        return ("mask", _pack_slices(x.to(torch.int32), 1), tuple(x.shape))
+    if not x.is_floating_point() or x.dim() < 2 or x.numel() < min_numel:
         return x
-    sbits = _storage_bits(bits)
-    if sbits >= 16:  # 9..16 bits: int16 codes
-        sbits = 16
-    xs = x.detach().float()
-    v, cdim = _channel_view(xs)
-    dims = [d for d in range(3) if d != cdim]
-    mn = v.amin(dim=dims, keepdim=True)
-    mx = v.amax(dim=dims, keepdim=True)
-    top = float((1 << bits) - 1)
-    scale = ((mx - mn) / top).clamp_min(_TINY)
-    q = (v - mn) / scale
-    if stochastic:  # unbiased: floor(q + u), u ~ U[0, 1)
-        q = torch.floor(q + torch.rand_like(q))
+    xf = x.detach().to(torch.float32).contiguous()
+    x3 = _channel_view(xf)
+    amax = x3.abs().amax(dim=(0, 2))
+    signed = xf.amin() < 0
+    half = float(1 << (bits - 1))
+    levels = torch.where(signed, half, float(1 << bits))
+    k = (levels / (amax + actpack.EPS)).view(1, -1, 1)
+    v = x3 * k
+    if stochastic:
+        idx = torch.arange(x3.numel(), dtype=torch.int64, device=x.device).view(x3.shape)
+        key = xf.view(torch.int32).to(torch.int64).sum() & 0xFFFFFFFF
+        v = v + actpack.uniform_reference(idx, key)
     else:
-        q = torch.round(q)
-    q = q.clamp_(0, top)
-    if sbits == 16:
-        codes = q.to(torch.int32).to(torch.int16)  # 0..65535 wraps into int16, undone in unpack
-        payload = codes
-    else:
-        payload = _pack_codes(q.to(torch.uint8), sbits)
-    return ("quant", payload, mn, scale, tuple(x.shape), tuple(v.shape), cdim, sbits, x.dtype)
+        v = v + 0.5
+    off = torch.where(signed, half, 0.0)
+    codes = (v + off).clamp(0.0, float((1 << bits) - 1)).to(torch.int32)
+    # An unsigned tensor (a ReLU's output) keeps x > 0 exact: zero stays code 0
+    # and every positive value gets at least code 1, so a ReLU backward that
+    # reads this tensor sees the mask the uncompressed one does.
+    codes = torch.where((x3 > 0) & ~signed, codes.view(x3.shape).clamp(min=1), codes.view(x3.shape))
+    return ("quant", _pack_slices(codes, bits), 1.0 / k, off, tuple(x.shape), tuple(x3.shape), bits, x.dtype)
 
 
 def unpack_tensor(obj):
     """The unpack hook's body."""
     if torch.is_tensor(obj):
         return obj
-    kind = obj[0]
-    if kind == "mask":
-        _, packed, shape, n = obj
-        return _unpack_codes(packed, 1, n).to(torch.bool).reshape(shape)
-    _, payload, mn, scale, shape, vshape, cdim, sbits, dtype = obj
-    if sbits == 16:
-        q = payload.to(torch.int32) & 0xFFFF
-    else:
+    if obj[0] == "mask":
+        _, parts, shape = obj
         n = 1
-        for s in vshape:
+        for s in shape:
             n *= s
-        q = _unpack_codes(payload, sbits, n)
-    v = q.reshape(vshape).float() * scale + mn
-    if cdim == 2:
+        return _unpack_slices(parts, 1, n).to(torch.bool).view(shape)
+    _, parts, kinv, off, shape, shape3, bits, dtype = obj
+    codes = _unpack_slices(parts, bits, shape3[0] * shape3[1] * shape3[2])
+    v = (codes.to(torch.float32) - off).view(shape3) * kinv
+    if len(shape) < 3:
         v = v.transpose(1, 2)
     return v.reshape(shape).to(dtype)
 
