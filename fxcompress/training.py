@@ -97,6 +97,9 @@ class TrainConfig:
     # config because the thread count changes float summation order, and a
     # resumed run must match bitwise.
     threads: int = 1
+    # torch.compile backend for the training forward/backward (inductor,
+    # aot_eager, eager); None: eager (runtime/compile_support.py)
+    compile: Optional[str] = None
     run_dir: Optional[str] = None
     baseline: bool = False
     progress: bool = True
@@ -645,6 +648,11 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
         model = fx_compile(model, cfg.policy, (example,))
         compile_report = _hook(model, "report")
     model = model.to(device)
+    if cfg.compile:
+        if compressed:
+            model.compile_with(cfg.compile)
+        else:
+            model.compile(backend=cfg.compile, dynamic=False)  # in place: state_dict names unchanged
     optimizer = make_optimizer(cfg, model.parameters())
     _hook(model, "attach_optimizer", optimizer)
     run = Run(cfg, label, run_dir, model, optimizer, bundle, device, source, compressed,

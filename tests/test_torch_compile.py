@@ -5,6 +5,7 @@ compiled activation hooks' pack/unpack against their definition.
 Backends: "aot_eager" (AOT autograd, so the activation hooks are inlined into
 the compiled forward and backward as under inductor, without inductor's C++
 build) for every policy; one inductor test (PSGD, the tiny CNN)."""
+import copy
 import glob
 import os
 
@@ -205,11 +206,10 @@ def test_compiled_2bit_packs_saved_tensors():
         seen.append((tuple(t.shape), t.dtype))
         return orig(t, *a)
 
-    base = fxcompress.compile(SmallCNN(), {"version": 1}, example_inputs=x[:1])
-    cm = fxcompress.compile(SmallCNN(), "policies/acgc_2bit.yaml", example_inputs=x[:1])
-    eager = fxcompress.compile(SmallCNN(), "policies/acgc_2bit.yaml", example_inputs=x[:1])
-    cm.load_state_dict(base.state_dict())
-    eager.load_state_dict(base.state_dict())
+    net = SmallCNN()
+    base = fxcompress.compile(copy.deepcopy(net), {"version": 1}, example_inputs=x[:1])
+    cm = fxcompress.compile(copy.deepcopy(net), "policies/acgc_2bit.yaml", example_inputs=x[:1])
+    eager = fxcompress.compile(copy.deepcopy(net), "policies/acgc_2bit.yaml", example_inputs=x[:1])
     cs.pack_tensor = spy
     try:
         cm.compile_with("aot_eager", fullgraph=True)

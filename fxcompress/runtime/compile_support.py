@@ -224,9 +224,21 @@ class CompiledCall:
         for m in gm.modules():
             if isinstance(m, SaveSpec):
                 m.compiled_hooks = self.hooks is not None
+        # Nodes on the eager per-node hooks (graph breaks): inductor's layout
+        # optimisation would make a compiled piece's outputs channels-last,
+        # while the gradient coming back through the eager node between the
+        # pieces is contiguous; the backward piece then fails its input
+        # stride check (AssertionError "expected ... stride", first backward).
+        # So those models compile without it.
+        self.eager_nodes = self.hooks is None and any(isinstance(m, SaveSpec) for m in gm.modules())
         self.fn = torch.compile(gm, backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
 
     def __call__(self, *args, **kwargs):
+        if self.eager_nodes:
+            from torch._inductor import config as inductor_config
+
+            with inductor_config.patch(layout_optimization=False):
+                return self.fn(*args, **kwargs)
         if self.hooks is not None and self.gm.training and torch.is_grad_enabled():
             with self.hooks.enter():
                 return self.fn(*args, **kwargs)
