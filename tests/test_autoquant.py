@@ -224,14 +224,12 @@ def test_auto_trains_torchvision_families(name):
 
 
 def test_c_widths_equal_the_numpy_reference(monkeypatch):
-    """kernels/autobits.py (one C call per tensor) gives SaveSpec.auto_bits'
+    """kernels/autobits.py (one C call per tensor) gives runtime/widths.py's
     numpy widths exactly: conv/linear and BatchNorm budgets, signed and
     unsigned, with and without spend_slack, channel counts off the
     pairwise-sum block sizes."""
-    from types import SimpleNamespace
-
     from fxcompress.kernels import autobits
-    from fxcompress.runtime.activations import SaveSpec
+    from fxcompress.runtime.widths import auto_bits
 
     if autobits._lib() is None:
         pytest.skip("no C compiler: the numpy reference is the only path")
@@ -246,10 +244,9 @@ def test_c_widths_equal_the_numpy_reference(monkeypatch):
             bn = {"numer": dx2 * 1e3, "K": float(C), "gamma2": torch.rand(C, generator=gen) if trial % 8 else 1.0,
                   "inv_std2": torch.rand(C, generator=gen) * 10, "nnz2": torch.rand(C, generator=gen) * 1e4,
                   "gz2_max": torch.rand(C, generator=gen) * 1e-6, "ggamma2": torch.rand(C, generator=gen) * 1e-4}
-        spec = SimpleNamespace(bn_terms=bn, dx2=dx2, settings=SimpleNamespace(max_bits=8))
         signed = bool(trial % 2)
         monkeypatch.setenv("FXC_CPU_FAST", "1")
-        fast = SaveSpec.auto_bits(spec, amax, signed, C, counts=counts)
+        fast = auto_bits(amax, signed, C, dx2, bn, 8, counts=counts)
         monkeypatch.setenv("FXC_CPU_FAST", "0")
-        ref = SaveSpec.auto_bits(spec, amax, signed, C, counts=counts)
+        ref = auto_bits(amax, signed, C, dx2, bn, 8, counts=counts)
         assert torch.equal(fast, ref), (trial, C, signed)

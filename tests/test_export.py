@@ -329,7 +329,7 @@ def _specs(model):
 
 @pytest.mark.parametrize("policy", ["acgc_2bit.yaml", "acgc_auto.yaml"])
 def test_activations_model_exports_and_trains_compressed(tmp_path, policy):
-    from fxcompress.runtime.activations import Ledger
+    from fxcompress.runtime.ledger import Ledger
 
     torch.manual_seed(0)
     cm = fxcompress.compile(PoolNet(), os.path.join(ROOT, "policies", policy), (torch.randn(2, 3, 32, 32),))

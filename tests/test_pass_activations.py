@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fxcompress
 from fxcompress.errors import BadInput
-from fxcompress.runtime.activations import measure_saved
+from fxcompress.runtime.measure import measure_saved
 
 
 class Block(nn.Module):

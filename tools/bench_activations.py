@@ -6,7 +6,7 @@
 memory: saved-activation bytes of one training forward, fp32 (what autograd
         keeps without compression, each storage counted once) vs stored
         (bytes of the packed tensors actually held), from
-        fxcompress.runtime.activations.measure_saved, after 3 SGD steps
+        fxcompress.runtime.measure.measure_saved, after 3 SGD steps
         (lr 0.01) on random data, so that `auto` has taken its statistics
         (torchvision's ViT starts with a zero classifier head: no gradient
         reaches the encoder at step 0, and AutoQuant measures again at step
@@ -87,7 +87,7 @@ def warm_up(m, x, y):
 
 
 def memory(name: str, mode: str):
-    from fxcompress.runtime.activations import _CountAll, measure_saved
+    from fxcompress.runtime.measure import _CountAll, measure_saved
 
     m, x, y = build(name, mode)
     m.train()

@@ -1,7 +1,8 @@
-/* CPU fast path of fxcompress/kernels/actpack.py: the same quantizer and
+/* CPU fast path of the activation packers (fxcompress/kernels/fixed_width.py,
+ * bitmask.py, mixed_width.py, mixed_zvc.py, window_index.py): the same quantizer and
  * bit layout as the torch reference (which stays the oracle), as one loop
  * over memory instead of a chain of whole-tensor ops. Compiled once with the
- * system C compiler and loaded with ctypes (see actpack._cpu_lib); built
+ * system C compiler and loaded with ctypes (see actpack_cpu.py); built
  * with -ffp-contract=off so x*k + r rounds exactly as torch's separate
  * multiply and add do, which keeps this path bitwise equal to the reference.
  */
@@ -158,20 +159,6 @@ void fxc_unpack_codes(const uint8_t *in, int64_t n, int width, int shift, int fi
     }
 }
 
-/* Dequantize the codes of a channel subset straight into their places in
- * the full (A, C, B) output: channel j of the subset is channel idx[j]. */
-void fxc_dequant_scatter(const int32_t *codes, const float *kinv, int64_t A, int64_t Csub, int64_t B,
-                         const int64_t *idx, int64_t C, int bits, int is_signed, float *out) {
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
-    for (int64_t a = 0; a < A; ++a)
-        for (int64_t j = 0; j < Csub; ++j) {
-            const int32_t *src = codes + (a * Csub + j) * B;
-            float *dst = out + (a * C + idx[j]) * B;
-            const float kv = kinv[j];
-            for (int64_t u = 0; u < B; ++u) dst[u] = ((float)src[u] - off) * kv;
-        }
-}
-
 /* Single-slice unpack and dequantize straight to float: x = (code - off) * kinv[c]. */
 void fxc_unpack_dequant(const uint8_t *in, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
                         int is_signed, float *out) {
@@ -270,36 +257,6 @@ void fxc_unpack_mask_values(const uint8_t *in, int64_t n, float on, float off, f
     for (int64_t i = full * 8; i < n; ++i) out[i] = ((in[i / 8] >> (i % 8)) & 1) ? on : off;
 }
 
-/* All slices of a channel subset at once: assemble each code from its
- * slices and dequantize it into its channel's place in the (A, C, B) output.
- * Slice k has width w[k] (8/w codes per byte) and shift s[k]. */
-void fxc_unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
-                        int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int bits, int is_signed,
-                        float *out) {
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
-    int lp[5];
-    uint32_t mk[5];
-    for (int k = 0; k < nparts; ++k) {
-        lp[k] = w[k] == 8 ? 0 : (w[k] == 4 ? 1 : (w[k] == 2 ? 2 : 3)); /* log2(8 / w) */
-        mk[k] = (1u << w[k]) - 1u;
-    }
-    int64_t e = 0;
-    for (int64_t a = 0; a < A; ++a)
-        for (int64_t j = 0; j < Csub; ++j) {
-            float *dst = out + (a * C + idx[j]) * B;
-            const float kv = kinv[j];
-            for (int64_t u = 0; u < B; ++u, ++e) {
-                uint32_t code = 0;
-                for (int k = 0; k < nparts; ++k) {
-                    const int64_t byte = e >> lp[k];
-                    const int sub = (int)(e & ((1 << lp[k]) - 1));
-                    code |= (((uint32_t)parts[k][byte] >> (sub * w[k])) & mk[k]) << s[k];
-                }
-                dst[u] = ((float)code - off) * kv;
-            }
-        }
-}
-
 static void pack_buf(const uint16_t *buf, int64_t m, int width, int shift, uint8_t *o) {
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
@@ -325,7 +282,7 @@ static void pack_buf(const uint16_t *buf, int64_t m, int width, int shift, uint8
 /* fxc_quant_pack of the channel subset idx[0..Csub) of x (A, C, B), as if
  * x.index_select(1, idx) had been packed (k has Csub entries; the hash index
  * counts elements of the subset), without making that copy. */
-void fxc_quant_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
+static void quant_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
                         int64_t Csub, int bits, int nparts, const int *w, const int *sh, int is_signed, int stoch,
                         uint32_t key, uint8_t *const *outs) {
     uint8_t *op[5];
@@ -399,10 +356,10 @@ static void decode_stream(const uint8_t *const *parts, const int *w, const int *
     }
 }
 
-/* fxc_unpack_scatter, chunked: the code stream is decoded CHUNK codes at a
+/* All slices of a channel subset at once, chunked: the code stream is decoded CHUNK codes at a
  * time into a buffer (vectorised per slice), then dequantized row by row
- * into the channels' places. Same result as fxc_unpack_scatter. */
-void fxc_unpack_scatter2(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
+ * into the channels' places. */
+static void unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
                          int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int bits, int is_signed,
                          float *out) {
     const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
@@ -457,7 +414,7 @@ void fxc_stats_nnz(const float *x, int64_t n, int64_t C, int64_t B, float *amax,
  * flat order; the stochastic hash index is the element's position in the
  * subset (zeros included), as in the reference. Which elements are non-zero
  * is the mask stored elsewhere (the ReLU's). */
-void fxc_zvc_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
+static void zvc_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
                       int64_t Csub, int bits, int nparts, const int *w, const int *sh, int stoch, uint32_t key,
                       uint8_t *const *outs) {
     uint8_t *op[5];
@@ -534,13 +491,13 @@ void fxc_zvc_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int6
         for (int q = 0; q < nparts; ++q) pack_buf(buf, fill, w[q], sh[q], op[q]);
 }
 
-/* Inverse of fxc_zvc_pack_sel for all slices at once: elements whose bit is
+/* Inverse of zvc_pack_sel for all slices at once: elements whose bit is
  * set in `mask` (1 bit per element of the full tensor) take the next code,
  * the others are 0. Codes are decoded CHUNK at a time into a window; the
  * mask is read 56 bits at a time, and each element's code position is a
  * popcount of the bits before it, so rows of any length and alignment cost
  * no per-element dependency chain. */
-void fxc_zvc_unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
+static void zvc_unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
                             int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int64_t nnz,
                             const uint8_t *mask, float *out) {
     uint16_t buf[CHUNK + 128];
@@ -649,7 +606,7 @@ int fxc_mixed_pack(const float *x, const float *k, int64_t A, int64_t C, int64_t
         const int64_t s = start[g], csub = start[g + 1] - s;
         int64_t *idx = widen(order + s, csub);
         if (!idx) return -1;
-        fxc_quant_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, is_signed, stoch,
+        quant_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, is_signed, stoch,
                            keys[g], outs + 5 * g);
         free(idx);
     }
@@ -663,7 +620,7 @@ int fxc_mixed_unpack(const uint8_t *const *parts, const int *w, const int *sh, c
         const int64_t s = start[g], csub = start[g + 1] - s;
         int64_t *idx = widen(order + s, csub);
         if (!idx) return -1;
-        fxc_unpack_scatter2(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C, gbits[g],
+        unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C, gbits[g],
                             is_signed, out);
         free(idx);
     }
@@ -678,7 +635,7 @@ int fxc_mixed_zvc_pack(const float *x, const float *k, int64_t A, int64_t C, int
         if (!gnnz[g]) continue;
         int64_t *idx = widen(order + s, csub);
         if (!idx) return -1;
-        fxc_zvc_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, stoch, keys[g],
+        zvc_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, stoch, keys[g],
                          outs + 5 * g);
         free(idx);
     }
@@ -692,7 +649,7 @@ int fxc_mixed_zvc_unpack(const uint8_t *const *parts, const int *w, const int *s
         const int64_t s = start[g], csub = start[g + 1] - s;
         int64_t *idx = widen(order + s, csub);
         if (!idx) return -1;
-        fxc_zvc_unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C, gnnz[g],
+        zvc_unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C, gnnz[g],
                                mask, out);
         free(idx);
     }

@@ -1,7 +1,7 @@
 """AutoQuant's per-channel widths in one C call (autobits_cpu.c).
 
-`auto_bits` returns what runtime/activations.py's numpy reference
-(`SaveSpec.auto_bits` with `spend_slack` and `_bn_dx2_np`) returns, bit for
+`auto_bits` returns what runtime/widths.py's numpy reference
+(`auto_bits` with `spend_slack` and `_bn_dx2_np`) returns, bit for
 bit (the C code keeps numpy's operation order, its pairwise sums and a
 stable sort; tests/test_autoquant.py holds the two against each other), or
 None when the C path does not apply and the caller runs the reference.

@@ -7,7 +7,7 @@ Every selected node `y = op(*args)` becomes
 so `gm.code` says which ops store their saved tensors compressed and how,
 and `print(gm)` shows each node's full settings (the fxc_act_* submodules).
 The op runs unchanged; only what autograd keeps for its backward is stored
-packed (fxcompress/runtime/activations.py). Per op kind a rule says how:
+packed (fxcompress/runtime/activations.py and the files it names). Per op kind a rule says how:
 
   conv, linear   quantize the input (fixed bits, zvc, or AutoQuant's conv bound)
   bn             quantize the input (fixed, zvc, or AutoQuant's BatchNorm bound)
@@ -32,7 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, check_range
-from ..runtime.activations import Ledger, SaveSettings, SaveSpec, fxc_save
+from ..runtime.activations import SaveSettings, SaveSpec, fxc_save
+from ..runtime.autoquant import AutoQuantController
+from ..runtime.ledger import Ledger
 from .base import Pass, PassResult, add_submodule, fxc_name
 
 
@@ -215,8 +217,6 @@ class ActivationsPass(Pass):
         return None
 
     def run(self, gm: fx.GraphModule, plan) -> PassResult:
-        from ..runtime.autoquant import AutoQuantController
-
         res = PassResult()
         ledger = Ledger()
         data = _data_nodes(gm)

@@ -2,7 +2,7 @@
 
 The controller of the activations pass. For every node in `auto` mode it
 turns gradient statistics into an error budget dx2 (allowed squared error
-per element of the saved tensor), from which `SaveSpec.auto_bits` picks the
+per element of the saved tensor), from which `runtime/widths.py` picks the
 bits of each channel at every step, with a fresh max|x_c| (SPEC section 1):
 
 - input of convolution(s)/linear(s) i (linear = 1x1 conv; a tensor that
@@ -10,13 +10,13 @@ bits of each channel at every step, with a fresh max|x_c| (SPEC section 1):
   downsample, is one group with one budget, and so is stored once):
       dx2 = e * sum_i |dL/dW_i|^2 / (2 * numel(x) * sum_i u_i |dL/dy_i|^2),
       u_i = kernel area / stride product;
-- input of BatchNorm, per channel k: see runtime.activations.bn_dx2;
+- input of BatchNorm, per channel k: see runtime.widths.bn_dx2;
 - any other op (LayerNorm, GELU, attention, ...): no formula; the width is
   measured at statistics steps by replaying the op alone at increasing
   widths until its local gradient error is within e, BatchNorm's criterion
   (runtime/probe.py).
 
-Per tensor, SaveSpec.auto_bits turns the budget into widths (the SPEC rule
+Per tensor, runtime/widths.py turns the budget into widths (the SPEC rule
 per channel, then spend_slack: both budgets bound a sum over the tensor, so
 the slack whole-bit rounding leaves is spent on the cheapest channels while
 the sum stays within the bound); a ReLU output stores only its non-zeros
@@ -29,7 +29,7 @@ node whose statistics step passed no gradient through it is measured again
 at the following steps (up to `window` of them). Until its first snapshot
 exists, an auto node is stored at the config's `bits`.
 
-Measuring a snapshot costs a few tensor hooks (gradient norms of the
+Measuring a snapshot (runtime/statistics.py) costs a few tensor hooks (gradient norms of the
 outputs, weights and BN inputs) on those steps only.
 
 The controller also reports, for every mode, what the last forward stored:
@@ -45,73 +45,8 @@ import torch
 import torch.nn as nn
 
 from .controller import Controller
-
-
-def _sumsq(g: torch.Tensor) -> float:
-    return float(g.detach().double().pow(2).sum())
-
-
-def _once(t: torch.Tensor, fn):
-    """A tensor hook that runs once and removes itself (parameters keep
-    hooks across iterations)."""
-    handle = None
-
-    def hook(g):
-        fn(g)
-        if handle is not None:
-            handle.remove()
-
-    handle = t.register_hook(hook)
-
-
-def record_statistics(spec, args, out) -> None:
-    """Install the hooks that measure this node's snapshot in this backward."""
-    if not (torch.is_tensor(out) and out.requires_grad):
-        return
-    snap = spec.snapshot = {}
-    is_module = spec._fn is None and spec._method is None
-    mod = args[0] if is_module else None
-    xs = args[1:] if is_module else args
-    x = xs[0] if xs else None
-    if spec.rule in ("conv", "linear"):
-        w = mod.weight if mod is not None else (args[1] if len(args) > 1 else None)
-        if not (torch.is_tensor(w) and w.requires_grad and torch.is_tensor(x)):
-            return
-        snap["numel"] = x.numel()
-        if spec.rule == "conv":
-            ks = w.shape[2:]
-            stride = spec.geom.get("stride", (1,) * len(ks))
-            area = 1
-            for k in ks:
-                area *= int(k)
-            sp = 1
-            for s in stride:
-                sp *= int(s)
-            snap["u"] = area / sp
-        else:
-            snap["u"] = 1.0
-        _once(out, lambda g: snap.__setitem__("gy2", _sumsq(g)))
-        _once(w, lambda g: snap.__setitem__("gw2", _sumsq(g)))
-    elif spec.rule == "bn" and mod is not None and torch.is_tensor(x) and x.dim() >= 2:
-        dims = [d for d in range(x.dim()) if d != 1]
-        with torch.no_grad():
-            var = x.detach().double().var(dim=dims, unbiased=False)
-            snap["inv_std2"] = (1.0 / (var + mod.eps)).float().cpu()
-            snap["gamma2"] = (mod.weight.detach().double() ** 2).float().cpu() if mod.weight is not None \
-                else torch.ones(x.shape[1])
-        snap["K"] = x.shape[1]
-        snap["NHW"] = x.numel() // x.shape[1]
-        if x.requires_grad:
-            _once(x, lambda g: snap.__setitem__("sgx2", _sumsq(g)))
-
-        def gz_stats(g):
-            gd = g.detach()
-            snap["nnz2"] = ((gd != 0).sum(dim=dims).double() ** 2).float().cpu()
-            snap["gz2_max"] = gd.pow(2).amax(dim=dims).float().cpu()
-
-        _once(out, gz_stats)
-        if mod.weight is not None and mod.weight.requires_grad:
-            _once(mod.weight, lambda g: snap.__setitem__("ggamma2", (g.detach().double() ** 2).float().cpu()))
+from .measure import saved_figures
+from .probe import measure_width
 
 
 class AutoQuantController(Controller):
@@ -179,8 +114,6 @@ class AutoQuantController(Controller):
             rec = {k: s[k] for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2", "gamma2", "K", "NHW")}
             self.snapshots.setdefault(n, deque(maxlen=self.window)).append(rec)
         if self.probe_nodes:
-            from .probe import measure_width
-
             for n in self.probe_nodes:
                 spec = self._specs[n]
                 got = measure_width(spec, 2.0 ** -spec.settings.eps_bits, spec.settings.max_bits)
@@ -222,15 +155,11 @@ class AutoQuantController(Controller):
 
     # --- figures -----------------------------------------------------------------------
     def figures(self) -> Dict[str, float]:
-        from .activations import saved_figures
-
         f = saved_figures(_Holder(self._specs))
         return {"saved_mb": f["stored_bytes"] / 2**20, "fp32_mb": f["fp32_bytes"] / 2**20,
                 "ratio": f["ratio"] if f["stored_bytes"] else 0.0, "avg_bits": f["avg_bits"]}
 
     def report(self) -> Dict[str, Any]:
-        from .activations import saved_figures
-
         f = saved_figures(_Holder(self._specs))
         out = self.figures()
         out["nodes"] = {n: {k: float(v) for k, v in d.items()} for n, d in f["nodes"].items()}

@@ -16,12 +16,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .activations import fxc_save
+from .measure import _default_loss
+
 
 def uncompressed_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule sharing `gm`'s parameters whose graph runs every
     compressed node's op plainly."""
-    from .activations import fxc_save
-
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     plain = fx.GraphModule(gm, graph)
@@ -43,8 +44,6 @@ def uncompressed_copy(gm: fx.GraphModule) -> fx.GraphModule:
 def gradient_error(model: nn.Module, inputs, loss_fn: Optional[Callable] = None) -> Dict[str, object]:
     """{"total": sum_p ||dg_p||^2 / sum_p ||g_p||^2, "worst": max_p ||dg_p||^2 / ||g_p||^2,
     "worst_param": its name, "per_param": {name: relative error}} for a compiled model."""
-    from .activations import _default_loss
-
     gm = getattr(model, "graph_module", model)
     plain = uncompressed_copy(gm)
     if torch.is_tensor(inputs):

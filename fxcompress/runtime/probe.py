@@ -32,6 +32,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .statistics import _once
+from .stored_forms import _Kept
+
 #: widths tried, smallest first (1-bit signed codes keep only the sign)
 FIRST_WIDTH = 2
 
@@ -72,8 +75,6 @@ def record_probe(spec, kept: Dict[str, list], kwargs: Dict[str, Any], out) -> No
             snap["gy"][i] = g.detach()
         return hook
 
-    from .autoquant import _once
-
     for i, o in enumerate(outs):
         _once(o, catcher(i))
 
@@ -81,8 +82,6 @@ def record_probe(spec, kept: Dict[str, list], kwargs: Dict[str, Any], out) -> No
 def _run(spec, snap, pack_bits: Optional[int], seed: int) -> List[Optional[torch.Tensor]]:
     """The op's local backward on the kept inputs, with its saved tensors
     exact (pack_bits None) or stored at pack_bits."""
-    from .activations import _Kept
-
     leaves, args, made = [], [], {}
     for a, need in zip(snap["args"], snap["needs"]):
         if torch.is_tensor(a) and need and a.is_floating_point():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fxcompress.errors import BadInput
-from fxcompress.kernels import actpack as ap
+from fxcompress.kernels import actpack as ap, actpack_cpu, fixed_width as fw
 
 
 def _x(shape=(3, 5, 7, 9), seed=0):
@@ -25,16 +25,16 @@ def test_all_paths_bitwise_equal(monkeypatch, bits, rounding, signed):
     k, kinv = ap.multipliers(x3.abs().amax(dim=(0, 2)), bits, signed)
     key = ap.mix_seed(7) if rounding == "stochastic" else 0
     stoch = rounding == "stochastic"
-    ref = ap._quant_pack_ref(x3, k, bits, signed, stoch, key)
-    tri = ap._quant_pack_triton(x3, k, bits, signed, stoch, key)
+    ref = fw._quant_pack_ref(x3, k, bits, signed, stoch, key)
+    tri = fw._quant_pack_triton(x3, k, bits, signed, stoch, key)
     assert all(torch.equal(a, b) for a, b in zip(ref, tri))
-    y_ref = ap._unpack_dequant_ref(ref, kinv, bits, signed, tuple(x3.shape), torch.float32)
-    y_tri = ap._unpack_triton(ref, kinv, bits, signed, tuple(x3.shape), torch.float32)
+    y_ref = fw._unpack_dequant_ref(ref, kinv, bits, signed, tuple(x3.shape), torch.float32)
+    y_tri = fw._unpack_triton(ref, kinv, bits, signed, tuple(x3.shape), torch.float32)
     assert torch.equal(y_ref, y_tri)
-    if ap._cpu_lib() is not None:
-        c = ap._quant_pack_c(x3, k, bits, signed, stoch, key)
+    if actpack_cpu.lib() is not None:
+        c = fw._quant_pack_c(x3, k, bits, signed, stoch, key)
         assert all(torch.equal(a, b) for a, b in zip(ref, c))
-        assert torch.equal(y_ref, ap._unpack_dequant_c(ref, kinv, bits, signed, tuple(x3.shape), torch.float32))
+        assert torch.equal(y_ref, fw._unpack_dequant_c(ref, kinv, bits, signed, tuple(x3.shape), torch.float32))
 
 
 def test_public_api_takes_triton_when_forced(monkeypatch):
@@ -105,12 +105,12 @@ def test_bad_bits_and_rounding():
 
 
 def test_cpu_fast_path_helpers_equal_reference(monkeypatch):
-    if ap._cpu_lib() is None:
+    if actpack_cpu.lib() is None:
         pytest.skip("no C compiler: the torch reference is the CPU path")
     x = _x((3, 6, 5, 7))
     x3 = ap.view3(x, "channel")
     a_c, m_c = ap.stats(x3)
-    a_r, m_r = ap._stats_ref(x3)
+    a_r, m_r = fw._stats_ref(x3)
     assert torch.equal(a_c, a_r) and torch.equal(m_c, m_r)
     m = x > 0.3
     pm = ap.pack_mask(m)
@@ -160,7 +160,7 @@ def test_mixed_zvc_with_shared_mask(monkeypatch, rounding, shape):
 
 def test_cpu_sel_packers_equal_reference_all_widths(monkeypatch):
     """The channel-subset packer writes every slice of a width in one pass."""
-    if ap._cpu_lib() is None:
+    if actpack_cpu.lib() is None:
         pytest.skip("no C compiler: the torch reference is the CPU path")
     x = _x((3, 16, 3, 5), seed=4)
     x3 = ap.view3(x, "channel")
