@@ -107,11 +107,27 @@ def pack_tensor(x: torch.Tensor, bits: int, stochastic: bool, min_numel: int):
         v = v + 0.5
     off = torch.where(signed, half, 0.0)
     codes = (v + off).clamp(0.0, float((1 << bits) - 1)).to(torch.int32)
-    # An unsigned tensor (a ReLU's output) keeps x > 0 exact: zero stays code 0
-    # and every positive value gets at least code 1, so a ReLU backward that
-    # reads this tensor sees the mask the uncompressed one does.
-    codes = torch.where((x3 > 0) & ~signed, codes.view(x3.shape).clamp(min=1), codes.view(x3.shape))
-    return ("quant", _pack_slices(codes, bits), 1.0 / k, off, tuple(x.shape), tuple(x3.shape), bits, x.dtype)
+    # A ReLU's output: its backward reads x > 0, which a small positive value
+    # rounded to code 0 would lose; as eager stores the ReLU's 1-bit mask,
+    # the mask is stored beside the codes and restores the sign on unpack.
+    mask = _pack_slices((x3 > 0).to(torch.int32), 1) if _is_relu_output(x) else None
+    return ("quant", _pack_slices(codes, bits), 1.0 / k, off, tuple(x.shape), tuple(x3.shape), bits, x.dtype, mask)
+
+
+def _is_relu_output(x: torch.Tensor) -> bool:
+    """Whether the saved tensor is a ReLU's result. Inside AOT autograd's
+    inlining the saved node is known (its target); a hook called at run time
+    (backend "eager") sees the data instead: no negative value."""
+    try:
+        from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
+
+        ctx = _get_saved_tensor_hook_context()
+    except ImportError:  # another torch: no node information; the codes alone
+        return False
+    if ctx is None:
+        return not torch.compiler.is_compiling() and bool(x.min() >= 0)
+    node = ctx.get("_node")
+    return getattr(node, "target", None) in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 
 
 def unpack_tensor(obj):
@@ -124,9 +140,13 @@ def unpack_tensor(obj):
         for s in shape:
             n *= s
         return _unpack_slices(parts, 1, n).to(torch.bool).view(shape)
-    _, parts, kinv, off, shape, shape3, bits, dtype = obj
-    codes = _unpack_slices(parts, bits, shape3[0] * shape3[1] * shape3[2])
+    _, parts, kinv, off, shape, shape3, bits, dtype, mask = obj
+    n = shape3[0] * shape3[1] * shape3[2]
+    codes = _unpack_slices(parts, bits, n)
     v = (codes.to(torch.float32) - off).view(shape3) * kinv
+    if mask is not None:  # a positive value decoded as 0 becomes the smallest positive float
+        pos = _unpack_slices(mask, 1, n).view(shape3) > 0
+        v = torch.where(pos, v.clamp(min=torch.finfo(torch.float32).tiny), v)
     if len(shape) < 3:
         v = v.transpose(1, 2)
     return v.reshape(shape).to(dtype)

@@ -127,6 +127,11 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
         model = fx_compile(model, cfg.policy, (example,))
         compile_report = hook(model, "report")
     model = model.to(device)
+    if cfg.compile:
+        if compressed:
+            model.compile_with(cfg.compile)
+        else:
+            model.compile(backend=cfg.compile, dynamic=False)  # in place: state_dict names unchanged
     optimizer = make_optimizer(cfg, model.parameters())
     hook(model, "attach_optimizer", optimizer)
     run = Run(cfg, label, run_dir, model, optimizer, bundle, device, source, compressed,
