@@ -127,7 +127,11 @@ def _is_relu_output(x: torch.Tensor) -> bool:
     if ctx is None:
         return not torch.compiler.is_compiling() and bool(x.min() >= 0)
     node = ctx.get("_node")
-    return getattr(node, "target", None) in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+    aten = torch.ops.aten
+    # ReLU's backward saves its result through a detach (or alias) of it
+    while getattr(node, "target", None) in (aten.detach.default, aten.alias.default) and node.args:
+        node = node.args[0]
+    return getattr(node, "target", None) in (aten.relu.default, aten.relu_.default)
 
 
 def unpack_tensor(obj):
