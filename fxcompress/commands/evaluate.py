@@ -3,19 +3,20 @@ quantization accuracy of a trained run (PSGD's evaluation, SPEC section 2).
 
 The run's report.json says which model and data it used; the command rebuilds
 that model, loads the trained weights (final_model.pt, else the last
-checkpoint.pt), and measures test accuracy in full precision and with the
-weights (and optionally the activations) quantized.
+checkpoint.pt; with --weights LABEL the snapshot models/LABEL.pt), and
+measures test accuracy in full precision and with the weights (and
+optionally the activations) quantized.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
+from ..config import check_bits
 from ..errors import BadInput
 from ..quantize import authors_first_last_bits, quantize_activations, quantize_weights
 
@@ -46,60 +47,41 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--act-dynamic", action="store_true",
                    help="clip activations at a running max instead of the BN range (the authors' act_clipping=0)")
     p.add_argument("--baseline", action="store_true", help="evaluate the run's uncompressed baseline (RUN_DIR/baseline)")
+    p.add_argument("--weights", metavar="LABEL",
+                   help="evaluate the snapshot RUN_DIR/models/LABEL.pt a method saved during training "
+                   "(default: the final model, else the last checkpoint)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
 
-def _locate(source: str, baseline: bool) -> Tuple[str, str]:
-    """(run directory, weights file) for RUN_DIR or a .pt file inside one."""
-    from ..training import BASELINE_DIR, CHECKPOINT, FINAL_MODEL
+def _locate(source: str, baseline: bool, label: Optional[str]) -> Tuple[str, str]:
+    """(run directory, weights file) for RUN_DIR (its final model, else its
+    checkpoint, or its snapshot `label`) or a .pt file inside one."""
+    from ..training import BASELINE_DIR, MODELS_DIR, REPORT, snapshots, weights_path
 
     if os.path.isdir(source):
         run_dir = os.path.join(source, BASELINE_DIR) if baseline else source
-        for name in (FINAL_MODEL, CHECKPOINT):
-            path = os.path.join(run_dir, name)
-            if os.path.isfile(path):
-                return run_dir, path
-        raise BadInput(f"{run_dir}: neither {FINAL_MODEL} nor {CHECKPOINT} there (not a finished or started run)")
+        if label is None:
+            return run_dir, weights_path(run_dir, "run directory")
+        saved = snapshots(run_dir)
+        if label not in saved:
+            have = f"it has {', '.join(saved)}" if saved else "it has none"
+            raise BadInput(f"--weights {label}: {run_dir} has no snapshot {MODELS_DIR}/{label}.pt ({have})")
+        return run_dir, saved[label]
     if os.path.isfile(source):
-        if baseline:
-            raise BadInput("--baseline takes a RUN_DIR, not a checkpoint file")
-        return os.path.dirname(os.path.abspath(source)), source
+        if baseline or label is not None:
+            raise BadInput(f"--{'baseline' if baseline else 'weights'} takes a RUN_DIR, not a weights file")
+        run_dir = os.path.dirname(os.path.abspath(source))
+        if os.path.basename(run_dir) == MODELS_DIR and not os.path.isfile(os.path.join(run_dir, REPORT)):
+            run_dir = os.path.dirname(run_dir)  # RUN/models/<label>.pt: a snapshot
+        return run_dir, source
     raise BadInput(f"{source}: no such run directory or checkpoint file")
-
-
-def _state_dict(path: str) -> Dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]  # final_model.pt
-    elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # checkpoint.pt
-    if not isinstance(state, dict):
-        raise BadInput(f"{path} holds no model state_dict")
-    return original_names(state)
-
-
-def original_names(state: Dict[str, Any]) -> Dict[str, Any]:
-    """A CompressedModel's state_dict back to the original model's names:
-    drop the graph_module. prefix, controller state and anything fxc_."""
-    out = {}
-    for k, v in state.items():
-        if k.startswith("controllers."):
-            continue
-        k = k.removeprefix("graph_module.")
-        if any(p.startswith("fxc_") for p in k.split(".")):
-            continue
-        out[k] = v
-    return out
 
 
 def load_run_model(run_dir: str, weights: str):
     """(model with the trained weights, data bundle, training config) of a run."""
-    from ..training import REPORT, TrainConfig, build_data, build_model, model_channels
+    from ..training import REPORT, TrainConfig, build_data, build_model, model_channels, read_weights
 
     report = os.path.join(run_dir, REPORT)
     if not os.path.isfile(report):
@@ -112,7 +94,7 @@ def load_run_model(run_dir: str, weights: str):
     bundle = build_data(cfg, model_channels(cfg))
     model, _ = build_model(cfg, bundle)
     try:
-        model.load_state_dict(_state_dict(weights))
+        model.load_state_dict(read_weights(weights, "weights file"))
     except RuntimeError as e:
         raise BadInput(f"{weights} does not fit the model its run builds: {str(e).splitlines()[0]}") from None
     return model, bundle, cfg
@@ -143,15 +125,15 @@ def evaluate_quantized(model: nn.Module, test_set, device, w_bits: int, a_bits: 
 def run(args) -> int:
     from ..training import resolve_device
 
-    if args.w_bits != FP_BITS and not 2 <= args.w_bits <= 8:
-        raise BadInput(f"--w-bits must be 2..8 (or 32: full precision), got {args.w_bits}")
-    if args.a_bits != FP_BITS and not 2 <= args.a_bits <= 16:
-        raise BadInput(f"--a-bits must be 2..16 (or 32: full precision), got {args.a_bits}")
-    if args.first_last_bits is not None and not 2 <= args.first_last_bits <= 8:
-        raise BadInput(f"--first-last-bits must be 2..8, got {args.first_last_bits}")
+    if args.w_bits != FP_BITS:
+        check_bits("--w-bits", args.w_bits, 2, 8, "or 32: full precision")
+    if args.a_bits != FP_BITS:
+        check_bits("--a-bits", args.a_bits, 2, 16, "or 32: full precision")
+    if args.first_last_bits is not None:
+        check_bits("--first-last-bits", args.first_last_bits, 2, 8)
     if not args.act_clip > 0:
         raise BadInput(f"--act-clip must be positive, got {args.act_clip}")
-    run_dir, weights = _locate(args.source, args.baseline)
+    run_dir, weights = _locate(args.source, args.baseline, args.weights)
     device = resolve_device(args.device)
     model, bundle, cfg = load_run_model(run_dir, weights)
     res = evaluate_quantized(model, bundle.test, device, args.w_bits, args.a_bits, args.first_last_bits,

@@ -14,7 +14,7 @@ from ..training import OPTIMIZERS, SCHEDULES, TrainConfig
 # resumed run must continue exactly as it was configured.
 CONFIG_FLAGS = ["model", "model_fn", "policy", "data", "upscale", "depth", "epochs", "batch_size", "lr",
                 "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "decay_epochs", "gamma",
-                "seed", "threads", "compile", "run_dir", "baseline", "train_limit", "test_limit", "nproc"]
+                "seed", "threads", "compile", "run_dir", "baseline", "train_limit", "test_limit", "nproc", "init"]
 RESUME_FLAGS = ["device", "stop_after"]
 
 
@@ -70,6 +70,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--baseline", action="store_true", default=None,
                    help="also train without the policy (same seed, same data order) and compare")
     g.add_argument("--run-dir", metavar="DIR", help="where to write the run (default runs/<timestamp>)")
+    g.add_argument("--init", metavar="RUN_DIR|WEIGHTS",
+                   help="start from the trained weights of another run (its final model, else its last "
+                   "checkpoint) or of a .pt state_dict; tensors it lacks keep their seeded initialisation")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     g.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs (resumable with --resume)")
     g.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
@@ -100,18 +103,21 @@ def run(args) -> int:
         overrides["plots"] = not args.no_plots
         log(f"resuming {args.resume}")
         run_dir = args.resume
-        job = functools.partial(training.resume, args.resume, log=log, **overrides)
+        job = functools.partial(training.resume, args.resume, log=log, passes=args.passes, **overrides)
     else:
         cfg = config_from_args(args)
         if cfg.run_dir is None:
             cfg.run_dir = training.new_run_dir()
         run_dir = cfg.run_dir
-        job = functools.partial(training.train, cfg, log=log)
+        job = functools.partial(training.train, cfg, log=log, passes=args.passes)
     try:
         result = job()
     except KeyboardInterrupt:
         if os.path.isfile(os.path.join(run_dir, training.CHECKPOINT)):
             print(f"interrupted; continue with: fxcompress train --resume {run_dir}", file=sys.stderr)
+        elif os.path.isfile(os.path.join(run_dir, training.REPORT)):
+            print(f"interrupted in the first epoch: no epoch was saved; fxcompress train --resume {run_dir} "
+                  f"starts the run again from epoch 1", file=sys.stderr)
         raise
     if result is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0

@@ -1,8 +1,9 @@
 """Training-time state that a pass creates and the training loop drives."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
+import torch
 import torch.nn as nn
 
 
@@ -14,7 +15,9 @@ class Controller(nn.Module):
     restored by `load_state()` (plain Python values and tensors only, so that
     `torch.load(weights_only=True)` reads a checkpoint back).
     The training loop calls, in order: `attach_optimizer` once, then per epoch
-    `on_epoch_start`, per optimizer step `step`, and `on_epoch_end`.
+    `on_epoch_start`, per training step `extra_loss` (before backward), `step`
+    and `snapshot_due` (after the optimizer step), then `on_epoch_end`; and
+    `plots` once after training.
     """
 
     #: short name used in reports and per-epoch lines
@@ -36,6 +39,20 @@ class Controller(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         pass
+
+    def extra_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        """A term the loop adds to the loss before backward (None: nothing)."""
+        return None
+
+    def snapshot_due(self) -> Optional[str]:
+        """Called after every `step()`: a label makes the loop save the model's
+        weights now as RUN/models/<label>.pt (None: no snapshot)."""
+        return None
+
+    def plots(self, history: List[Dict[str, Any]], out_dir: str) -> List[str]:
+        """Called once after training with the per-epoch records (their
+        "figures" hold this controller's figures()); returns the PNGs written."""
+        return []
 
     # --- figures ------------------------------------------------------------
     def figures(self) -> Dict[str, float]:

@@ -7,6 +7,7 @@ run directory:
     RUN_DIR/report.json     config, data, model, every figure of every epoch
     RUN_DIR/checkpoint.pt   written after each epoch; resumes the run exactly
     RUN_DIR/final_model.pt  the trained weights (state_dict)
+    RUN_DIR/models/L.pt     snapshots a controller asked for (snapshot_due), same format
     RUN_DIR/plots/*.png     curves, method figures, per-layer pictures
     RUN_DIR/baseline/...    the same for the uncompressed baseline (--baseline)
 
@@ -48,7 +49,8 @@ The package, one seam a module:
     launch      train()/resume(): one process, spawned workers, or torchrun's rank
 """
 from .build import Run, build_data, build_model, check_model_fits, make_optimizer, model_channels, prepare_run
-from .checkpoint import CHECKPOINT, FINAL_MODEL, FORMAT, load_checkpoint, restore, save_checkpoint
+from .checkpoint import (CHECKPOINT, FINAL_MODEL, FORMAT, MODELS_DIR, load_checkpoint, original_names, read_pt,
+                         read_weights, restore, save_checkpoint, snapshots, weights_path)
 from .config import DIGITS_DEFAULT_UPSCALE, OPTIMIZERS, SCHEDULES, TrainConfig, check_config, resolve_device
 from .launch import StreamLog, resume, train
 from .loop import EpochFigures, decay_epochs, epoch_line, evaluate, execute, lr_at, train_epoch
@@ -57,9 +59,10 @@ from .rundir import (BASELINE_DIR, REPORT, comparison_rows, comparison_table, de
 from .seeds import derived_seed, rng_state, seed_everything, set_rng_state
 
 __all__ = ["BASELINE_DIR", "CHECKPOINT", "DIGITS_DEFAULT_UPSCALE", "EpochFigures", "FINAL_MODEL", "FORMAT",
-           "OPTIMIZERS", "REPORT", "Run", "SCHEDULES", "StreamLog", "TrainConfig", "build_data", "build_model",
-           "check_config", "check_model_fits", "comparison_rows", "comparison_table", "decay_epochs",
-           "derived_seed", "describe_run", "epoch_line", "evaluate", "execute", "finish", "load_checkpoint",
-           "lr_at", "make_optimizer", "model_channels", "new_run_dir", "prepare_run", "resolve_device", "restore",
-           "resume", "rng_state", "run_report", "save_checkpoint", "seed_everything", "set_rng_state",
-           "summarise", "train", "train_epoch", "write_json"]
+           "MODELS_DIR", "OPTIMIZERS", "REPORT", "Run", "SCHEDULES", "StreamLog", "TrainConfig", "build_data",
+           "build_model", "check_config", "check_model_fits", "comparison_rows", "comparison_table", "decay_epochs",
+           "derived_seed", "describe_run", "epoch_line", "evaluate", "execute", "finish", "load_checkpoint", "lr_at",
+           "make_optimizer", "model_channels", "new_run_dir", "original_names", "prepare_run", "read_pt",
+           "read_weights", "resolve_device", "restore", "resume", "rng_state", "run_report", "save_checkpoint",
+           "seed_everything", "set_rng_state", "snapshots", "summarise", "train", "train_epoch", "weights_path",
+           "write_json"]

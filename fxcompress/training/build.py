@@ -2,6 +2,7 @@
 torch.distributed, its DDP wrapper."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -11,6 +12,8 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from ..errors import BadInput
+from ..passes import resolve_passes
+from .checkpoint import CHECKPOINT, load_init, weights_path
 from .config import DIGITS_DEFAULT_UPSCALE, TrainConfig, resolve_device
 from .hooks import hook
 from .rundir import jsonable
@@ -106,9 +109,13 @@ class Run:
     rank: int = 0
     world: int = 1
     backend: Optional[str] = None
+    # --init: where the starting weights came from, what was missing or unexpected
+    init: Optional[Dict[str, Any]] = None
+    init_line: Optional[str] = None
 
 
-def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bundle=None) -> Run:
+def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bundle=None,
+                passes: Optional[Tuple[type, ...]] = None) -> Run:
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     bundle = bundle or build_data(cfg, model_channels(cfg))
@@ -119,13 +126,21 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     what = f"model {source.get('name') or source.get('path')}"
     example = bundle.example_batch(2)
     check_model_fits(model, example, bundle.num_classes, what)
-    compile_report = None
     compressed = bool(use_policy and cfg.policy)
+    init = init_line = init_path = None
+    if cfg.init and not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        # (a run that resumes from its checkpoint needs no starting weights)
+        # before compiling, so that the passes see the trained weights ...
+        init_path = weights_path(cfg.init, "--init")
+        init, init_line = load_init(model, init_path, compiled=False)
+    compile_report = None
     if compressed:
         from ..compiled import compile as fx_compile
 
-        model = fx_compile(model, cfg.policy, (example,))
+        model = fx_compile(model, cfg.policy, (example,), passes=passes)
         compile_report = hook(model, "report")
+        if init_path:  # ... and after, for what the passes keep under the same names
+            init, init_line = load_init(model, init_path, compiled=True)
     model = model.to(device)
     if cfg.compile:
         if compressed:
@@ -135,12 +150,12 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     optimizer = make_optimizer(cfg, model.parameters())
     hook(model, "attach_optimizer", optimizer)
     run = Run(cfg, label, run_dir, model, optimizer, bundle, device, source, compressed,
-              compile_report=jsonable(compile_report))
+              compile_report=jsonable(compile_report), init=init, init_line=init_line)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from ..distributed import CommunicationConfig
         from ..distributed.hook import wrap
 
-        comm = communication(cfg) if use_policy else None
+        comm = communication(cfg, passes) if use_policy else None
         # the baseline, and a policy without a communication: section, all-reduce in fp32
         comm = comm or CommunicationConfig(method="fp32")
         run.ddp, run.comm = wrap(model, comm, device)
@@ -151,10 +166,10 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     return run
 
 
-def communication(cfg: TrainConfig):
+def communication(cfg: TrainConfig, passes: Optional[Tuple[type, ...]] = None):
     """The policy's `communication:` section, or None."""
     if not cfg.policy:
         return None
     from ..policy import load_policy
 
-    return load_policy(cfg.policy).section("communication")
+    return load_policy(cfg.policy, resolve_passes(passes)).section("communication")

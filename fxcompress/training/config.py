@@ -58,6 +58,9 @@ class TrainConfig:
     # Data-parallel workers (torch.distributed: gloo on CPU, NCCL on GPU).
     # batch_size is the global batch, split evenly over the workers.
     nproc: int = 1
+    # Start from these weights (a run directory or a .pt file) instead of
+    # the seeded initialisation; tensors the file lacks keep the latter.
+    init: Optional[str] = None
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":

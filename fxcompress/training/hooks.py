@@ -2,7 +2,7 @@
 nn.Module (no hooks) trains too."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -29,3 +29,11 @@ def controller_reports(model: nn.Module) -> Optional[Dict[str, Any]]:
     if not hasattr(model, "controllers"):
         return None
     return {n: hook(c, "report") for n, c in model.controllers.items()}
+
+
+def snapshot_labels(model: nn.Module) -> List[str]:
+    """The labels of the snapshots the model's controllers want now (after a step)."""
+    due = hook(model, "snapshot_due")
+    if due is None:
+        return []
+    return [due] if isinstance(due, str) else list(due)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ..errors import RunFailure
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, save_snapshot
 from .config import TrainConfig
-from .hooks import hook, model_figures
+from .hooks import hook, model_figures, snapshot_labels
 from .rundir import REPORT, finish, run_report, write_json
 from .seeds import derived_seed
 
@@ -144,21 +144,28 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
     loader = _make_loader(cfg, run.bundle.train, epoch, run.rank, run.world)
     forward = run.ddp if run.ddp is not None else model
     bar = _progress(len(loader), f"{run.label} {epoch + 1}/{cfg.epochs}", progress and run.rank == 0)
-    loss_sum, correct, n = 0.0, 0, 0
+    loss_sum, extra_sum, correct, n = 0.0, None, 0, 0
     epoch_figures = EpochFigures()
     t0 = time.perf_counter()
     for x, y in loader:
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         out = forward(x)
         loss = F.cross_entropy(out, y)
-        if not torch.isfinite(loss):
-            raise RunFailure(f"{run.label}: loss became {loss.item()} in epoch {epoch + 1} (try a smaller --lr)")
+        # the controllers' own terms (CAMP's), trained with the cross-entropy
+        extra = hook(model, "extra_loss", out, y)
+        total = loss if extra is None else loss + extra
+        if not torch.isfinite(total):
+            raise RunFailure(f"{run.label}: loss became {total.item()} in epoch {epoch + 1} (try a smaller --lr)")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
         hook(model, "step")
+        for label in snapshot_labels(model):
+            save_snapshot(run, label)
         epoch_figures.add(model_figures(model))
         loss_sum += loss.item() * y.numel()
+        if extra is not None:
+            extra_sum = (extra_sum or 0.0) + float(extra.detach()) * y.numel()
         correct += int((out.detach().argmax(1) == y).sum())
         n += y.numel()
         if bar is not None:
@@ -169,6 +176,8 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
     train_time = time.perf_counter() - t0
     if bar is not None:
         bar.close()
+    # mean over this worker's images, as the epoch's other figures are
+    extra_mean = None if extra_sum is None else extra_sum / max(n, 1)
     if run.world > 1:
         # the epoch's loss, accuracy and throughput over all workers' images
         totals = torch.tensor([loss_sum, correct, n], dtype=torch.float64, device=run.device)
@@ -182,6 +191,8 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
     figures = epoch_figures.result() if epoch_figures.counts else model_figures(model)
     if run.comm is not None:
         figures.update({k: float(v) for k, v in run.comm.figures().items()})
+    if extra_mean is not None:
+        figures["train_extra_loss"] = extra_mean  # train_loss stays the cross-entropy
     if run.rank == 0:
         test_loss, test_acc = evaluate(model, run.bundle.test, run.device, cfg.eval_batch_size)
     else:  # rank 0 tests the model it saves; the others go on to the next step
@@ -210,19 +221,31 @@ def epoch_line(run: Run, rec: Dict[str, Any]) -> str:
 def execute(run: Run, log: Optional[Callable[[str], None]] = None) -> str:
     """Train `run` from its current epoch; returns "done" or "stopped"."""
     cfg = run.cfg
+    report = os.path.join(run.run_dir, REPORT)
     if run.rank == 0:
         os.makedirs(run.run_dir, exist_ok=True)
+        if not run.history:
+            # The configuration goes down before the first step, so a run
+            # stopped in its first epoch (Ctrl-C, a crash) is still a run
+            # directory: --resume starts it again from epoch 1, which gives
+            # what an uninterrupted run gives (everything is seeded).
+            write_json(report, run_report(run, "running"))
     log = log if (log and run.rank == 0) else (lambda s: None)
     stop = cfg.stop_after or cfg.epochs
-    for epoch in range(len(run.history), cfg.epochs):
-        if epoch >= stop:
-            break
-        rec = train_epoch(run, epoch, cfg.progress)
-        run.history.append(rec)
-        save_checkpoint(run)
+    try:
+        for epoch in range(len(run.history), cfg.epochs):
+            if epoch >= stop:
+                break
+            rec = train_epoch(run, epoch, cfg.progress)
+            run.history.append(rec)
+            save_checkpoint(run)
+            if run.rank == 0:
+                write_json(report, run_report(run, "running"))
+            log(epoch_line(run, rec))
+    except BaseException as e:  # Ctrl-C, or a failed step: the report says so
         if run.rank == 0:
-            write_json(os.path.join(run.run_dir, REPORT), run_report(run, "running"))
-        log(epoch_line(run, rec))
+            write_json(report, run_report(run, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"))
+        raise
     status = "done" if len(run.history) >= cfg.epochs else "stopped"
     if run.rank == 0:
         finish(run, status)

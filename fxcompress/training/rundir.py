@@ -8,11 +8,9 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-import torch
-
 from ..errors import BadInput
-from .checkpoint import CHECKPOINT, FINAL_MODEL, FORMAT
-from .hooks import controller_reports
+from .checkpoint import CHECKPOINT, FINAL_MODEL, save_weights, snapshots
+from .hooks import controller_reports, hook
 
 if TYPE_CHECKING:
     from .build import Run
@@ -65,12 +63,18 @@ def file_digest(path: Optional[str]) -> Optional[str]:
 
 def run_report(run: Run, status: str) -> Dict[str, Any]:
     params = sum(p.numel() for p in run.model.parameters())
-    return {"label": run.label, "status": status, "run_dir": run.run_dir, "config": asdict(run.cfg),
-            "policy_sha256": file_digest(run.cfg.policy),
-            "data": run.bundle.describe(), "model": {**run.source, "parameters": params},
-            "compressed": run.compressed, "device": str(run.device), "epochs": run.history,
-            "final": summarise(run.history), "compile": run.compile_report,
-            "distributed": _distributed_report(run)}
+    report = {"label": run.label, "status": status, "run_dir": run.run_dir, "config": asdict(run.cfg),
+              "policy_sha256": file_digest(run.cfg.policy),
+              "data": run.bundle.describe(), "model": {**run.source, "parameters": params},
+              "compressed": run.compressed, "device": str(run.device), "epochs": run.history,
+              "final": summarise(run.history), "compile": run.compile_report,
+              "distributed": _distributed_report(run)}
+    if run.init is not None:
+        report["init"] = run.init
+    saved = snapshots(run.run_dir)
+    if saved:
+        report["snapshots"] = saved
+    return report
 
 
 def _distributed_report(run: Run) -> Optional[Dict[str, Any]]:
@@ -100,9 +104,7 @@ def jsonable(obj):
 
 def finish(run: Run, status: str) -> None:
     if status == "done":
-        torch.save({"format": FORMAT, "model": run.source, "data": run.bundle.describe(),
-                    "epochs": len(run.history), "state_dict": run.model.state_dict()},
-                   os.path.join(run.run_dir, FINAL_MODEL))
+        save_weights(run, os.path.join(run.run_dir, FINAL_MODEL))
     report = run_report(run, status)
     if hasattr(run.model, "controllers"):
         report["controllers"] = jsonable(controller_reports(run.model))
@@ -142,6 +144,11 @@ def run_plots(main: Run, base: Optional[Run]) -> List[str]:
     reports = jsonable(controller_reports(main.model)) or {}
     title = f"{main.source.get('name', 'model')} on {main.bundle.name}"
     written = write_plots(main.run_dir, main.history, reports, base.history if base else None, title)
+    if main.history:
+        # the controllers' own pictures (a method's plot file), beside the run's
+        folder = os.path.join(main.run_dir, "plots")
+        os.makedirs(folder, exist_ok=True)
+        written += list(hook(main.model, "plots", main.history, folder) or [])
     if base is not None:
         written += write_plots(base.run_dir, base.history, None, None, title + " (baseline)")
     return written
