@@ -289,6 +289,9 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     of gm.code: what this node stores, e.g. 'Conv2d: 2-bit per-channel')."""
     if not torch.is_grad_enabled():
         return spec.call(args, kwargs)  # evaluation: nothing is saved, the last figures stay
+    if torch.compiler.is_compiling() and getattr(spec, "compiled_hooks", False):
+        # the ambient compiled hooks store what it saves (runtime/compile_support.py)
+        return spec.call(args, kwargs)
     if spec.first:
         spec._ledger.reset()
     skip = set()
