@@ -127,7 +127,13 @@ def test_gate_shapes_and_train_forward_backward():
     out = cm(x)
     assert out.shape == (5, 3)
     out.sum().backward()
-    # supervised: the hard gate's straight-through gradient reaches the gate
+    # supervised: the hard gate's straight-through gradient reaches the gate's head (zero at
+    # the start: every sample begins at p_high = sigmoid(1)), and through it the 3x3 conv
+    assert block.gate.fc.weight.grad is not None and block.gate.fc.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        block.gate.fc.weight.normal_()
+    cm.zero_grad()
+    cm(x).sum().backward()
     assert block.gate.conv.weight.grad is not None and block.gate.conv.weight.grad.abs().sum() > 0
 
 
