@@ -78,6 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process each")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write the energy-accuracy plot here")
+    p.add_argument("--from-json", help="no training: the table (and --png) from the seeds a saved --json holds")
     p.add_argument("--timing", action="store_true", help="only the routed-inference timing")
     p.add_argument("--usage", type=float, default=0.5, help="--timing: fraction of samples on the high path")
     p.add_argument("--timing-batch", type=int, default=256)
@@ -309,6 +310,19 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "timing": t}, f, indent=2)
+        return 0
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        results, saved_args = saved["seeds"], saved["args"]
+        alphas = [float(a) for a in saved_args["alphas"].split(",") if a.strip()]
+        print(f"{args.from_json}: seeds {[r['seed'] for r in results]} of a run with " +
+              " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved_args.items()
+                       if k in ("seeds", "depth", "upscale", "epochs", "camp_epochs", "alphas", "w_rl", "rl_from")))
+        summary = rows(results, alphas)
+        print(table(summary, len(results)))
+        if args.png:
+            print("wrote", plot(results, summary, args.png))
         return 0
     alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     print(f"digits {len(data['ytr'])} train / {len(data['yte'])} test at {args.upscale}px; ResNet-{args.depth}; "
