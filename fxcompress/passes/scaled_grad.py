@@ -27,10 +27,8 @@ them out with a later rule (`scaled_grad: null`).
 """
 from __future__ import annotations
 
-import math
 import operator
-from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx as fx
@@ -38,39 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..config import ConfigError, check_bits
-from ..quantize import FIRST_LAST_BITS, authors_first_last_bits
 from ..runtime.scaled_grad import ScaledGrad, ScaledGradController, ScaledGradGroup
+from ..runtime.scaled_grad_config import ScaledGradConfig
 from .base import Pass, PassResult, add_submodule, fxc_name
-
-@dataclass
-class ScaledGradConfig:
-    #: target weight width b: the symmetric grid has 2^b - 1 levels
-    bits: int = 4
-    #: lambda_s of the paper: the scale is lambda_s * |w - Q(w)| (+ epsilon)
-    lambda_s: float = 150.0
-    #: added to the scale; 0 as in the authors' code (gradient exactly 0 on the grid)
-    epsilon: float = 0.0
-    #: optimizer steps (CompressedModel.step() calls) before scaling starts
-    start_step: int = 0
-    #: "uniform": the b-bit grid; "zero": the sparse variant (grid {0}, scale lambda_s*|w|)
-    grid: Literal["uniform", "zero"] = "uniform"
-    #: width of the first and last weight layers when bits < 4 (null: no special case)
-    first_last_bits: Optional[int] = FIRST_LAST_BITS
-    #: also scale the layer's bias (the authors do it for the last linear layer)
-    bias: bool = False
-
-    def check(self):
-        check_bits("bits", self.bits, 2, 8, "the symmetric grid needs 2^b - 1 >= 3 levels; PSGD targets 2..8 bits")
-        if not (math.isfinite(self.lambda_s) and self.lambda_s > 0):
-            raise ConfigError("lambda_s", f"must be a positive number, got {self.lambda_s}")
-        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
-            raise ConfigError("epsilon", f"must be a number >= 0, got {self.epsilon}")
-        if self.start_step < 0:
-            raise ConfigError("start_step", f"must be >= 0 optimizer steps, got {self.start_step}")
-        if self.first_last_bits is not None:
-            check_bits("first_last_bits", self.first_last_bits, 2, 8)
-
 
 _MODULE_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.Linear: F.linear}
 _WEIGHT_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d)
@@ -109,14 +77,6 @@ def _functional_reason(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
     if w is None or w.op != "get_attr" or _param(gm, w.target) is None:
         return "the weight of this call is not a parameter read by get_attr"
     return None
-
-
-def _bits_for(cfg: ScaledGradConfig, role: str) -> Tuple[int, str]:
-    """The width a weight really gets: quantize.authors_first_last_bits (the
-    one copy of the rule) for the first and last layer, else cfg.bits. The
-    pass and the plan table (`effective`) both ask here."""
-    width = authors_first_last_bits(cfg.bits, cfg.first_last_bits) if role else None
-    return (width, role) if width is not None else (cfg.bits, role)
 
 
 class ScaledGradPass(Pass):
@@ -171,7 +131,8 @@ class ScaledGradPass(Pass):
                 weight = str(_weight_arg(node).target)
             else:
                 weight = str(node.target)
-            bits, role = _bits_for(cfg, roles.get(weight, ""))
+            role = roles.get(weight, "")
+            bits = cfg.width(role)
             if bits != cfg.bits:
                 out[node.name] = {"bits": bits, "role": role}
         return out
@@ -238,9 +199,6 @@ class ScaledGradPass(Pass):
                 if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
                     gm.graph.erase_node(old)
 
-    def _bits(self, param_name: str, cfg: ScaledGradConfig) -> Tuple[int, str]:
-        return _bits_for(cfg, self._roles.get(param_name, ""))
-
     def _scaled(self, param_name: str, cfg: ScaledGradConfig, anchor: fx.Node, layer_weight: str) -> fx.Node:
         """A get_attr of the parameter followed by its ScaledGrad node, inserted
         before `anchor`. `layer_weight` names the layer's weight, which decides
@@ -248,8 +206,8 @@ class ScaledGradPass(Pass):
         gm = self._gm
         mod = self._modules.get(param_name)
         if mod is None:
-            bits, role = self._bits(layer_weight, cfg)
-            mod = ScaledGrad(param_name, bits, cfg.lambda_s, cfg.epsilon, cfg.grid, cfg.start_step, role)
+            # the module keeps the node's config; its width follows the role
+            mod = ScaledGrad(param_name, cfg, self._roles.get(layer_weight, ""))
             name = fxc_name(gm, self.name, param_name)
             add_submodule(gm, name, mod)
             self._names[param_name] = name
