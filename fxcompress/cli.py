@@ -15,7 +15,7 @@ from . import __version__
 from .errors import FxcError
 from .passes import resolve_passes
 
-COMMANDS = ["transform", "validate", "inspect", "train", "evaluate"]
+COMMANDS = ["transform", "validate", "inspect", "train", "evaluate", "sparse_export"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -218,7 +218,8 @@ def _parse_per_pass(policy: Policy, section: str, value, passes: Tuple[type, ...
     for key, body in (value or {}).items():
         if key not in owners:
             raise policy.error("unknown treatment", (section, key),
-                               closest(str(key), [k for k, c in owners.items() if c is not None] or list(owners)))
+                               closest(str(key), [k for k, c in owners.items() if c is not None])
+                               or closest(str(key), list(owners)))
         cls = owners[key]
         if cls is None:
             takes = [k for k, c in owners.items() if c is not None]

@@ -48,7 +48,7 @@ BAD_POLICIES = [
     ("schedule: {activations: {}}\n", "treatment 'activations' takes no schedule", 1),
     # the pass-wide settings section: validated by the pass that owns it
     ("settings: {activatons: {}}\n", "did you mean 'activations'", 1),
-    ("settings: {scaled_grad: {}}\n", "treatment 'scaled_grad' takes no settings (these do: activations)", 1),
+    ("settings: {scaled_grad: {}}\n", "treatment 'scaled_grad' takes no settings (these do: dual_precision, activations)", 1),
     ("settings: 3\n", "settings must be a mapping", 1),
     ("settings:\n  activations:\n    stats_evry: 5\n", "did you mean 'stats_every'", 3),
     ("settings:\n  activations:\n    window: 0\n", "must be a positive number of snapshots", 3),

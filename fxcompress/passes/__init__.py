@@ -16,10 +16,12 @@ from typing import Optional, Sequence, Tuple
 
 from .activations import ActivationsPass
 from .base import Pass, PassResult, add_submodule, fxc_name  # noqa: F401
+from .dual_precision import DualPrecisionPass
 from .manager import check_passes, run_passes  # noqa: F401
 from .scaled_grad import ScaledGradPass
+from .sparsity import SparsityPass
 
-DEFAULT_PASSES: Tuple[type, ...] = (ScaledGradPass, ActivationsPass)
+DEFAULT_PASSES: Tuple[type, ...] = (ScaledGradPass, SparsityPass, DualPrecisionPass, ActivationsPass)
 
 
 def resolve_passes(passes: Optional[Sequence[type]] = None) -> Tuple[type, ...]:
