@@ -42,6 +42,10 @@ class MaskedWeight(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask
 
+    def fxc_constructor(self):
+        """For fxcompress.export: name and shape; the mask travels in the weights file."""
+        return (MaskedWeight, (self.param_name, tuple(self.mask.shape)), {})
+
     def extra_repr(self) -> str:
         return f"{self.param_name}, shape={tuple(self.mask.shape)}"
 
