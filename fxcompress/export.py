@@ -60,6 +60,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import BadInput, RunFailure
+from .inspect import write_graph
 
 CLASS_NAME = "CompressedModule"
 SOURCE_COPY = "source_model.py"
@@ -795,8 +796,6 @@ def export(cm, directory, source: Optional[Dict[str, Any]] = None, check: bool =
     back, which costs one more build of the model. `notes` (a list) gets
     what was not written and why (no Graphviz: no graph.svg).
     """
-    from .inspect import write_graph
-
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise BadInput(f"export directory {out} exists and is not a folder")
