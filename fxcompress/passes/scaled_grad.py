@@ -30,36 +30,17 @@ from __future__ import annotations
 import operator
 from typing import Any, Dict, List, Optional
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..runtime.scaled_grad import ScaledGrad, ScaledGradController, ScaledGradGroup
 from ..runtime.scaled_grad_config import ScaledGradConfig
-from .base import Pass, PassResult, add_submodule, fxc_name
-
-_MODULE_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.Linear: F.linear}
-_WEIGHT_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d)
-
-
-def _param(gm: fx.GraphModule, target: str) -> Optional[nn.Parameter]:
-    try:
-        p = gm.get_parameter(target)
-    except AttributeError:
-        return None
-    return p if isinstance(p, nn.Parameter) else None
-
-
-def _weight_arg(node: fx.Node) -> Optional[fx.Node]:
-    """The weight argument of a functional conv/linear call, if it is a node."""
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    return w if isinstance(w, fx.Node) else None
-
+from .base import (MODULE_FN, WEIGHT_FNS, Pass, PassResult, add_submodule, call_as_functional, fxc_name,
+                   get_attr_before, param_of, weight_arg)
 
 def _module_reason(m: nn.Module) -> Optional[str]:
-    base = next((c for c in _MODULE_FN if type(m) is c or (isinstance(m, c) and type(m).forward is c.forward)),
+    base = next((c for c in MODULE_FN if type(m) is c or (isinstance(m, c) and type(m).forward is c.forward)),
                 None)
     if base is None:
         return "scaled_grad acts on the weights of Conv1d/2d/3d and Linear (this module's forward is another)"
@@ -73,8 +54,8 @@ def _module_reason(m: nn.Module) -> Optional[str]:
 
 
 def _functional_reason(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
-    w = _weight_arg(node)
-    if w is None or w.op != "get_attr" or _param(gm, w.target) is None:
+    w = weight_arg(node)
+    if w is None or w.op != "get_attr" or param_of(gm, w.target) is None:
         return "the weight of this call is not a parameter read by get_attr"
     return None
 
@@ -90,12 +71,12 @@ class ScaledGradPass(Pass):
     def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
         if node.op == "call_module":
             return _module_reason(gm.get_submodule(node.target))
-        if node.op == "call_function" and node.target in _WEIGHT_FNS:
+        if node.op == "call_function" and node.target in WEIGHT_FNS:
             return _functional_reason(node, gm)
         if node.op == "get_attr":
-            if _param(gm, node.target) is None:
+            if param_of(gm, node.target) is None:
                 return "not a parameter"
-            if not any(u.op == "call_function" and u.target in _WEIGHT_FNS and _weight_arg(u) is node
+            if not any(u.op == "call_function" and u.target in WEIGHT_FNS and weight_arg(u) is node
                        for u in node.users):
                 return "this parameter is not the weight of a conv/linear call"
             return None
@@ -110,8 +91,8 @@ class ScaledGradPass(Pass):
         for n in gm.graph.nodes:
             if n.op == "call_module" and _module_reason(gm.get_submodule(n.target)) is None:
                 names.append(f"{n.target}.weight")
-            elif n.op == "call_function" and n.target in _WEIGHT_FNS and _functional_reason(n, gm) is None:
-                names.append(str(_weight_arg(n).target))
+            elif n.op == "call_function" and n.target in WEIGHT_FNS and _functional_reason(n, gm) is None:
+                names.append(str(weight_arg(n).target))
         return names
 
     @classmethod
@@ -128,7 +109,7 @@ class ScaledGradPass(Pass):
             if node.op == "call_module":
                 weight = f"{node.target}.weight"
             elif node.op == "call_function":
-                weight = str(_weight_arg(node).target)
+                weight = str(weight_arg(node).target)
             else:
                 weight = str(node.target)
             role = roles.get(weight, "")
@@ -150,11 +131,11 @@ class ScaledGradPass(Pass):
             if node.op == "call_module":
                 self._rewrite_module(node, cfg)
             elif node.op == "call_function":
-                w = _weight_arg(node)
+                w = weight_arg(node)
                 self._wrap_use(node, w, cfg)
             else:  # get_attr: every conv/linear use of it as a weight
                 for user in list(node.users):
-                    if user.op == "call_function" and user.target in _WEIGHT_FNS and _weight_arg(user) is node:
+                    if user.op == "call_function" and user.target in WEIGHT_FNS and weight_arg(user) is node:
                         self._wrap_use(user, node, cfg)
         fl = sorted({f"{n} ({m.bits} bits)" for n, m in self._modules.items() if m.role})
         if fl:
@@ -213,7 +194,7 @@ class ScaledGradPass(Pass):
             self._names[param_name] = name
             self._result.inserted.append(name)
             self._modules[param_name] = mod
-            self._params[param_name] = _param(gm, param_name)
+            self._params[param_name] = param_of(gm, param_name)
         p = self._params[param_name]
         with gm.graph.inserting_before(anchor):
             w = gm.graph.get_attr(param_name)
@@ -227,7 +208,6 @@ class ScaledGradPass(Pass):
     def _rewrite_module(self, node: fx.Node, cfg: ScaledGradConfig) -> None:
         gm = self._gm
         m = gm.get_submodule(node.target)
-        fn = next(f for c, f in _MODULE_FN.items() if isinstance(m, c))
         wname = f"{node.target}.weight"
         weight = self._scaled(wname, cfg, node, wname)
         bias = None
@@ -235,20 +215,8 @@ class ScaledGradPass(Pass):
             if cfg.bias:
                 bias = self._scaled(f"{node.target}.bias", cfg, node, wname)
             else:
-                with gm.graph.inserting_before(node):
-                    bias = gm.graph.get_attr(f"{node.target}.bias")
-                    bias.meta["tensor_meta"] = _extract_tensor_metadata(m.bias)
-        x = node.args[0] if node.args else node.kwargs["input"]
-        if fn is F.linear:
-            args = (x, weight, bias)
-        else:
-            args = (x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(fn, args)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        self._plan.replace_node(node.name, new)
+                bias = get_attr_before(gm, f"{node.target}.bias", m.bias, node)
+        call_as_functional(gm, self._plan, node, m, weight, bias)
         self._result.modified = True
 
     def _wrap_use(self, user: fx.Node, w: fx.Node, cfg: ScaledGradConfig) -> None:
@@ -257,7 +225,7 @@ class ScaledGradPass(Pass):
         user.replace_input_with(w, s)
         if cfg.bias:
             b = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
-            if isinstance(b, fx.Node) and b.op == "get_attr" and _param(self._gm, b.target) is not None:
+            if isinstance(b, fx.Node) and b.op == "get_attr" and param_of(self._gm, b.target) is not None:
                 user.replace_input_with(b, self._scaled(str(b.target), cfg, user, param_name))
                 if not b.users:
                     self._gm.graph.erase_node(b)
