@@ -113,12 +113,8 @@ class ScaledGrad(nn.Module):
 
     @property
     def step_count(self) -> int:
-        """Optimizer steps counted by the controller."""
+        """Optimizer steps counted by the controller (set there: `steps`)."""
         return self._clock.steps
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self._clock.steps = int(value)
 
     @property
     def active(self) -> bool:
