@@ -58,9 +58,11 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torchvision.models as tvm
 
 from .errors import BadInput, RunFailure
 from .inspect import write_graph
+from .loading import load_model
 
 CLASS_NAME = "CompressedModule"
 SOURCE_COPY = "source_model.py"
@@ -728,16 +730,12 @@ def _check_source(source: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 def _build_source(source: Dict[str, Any]) -> nn.Module:
     if source["kind"] == "torchvision":
-        import torchvision.models as tvm
-
         return tvm.get_model(source["name"], weights=None, **(source.get("kwargs") or {}))
     # Build from the module the original model's classes came from (when it
     # is loaded): a second import would make classes that compare unequal.
     for name in list(sys.modules):
         if _file_of(name) == source["path"]:
             return getattr(sys.modules[name], source["model_fn"])()
-    from .loading import load_model
-
     return load_model(source["path"], source["model_fn"]).model
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.masks import kept_count, magnitude_scores, nm_mask, topk_masks
+from ..plots_sparsity import plot_sparsity
 from .controller import Controller
 
 SPARSE, DENSE = "sparse", "dense"
@@ -265,8 +266,6 @@ class SparsityController(Controller):
                 "layer_sparsity": {r["weight"]: r["sparsity"] for r in self.layer_table()}}
 
     def plots(self, history, out_dir: str) -> List[str]:
-        from ..plots_sparsity import plot_sparsity
-
         return [plot_sparsity(history, self.phases, self.unit, out_dir)]
 
     # --------------------------------------------------------------- state
