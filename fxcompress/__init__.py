@@ -1,7 +1,6 @@
 """fxcompress: a torch.fx graph-rewriting compiler for compression-aware training."""
-from .compiled import CompressedModel, compile  # noqa: F401
+from .compiled import CompressedModel, compile, load_policy  # noqa: F401
 from .errors import BadInput, FxcError, PolicyError, RunFailure, TraceError  # noqa: F401
-from .policy import load_policy  # noqa: F401
 from .quantize import quantize_activations, quantize_weights  # noqa: F401
 from .runtime.measure import measure_saved  # noqa: F401
 

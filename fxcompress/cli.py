@@ -9,11 +9,13 @@ import argparse
 import importlib
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
+from . import __version__
 from .errors import FxcError
+from .passes import resolve_passes
 
-COMMANDS = ["transform", "validate", "inspect", "train", "evaluate"]
+COMMANDS = ["transform", "validate", "inspect", "train", "evaluate", "sparse_export"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,8 +26,6 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxcompress", description="A torch.fx compiler for compression-aware training.")
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"fxcompress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
@@ -40,13 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, passes: Optional[Sequence[type]] = None) -> int:
+    """Run one command. `passes`: the pass list every command compiles with
+    (default fxcompress.passes.DEFAULT_PASSES), resolved here once and handed
+    to the command as `args.passes`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
     try:
+        args.passes = resolve_passes(passes)
         return int(args._run(args) or 0)
     except FxcError as e:
         if os.environ.get("FXC_DEBUG"):

@@ -1,18 +1,22 @@
 """`fxcompress.compile` and the CompressedModel it returns."""
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .config import to_dict
+from . import policy as policy_mod
 from .errors import BadInput, RunFailure
+from .passes import resolve_passes, run_passes
 from .passes.base import PassResult
 from .plan import Plan, make_plan
-from .policy import Policy, load_policy
+from .policy import Policy
+from .report import Report, plan_rows
 from .tracing import TraceInfo, propagate_shapes, trace
 
 
@@ -79,15 +83,20 @@ class CompressedModel(nn.Module):
                 out[f"{name}.{k}"] = v
         return out
 
-    def report(self) -> Dict[str, Any]:
-        return {
-            "auto_leaves": [vars(a) for a in self.trace_info.auto_leaves],
-            "leaf_modules": list(self.trace_info.leaf_modules),
-            "plan": self.plan.to_json()["nodes"],
-            "passes": {name: {"inserted": r.inserted, "notes": r.notes} for name, r in self.pass_results.items()},
-            "controllers": {name: c.report() for name, c in self.controllers.items()},
-            "timings_s": dict(self.timings),
-        }
+    def report(self) -> Report:
+        """Plan, leaves, pass notes, controller figures: a dict that prints as
+        readable tables (fxcompress.report.Report; `.to_dict()` for a plain one)."""
+        info = self.trace_info
+        return Report(
+            auto_leaves=[vars(a) for a in info.auto_leaves],
+            leaf_modules=list(info.leaf_modules),
+            trace={"fixed_args": dict(info.fixed_args),
+                   "leaf_containers": [asdict(c) for c in info.leaf_containers]},
+            plan=[e.as_dict() for _, e in plan_rows(self.plan)],  # graph order
+            passes={name: {"inserted": r.inserted, "notes": r.notes} for name, r in self.pass_results.items()},
+            controllers={name: c.report() for name, c in self.controllers.items()},
+            timings_s=dict(self.timings),
+        )
 
 
 def _as_inputs(example_inputs) -> Optional[Tuple[Any, ...]]:
@@ -100,37 +109,50 @@ def _as_inputs(example_inputs) -> Optional[Tuple[Any, ...]]:
     raise BadInput(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
+def load_policy(source: Union[str, os.PathLike, Dict[str, Any], Policy, None],
+                passes: Optional[Sequence[type]] = None) -> Policy:
+    """A policy file (or dict) validated against `passes` (default: the
+    default pass list), as compile() would load it."""
+    return policy_mod.load_policy(source, resolve_passes(passes))
+
+
 def compile(model: nn.Module, policy: Union[str, Dict[str, Any], Policy, None] = None,
             example_inputs: Union[torch.Tensor, Sequence[Any], None] = None,
-            passes: Optional[Sequence[type]] = None) -> CompressedModel:
+            passes: Optional[Sequence[type]] = None, *, dry_run: bool = False) -> CompressedModel:
     """Trace `model`, resolve `policy` against its graph and rewrite it.
 
     `example_inputs` (a tensor or a tuple) fills shapes and dtypes, which the
-    plan, the report and shape-dependent passes use.
+    plan, the report and shape-dependent passes use. `passes` is the pass
+    list (default fxcompress.passes.DEFAULT_PASSES), resolved here once: the
+    policy is validated against it, the plan made with it, and exactly these
+    passes run, in this order. `dry_run=True` stops after the plan (nothing
+    rewritten, no controllers), which validates everything a real run would.
     """
     if not isinstance(model, nn.Module):
         raise BadInput(f"compile() takes an nn.Module, got {type(model).__name__}")
-    from .passes.manager import run_passes
-
+    passes = resolve_passes(passes)
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
-    pol = load_policy(policy)
+    pol = policy_mod.load_policy(policy, passes)
     timings["policy"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gm, info = trace(model, pol.trace.leaf_modules, pol.trace.concrete_args, pol.trace.auto_leaf)
+    inputs = _as_inputs(example_inputs)
+    gm, info = trace(model, pol.trace.leaf_modules, pol.trace.concrete_args, pol.trace.auto_leaf,
+                     n_inputs=None if inputs is None else len(inputs))
     original_code = gm.code
     timings["trace"] = time.perf_counter() - t0
-    inputs = _as_inputs(example_inputs)
     if inputs is not None:
         t0 = time.perf_counter()
         propagate_shapes(gm, inputs)
         timings["shapes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = make_plan(gm, pol)
+    plan = make_plan(gm, pol, passes)
     timings["plan"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gm, results, pass_times = run_passes(gm, plan, passes)
-    timings["passes"] = time.perf_counter() - t0
+    results: Dict[str, PassResult] = {}
+    if not dry_run:
+        t0 = time.perf_counter()
+        gm, results, _ = run_passes(gm, plan, passes)
+        timings["passes"] = time.perf_counter() - t0
     controllers: Dict[str, nn.Module] = {}
     for r in results.values():
         for name, c in r.controllers.items():

@@ -11,11 +11,13 @@ import dataclasses
 import typing
 from typing import Any, Dict, Literal, Optional, Union, get_args, get_origin
 
-from .errors import closest
+from .errors import BadInput, closest
 
 
-class ConfigError(ValueError):
-    """A bad value in a config: `field` is the key inside the section."""
+class ConfigError(BadInput, ValueError):
+    """A bad value in a config: `field` is the key inside the section (or
+    the flag or argument a bit width came from, see check_bits). Outside a
+    policy, where nothing adds a file and line, it is bad input as it is."""
 
     def __init__(self, field: str, message: str, suggestion: Optional[str] = None):
         self.field, self.message, self.suggestion = field, message, suggestion
@@ -123,3 +125,14 @@ def to_dict(obj) -> Dict[str, Any]:
 def check_range(field: str, value, lo, hi, why: str = ""):
     if value is not None and not (lo <= value <= hi):
         raise ConfigError(field, f"must be in {lo}..{hi}, got {value}" + (f" ({why})" if why else ""))
+
+
+def check_bits(field: str, bits, lo: int, hi: int, why: str = "") -> int:
+    """The one bit-width check (policies, kernels, quantize, wire codes):
+    `bits` must be an integer (not a bool) in lo..hi; returns it."""
+    tail = f" ({why})" if why else ""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ConfigError(field, f"must be an integer in {lo}..{hi}, got {bits!r}{tail}")
+    if not lo <= bits <= hi:
+        raise ConfigError(field, f"must be in {lo}..{hi}, got {bits}{tail}")
+    return bits

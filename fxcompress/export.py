@@ -8,7 +8,8 @@
   loads the weights (strict, `weights_only=True`).
 - `weights.pt` (and `weights.safetensors` when safetensors is installed).
 - `report.json`: `cm.report()` (plan, leaves, pass notes) and the source.
-- `graph.dot`, and `graph.svg` when Graphviz `dot` is installed.
+- `graph.dot`, `graph.png` (networkx + matplotlib) and `graph.svg` when
+  Graphviz `dot` is installed.
 
 How a submodule is rebuilt, first that works:
 
@@ -50,6 +51,7 @@ import re
 import shutil
 import sys
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -119,6 +121,10 @@ class _Refs:
         self.source_file = os.path.abspath(source_file) if source_file else None
         self.imports: Dict[str, None] = {}  # ordered set of import lines
         self.uses_source = False
+        # submodules of the exported graph module, by id: a constructor
+        # argument that is one of them (a group of modules) is written as a
+        # reference to the already rebuilt one, `self.get_submodule(path)`
+        self.module_paths: Dict[int, str] = {}
 
     def ref(self, obj: Any, need: Dict[str, None]) -> str:
         """An expression for `obj`; the import line it needs goes into `need`
@@ -200,22 +206,21 @@ def _tensors(m: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _non_persistent(m: nn.Module) -> Set[str]:
-    names = set()
-    for prefix, sub in m.named_modules(remove_duplicate=False):
-        for b in getattr(sub, "_non_persistent_buffers_set", ()):
-            names.add(f"{prefix}.{b}" if prefix else b)
-    return names
-
-
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_is_full_backward_hook"}
 
 
 def _values_equal(a: Any, b: Any, depth: int = 0) -> bool:
+    if isinstance(a, weakref.ref) and isinstance(b, weakref.ref):
+        a, b = a(), b()  # RNNs keep weak references to their own weights
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape == b.shape and a.dtype == b.dtype
     if type(a) is not type(b):
         return False
     if isinstance(a, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype
+    if isinstance(a, (list, tuple)) and len(a) == len(b) and depth < 4:
+        if all(_values_equal(x, y, depth + 1) for x, y in zip(a, b)):
+            return True
     try:
         if bool(a == b):
             return True
@@ -264,11 +269,8 @@ def _mismatch(original: nn.Module, rebuilt: Any, attributes: bool = True) -> Opt
     for k, t in a.items():
         if tuple(t.shape) != tuple(b[k].shape) or t.dtype != b[k].dtype:
             return f"{k}: {tuple(b[k].shape)} {b[k].dtype} instead of {tuple(t.shape)} {t.dtype}"
-    # Non-persistent buffers are not in the weights file: the constructor
-    # must recreate their values.
-    for k in _non_persistent(original):
-        if k in a and not torch.equal(a[k].detach().cpu(), b[k].detach().cpu()):
-            return f"non-persistent buffer {k} has other values"
+    # Non-persistent buffers' values need not match: the writer carries them
+    # in the weights file (_Writer._carry_non_persistent).
     if repr(rebuilt) != repr(original):
         return "repr differs"
     return _attribute_mismatch(original, rebuilt) if attributes else None
@@ -290,6 +292,11 @@ def _arg(value: Any, refs: _Refs, need) -> str:
         pass
     if isinstance(value, enum.Enum):
         return f"{refs.ref(type(value), need)}.{value.name}"
+    if isinstance(value, nn.Module):
+        path = refs.module_paths.get(id(value))
+        if path is None:
+            raise _NoExpr(f"a {type(value).__name__} argument that is not a submodule of the model")
+        return f"self.get_submodule({path!r})"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = [f"{f.name}={_arg(getattr(value, f.name), refs, need)}"
                   for f in dataclasses.fields(value) if f.init]
@@ -366,6 +373,8 @@ class _Writer:
         self.uses_source_model = False
         self.body: List[str] = []       # statements in __init__, after super().__init__()
         self.extra_state: Dict[str, torch.Tensor] = {}  # tensors not in gm.state_dict()
+        self.refs.module_paths = {id(m): name for name, m in gm.named_modules() if name}
+        self.ns["self"] = gm  # what `self.get_submodule(path)` arguments see while checking
 
     # module tree -----------------------------------------------------------
     def build(self) -> None:
@@ -386,6 +395,20 @@ class _Writer:
                 self._direct_tensors(path, child)
             else:
                 self.body.append(f"_attach(self, {path!r}, {self._constructor(path, child)})")
+                self._carry_non_persistent(path, child)
+
+    def _carry_non_persistent(self, path: str, m: nn.Module) -> None:
+        """A rebuilt module's non-persistent buffers (PSGD's EMA range) hold
+        state its constructor cannot give back: module.py makes them
+        persistent and the weights file carries their values."""
+        for prefix, sub in m.named_modules():
+            for name in sorted(sub._non_persistent_buffers_set):
+                b = sub._buffers.get(name)
+                if b is None:
+                    continue
+                full = _join(_join(path, prefix) if prefix else path, name)
+                self.body.append(f"_persist(self, {full!r})")
+                self.extra_state[full] = b.detach()
 
     def _direct_tensors(self, path: str, m: nn.Module) -> None:
         for name, p in m._parameters.items():
@@ -459,9 +482,9 @@ class _Writer:
                        "fxc_constructor() -> (callable, args, kwargs) on the class")
 
     def _verified(self, m: nn.Module, expr: str, need, attributes: bool = True) -> str:
-        # On the meta device a candidate costs no weight init; only values of
-        # non-persistent buffers need a real build to compare.
-        built = self._eval(expr, need, meta=not _non_persistent(m))
+        # On the meta device a candidate costs no weight init (buffer values
+        # are not compared: the weights file carries them all).
+        built = self._eval(expr, need, meta=True)
         why = _mismatch(m, built, attributes)
         dtype = _common_float_dtype(m)
         if why and dtype is not None and _common_float_dtype(built) not in (None, dtype):
@@ -502,9 +525,28 @@ class _Writer:
                 return name
         raise _NoExpr("the model file is not loaded")
 
+    def _inferred_source(self) -> Optional[Dict[str, Any]]:
+        """With no source given: the model's own class, when it is defined at
+        module level in a file and builds without arguments (the user's
+        source then carries what no constructor can rebuild)."""
+        mod, qualname = self.gm.meta.get("fxc_model_class", (None, None))
+        path = _file_of(mod) if mod else None
+        if not path or not qualname or "." in qualname or not path.endswith(".py"):
+            return None
+        try:
+            cls = getattr(sys.modules[mod], qualname)
+            cls()
+        except Exception:
+            return None
+        return {"kind": "file", "path": path, "model_fn": qualname, "module": mod}
+
     def _from_source(self, path: str, m: nn.Module) -> Tuple[Optional[str], str]:
         if self.source is None:
-            return None, "no model source to rebuild it from"
+            inferred = self._inferred_source()
+            if inferred is None:
+                return None, "no model source to rebuild it from (the model's class needs constructor arguments)"
+            self.source = inferred
+            self.refs.source_file = inferred["path"]
         try:
             model = self._built_source()
         except Exception as e:
@@ -627,6 +669,11 @@ def _set(root, path, value):
     setattr(owner, name, value)
 
 
+def _persist(root, path):
+    owner, name = _owner(root, path)
+    owner._non_persistent_buffers_set.discard(name)
+
+
 def _tie(root, path, to):
     owner, name = _owner(root, path)
     setattr(owner, name, root.get_parameter(to))'''
@@ -738,13 +785,15 @@ def _self_check(directory: Path) -> None:
 
 # --- entry point ----------------------------------------------------------------
 
-def export(cm, directory, source: Optional[Dict[str, Any]] = None, check: bool = True) -> List[Path]:
+def export(cm, directory, source: Optional[Dict[str, Any]] = None, check: bool = True,
+           notes: Optional[List[str]] = None) -> List[Path]:
     """Write `cm` to `directory` (created if needed); return the written paths.
 
     `source` says where the model came from (what fxcompress.loading records
     as `LoadedModel.source`); it is needed only for submodules whose
     constructor cannot be inferred. `check=False` skips loading the result
-    back, which costs one more build of the model.
+    back, which costs one more build of the model. `notes` (a list) gets
+    what was not written and why (no Graphviz: no graph.svg).
     """
     from .inspect import write_graph
 
@@ -768,11 +817,13 @@ def export(cm, directory, source: Optional[Dict[str, Any]] = None, check: bool =
     if importlib.util.find_spec("safetensors") is not None:
         _save_safetensors(state, out / "weights.safetensors")
         written.append(out / "weights.safetensors")
-    report = {"source": writer.source, "class": CLASS_NAME, **cm.report()}
+    report = {"source": writer.source, "class": CLASS_NAME, **cm.report().to_dict()}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     written.append(out / "report.json")
     graph = write_graph(cm, out / "graph")
     written += graph.paths
+    if graph.note and notes is not None:
+        notes.append(graph.note)
     if check:
         _self_check(out)
     return written

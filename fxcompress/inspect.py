@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import networkx as nx
 import torch.fx as fx
 
-from .config import to_dict
 from .errors import BadInput
+from .plots import pyplot
+from .report import treatment_lines
 from .table import format_table
 
 FXC_PREFIX = "fxc_"
@@ -73,12 +75,7 @@ def _guess_pass(name: str, cm) -> str:
 
 
 def _fmt_treatments(entry) -> str:
-    parts = []
-    for key, cfg in entry.treatments.items():
-        fields = " ".join(f"{k}={v}" for k, v in to_dict(cfg).items())
-        parts.append(f"{key}({fields})" if fields else key)
-    parts += [f"{key}: skipped ({why})" for key, why in entry.skipped.items()]
-    return "; ".join(parts)
+    return "; ".join(treatment_lines(entry))
 
 
 def _node_shape(node: fx.Node):
@@ -197,46 +194,106 @@ def to_dot(cm) -> str:
     return "\n".join(out) + "\n"
 
 
+def _node_style(cm, node: fx.Node, auto_leaves) -> str:
+    """The fill colour of a node in both pictures (see to_dot)."""
+    if is_inserted(node):
+        return INSERTED_FILL
+    if node.op == "call_module" and node.target in auto_leaves:
+        return AUTO_LEAF_FILL
+    entry = cm.plan.entries.get(node.name)
+    if entry is not None and (entry.treatments or entry.skipped):
+        return TREATED_FILL
+    return "#ffffff"
+
+
+def draw_png(cm, path: Path) -> Path:
+    """The rewritten graph as a PNG without Graphviz: networkx places the
+    nodes in rows by their depth from the inputs (a DAG's topological
+    generations, as dot's top-to-bottom ranks), matplotlib draws them with
+    the colours of to_dot."""
+    gm = cm.graph_module
+    auto_leaves = {a.path for a in cm.trace_info.auto_leaves}
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name)
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name)
+    for depth, names in enumerate(nx.topological_generations(g)):
+        for name in names:
+            g.nodes[name]["depth"] = depth
+    # weights and constants (get_attr) sit just above their first user, not
+    # all in the inputs' row
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.users:
+            g.nodes[node.name]["depth"] = min(g.nodes[u.name]["depth"] for u in node.users) - 1
+    pos = nx.multipartite_layout(g, subset_key="depth", align="horizontal", scale=1.0)
+    pos = {k: (x, -y) for k, (x, y) in pos.items()}  # inputs at the top, as dot draws them
+    depth = 1 + max((d for _, d in g.nodes(data="depth")), default=0)
+    width = 1 + max((sum(1 for _, d in g.nodes(data="depth") if d == k) for k in range(depth)), default=1)
+    plt = pyplot()
+    size = (min(4 + 1.6 * width, 40), min(2 + 0.55 * depth, 80))
+    fig, ax = plt.subplots(figsize=size)
+    colours = [_node_style(cm, n, auto_leaves) for n in gm.graph.nodes]
+    nx.draw_networkx_edges(g, pos, ax=ax, arrowsize=6, width=0.6, edge_color="#777777", node_size=900)
+    nx.draw_networkx_nodes(g, pos, nodelist=[n.name for n in gm.graph.nodes], node_color=colours,
+                           edgecolors="#555555", node_shape="s", node_size=900, linewidths=0.6, ax=ax)
+    nx.draw_networkx_labels(g, pos, labels={n.name: _short(n.name, 24) for n in gm.graph.nodes}, font_size=5, ax=ax)
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110 if max(size) <= 40 else 60)  # a deep graph: fewer pixels, not a huge file
+    plt.close(fig)
+    return path
+
+
 @dataclass
 class GraphFiles:
     dot: Path
     svg: Optional[Path] = None
-    note: Optional[str] = None  # why there is no SVG, when there is none
+    png: Optional[Path] = None
+    note: Optional[str] = None  # what was not drawn, and why
     paths: List[Path] = field(default_factory=list)
 
 
 def write_graph(cm, path) -> GraphFiles:
-    """Write PATH's .dot (always) and .svg (when Graphviz `dot` is installed).
+    """Write PATH's .dot (always), .png (networkx + matplotlib, no Graphviz
+    needed) and .svg (when Graphviz `dot` is installed).
 
-    PATH may end in .dot, .svg or nothing; both files share its stem. A
-    missing or failing `dot` is a note, not an error: the .dot file is the
-    picture's source and renders anywhere later.
+    PATH may end in .dot, .svg, .png or nothing; the files share its stem. A
+    missing or failing `dot` (or matplotlib) is a note, not an error: the
+    .dot file is the picture's source and renders anywhere later.
     """
     p = Path(path)
-    stem = p.with_suffix("") if p.suffix in (".dot", ".svg", ".gv") else p
+    stem = p.with_suffix("") if p.suffix in (".dot", ".svg", ".gv", ".png") else p
     if stem.parent and not stem.parent.exists():
         raise BadInput(f"cannot write the graph: folder {stem.parent} does not exist")
     dot_path, svg_path = stem.with_name(stem.name + ".dot"), stem.with_name(stem.name + ".svg")
+    png_path = stem.with_name(stem.name + ".png")
     dot_path.write_text(to_dot(cm))
     out = GraphFiles(dot_path, paths=[dot_path])
+    notes = []
+    try:
+        out.png = draw_png(cm, png_path)
+        out.paths.append(png_path)
+    except ImportError as e:
+        notes.append(f"no {png_path.name}: {e.name or 'matplotlib'} is not installed (pip install matplotlib)")
     exe = shutil.which("dot")
     if exe is None:
-        out.note = (f"Graphviz 'dot' is not installed: wrote {dot_path} only "
-                    f"(render it with: dot -Tsvg {dot_path} -o {svg_path})")
-        return out
-    try:
-        proc = subprocess.run([exe, "-Tsvg", str(dot_path), "-o", str(svg_path)],
-                              capture_output=True, text=True, timeout=DOT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        out.note = f"Graphviz 'dot' took over {DOT_TIMEOUT_S} s; wrote {dot_path} only"
-        return out
-    if proc.returncode != 0:
-        out.note = f"Graphviz 'dot' failed ({proc.stderr.strip()[:200]}); wrote {dot_path} only"
-        return out
-    out.svg = svg_path
-    out.paths.append(svg_path)
+        notes.append(f"Graphviz 'dot' is not installed: no {svg_path.name} "
+                     f"(render it later with: dot -Tsvg {dot_path} -o {svg_path})")
+    else:
+        try:
+            proc = subprocess.run([exe, "-Tsvg", str(dot_path), "-o", str(svg_path)],
+                                  capture_output=True, text=True, timeout=DOT_TIMEOUT_S)
+            if proc.returncode != 0:
+                notes.append(f"Graphviz 'dot' failed ({proc.stderr.strip()[:200]}); no {svg_path.name}")
+            else:
+                out.svg = svg_path
+                out.paths.append(svg_path)
+        except subprocess.TimeoutExpired:
+            notes.append(f"Graphviz 'dot' took over {DOT_TIMEOUT_S} s; no {svg_path.name}")
+    out.note = "; ".join(notes) or None
     return out
 
 
 __all__ = ["code_before", "code_after", "diff", "node_rows", "node_table", "to_dot", "write_graph",
-           "GraphFiles", "is_inserted"]
+           "GraphFiles", "is_inserted", "draw_png"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -33,6 +33,9 @@ class PlanEntry:
     rules: List[int] = field(default_factory=list)
     treatments: Dict[str, Any] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)
+    # per treatment, the fields a pass will really use where they differ from
+    # the config (PSGD's first/last rule: bits=8 where the rule says 2)
+    effective: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> Dict[str, Any]:
         return {
@@ -41,6 +44,7 @@ class PlanEntry:
             "rules": self.rules,
             "treatments": {k: to_dict(v) for k, v in self.treatments.items()},
             "skipped": dict(self.skipped),
+            "effective": {k: dict(v) for k, v in self.effective.items()},
         }
 
 
@@ -137,10 +141,16 @@ def _shape_dtype(node: fx.Node):
 CANDIDATE_OPS = ("call_module", "call_function", "call_method", "get_attr")
 
 
-def make_plan(gm: fx.GraphModule, policy: Policy) -> Plan:
-    from .passes import PASS_ORDER
-
-    passes = {p.key: p() for p in PASS_ORDER if p.key}
+def make_plan(gm: fx.GraphModule, policy: Policy, passes: Sequence[type]) -> Plan:
+    """The plan of `policy` on `gm` for the given pass list (the one the
+    policy was loaded with: each treatment's pass decides where it applies)."""
+    passes = {p.key: p() for p in passes if p.key}
+    for r in policy.rules:
+        for key in r.treatments:
+            if key not in passes:
+                raise policy.error(f"treatment '{key}' has no pass in this compile's pass list "
+                                   f"({', '.join(passes) or 'empty'}); load the policy with the same passes",
+                                   ("rules", r.index, key))
     plan = Plan(policy=policy, gm=gm)
     matched = {r.index: 0 for r in policy.rules}
     applied = {r.index: 0 for r in policy.rules}
@@ -181,6 +191,9 @@ def make_plan(gm: fx.GraphModule, policy: Policy) -> Plan:
                     applied[r.index] += 1
         plan.entries[node.name] = entry
     _check_rules_matched(gm, policy, matched, applied)
+    for p in passes.values():  # a pass may say what it will really apply (see PlanEntry.effective)
+        for name, fields in (p.effective(gm, plan) if hasattr(p, "effective") else {}).items():
+            plan.entries[name].effective[p.key] = fields
     return plan
 
 

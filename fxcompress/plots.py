@@ -2,8 +2,10 @@
 
 Methods get pictures without writing plotting code:
 - every per-epoch figure (``model.figures()``) gets a panel in figures.png;
-- every mapping ``{layer: number}`` in a controller's ``report()`` (bits per
-  layer, sparsity per layer, ...) gets a bar chart in layers.png;
+- layers.png: a bar chart per column of per-layer figures: stored bits of
+  every activation-treated layer, PSGD's bits per weight, the columns a
+  controller's ``report()`` hands over as ``layer_columns``, and any other
+  mapping ``{layer: number}`` in a report (see per_layer_tables);
 - figures whose name mentions energy or cost get accuracy-vs-figure in
   tradeoff.png (CAMP's accuracy vs relative energy).
 """
@@ -17,7 +19,7 @@ TRADEOFF_WORDS = ("energy", "cost")
 MAX_BARS = 120
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,14 +36,14 @@ def _grid(n: int):
 def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_curves(history: Sequence[Dict[str, Any]], path: str,
                 baseline: Optional[Sequence[Dict[str, Any]]] = None, title: str = "") -> str:
     """Loss and accuracy per epoch, train and test; the baseline dashed if given."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     runs = [("", history, "-")] + ([("baseline ", baseline, "--")] if baseline else [])
     for prefix, hist, style in runs:
@@ -75,7 +77,7 @@ def plot_figures(history: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     names = figure_names(history)
     if not names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     rows, cols = _grid(len(names))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
@@ -101,8 +103,40 @@ def _is_number(v) -> bool:
 
 
 def per_layer_tables(reports: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
-    """`{controller.key: {layer: value}}` for each all-numeric mapping in the reports."""
+    """`{column title: {layer: value}}` for layers.png, in this order:
+
+    1. what every treated layer stores or gets: the stored bits per element
+       of every activation-treated node (the activations controller's ledger
+       of the last forward: 32 * stored / fp32 bytes, the packed data with
+       its scales and masks; a node whose saved tensor another node stored
+       already, or that keeps only tiny tensors as they are, has no bar),
+       and PSGD's grid width per weight;
+    2. columns a controller's report() hands over as
+       `layer_columns: {title: {layer: number}}` (the hook for per-layer
+       sparsity or precision of later methods);
+    3. every other all-numeric mapping in a report (AutoQuant's measured
+       widths of probed ops, budgets, ...), as `controller.key`.
+    """
     out: Dict[str, Dict[str, float]] = {}
+    for ctrl, rep in (reports or {}).items():
+        if not isinstance(rep, dict):
+            continue
+        nodes = rep.get("nodes")
+        if isinstance(nodes, dict) and nodes:
+            bits = {str(n): 32.0 * d["stored_bytes"] / d["fp32_bytes"] for n, d in nodes.items()
+                    if isinstance(d, dict) and _is_number(d.get("stored_bytes")) and d.get("fp32_bytes")}
+            if bits:
+                out[f"{ctrl}: stored bits per element (last forward)"] = bits
+        layers = rep.get("layers")
+        if isinstance(layers, dict) and layers:
+            bits = {str(n): float(d["bits"]) for n, d in layers.items() if isinstance(d, dict) and _is_number(d.get("bits"))}
+            if bits:
+                out[f"{ctrl}: bits per weight"] = bits
+    for ctrl, rep in (reports or {}).items():
+        cols = rep.get("layer_columns") if isinstance(rep, dict) else None
+        for title, col in (cols or {}).items():
+            if isinstance(col, dict) and col and all(_is_number(v) for v in col.values()):
+                out[f"{ctrl}: {title}"] = {str(k): float(v) for k, v in col.items()}
     for ctrl, rep in (reports or {}).items():
         if not isinstance(rep, dict):
             continue
@@ -116,14 +150,15 @@ def plot_layers(reports: Dict[str, Any], path: str) -> Optional[str]:
     tables = per_layer_tables(reports)
     if not tables:
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(tables), 1, figsize=(10, 3.2 * len(tables)), squeeze=False)
+    plt = pyplot()
+    widest = max(min(len(t), MAX_BARS) for t in tables.values())
+    fig, axes = plt.subplots(len(tables), 1, figsize=(max(10, 0.12 * widest), 3.2 * len(tables)), squeeze=False)
     for ax, (name, table) in zip(axes.flat, tables.items()):
         items = list(table.items())[:MAX_BARS]
         ax.bar(range(len(items)), [v for _, v in items])
         ax.set_xticks(range(len(items)))
         ax.set_xticklabels([k for k, _ in items], rotation=90, fontsize=6)
-        ax.set(title=name + (f" (first {MAX_BARS})" if len(table) > MAX_BARS else ""))
+        ax.set(title=name + (f" (first {MAX_BARS} of {len(table)})" if len(table) > MAX_BARS else ""))
         ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
@@ -132,7 +167,7 @@ def plot_tradeoff(history: Sequence[Dict[str, Any]], path: str) -> Optional[str]
     names = [n for n in figure_names(history) if any(w in n.lower() for w in TRADEOFF_WORDS)]
     if not names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes.flat, names):
         pts = [(h["figures"][name], 100 * h["test_acc"], h["epoch"]) for h in history
@@ -150,7 +185,7 @@ def write_plots(run_dir: str, history: Sequence[Dict[str, Any]], reports: Option
     if not history:
         return []
     try:
-        _pyplot()
+        pyplot()
     except ImportError:
         return []
     folder = os.path.join(run_dir, "plots")

@@ -7,9 +7,14 @@ rules:
   - match: {name: "layer*.*", type: Conv2d, op: add}   # all keys must hold
     optional: false          # a rule whose treatments apply nowhere is an error
     <treatment>: {...}       # a pass's key (see fxcompress/passes), or null
-schedule: {<treatment>: {...}}
+schedule: {<treatment>: {...}}   # per pass: its schedule_config
+settings: {<treatment>: {...}}   # per pass: its settings_config (pass-wide)
 communication: {method: alq, bits: 3}
 ```
+
+Which treatments exist is not known here: the caller hands in the pass
+list (`passes`, resolved once by compile() or a command) and each pass's
+dataclasses validate its own rule fields, schedule and settings.
 
 Values are read with `yaml.safe_load`; a second walk over `yaml.compose`
 records the line of every key so errors can point at it.
@@ -21,11 +26,11 @@ import importlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from .config import ConfigError, from_dict
+from .config import ConfigError, field_names, from_dict
 from .errors import PolicyError, closest
 
 SCHEMA_VERSION = 1
@@ -46,7 +51,7 @@ SECTIONS = {
     "trace": "fxcompress.policy:TraceConfig",
     "communication": "fxcompress.distributed.config:CommunicationConfig",
 }
-TOP_KEYS = ["version", "trace", "rules", "schedule", "communication"]
+TOP_KEYS = ["version", "trace", "rules", "schedule", "settings", "communication"]
 MATCH_KEYS = ["name", "type", "op"]
 
 
@@ -76,7 +81,12 @@ class Policy:
     version: int = SCHEMA_VERSION
     trace: TraceConfig = field(default_factory=TraceConfig)
     rules: List[Rule] = field(default_factory=list)
-    schedule: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    #: treatment key -> its pass's schedule_config instance (only keys the policy schedules)
+    schedule: Dict[str, Any] = field(default_factory=dict)
+    #: treatment key -> its pass's settings_config instance (defaults when the section is absent)
+    settings: Dict[str, Any] = field(default_factory=dict)
+    #: the pass list the policy was validated against
+    passes: Tuple[type, ...] = ()
     raw: Dict[str, Any] = field(default_factory=dict)
     file: Optional[str] = None
     lines: Dict[Path, int] = field(default_factory=dict, repr=False)
@@ -104,11 +114,9 @@ def _key(path: Path) -> str:
     return out
 
 
-def treatment_keys() -> Dict[str, type]:
-    """Policy key -> config dataclass, from the registered passes."""
-    from .passes import PASS_ORDER
-
-    return {p.key: p.config for p in PASS_ORDER if p.key}
+def treatment_keys(passes: Sequence[type]) -> Dict[str, type]:
+    """Policy key -> config dataclass, from the given passes."""
+    return {p.key: p.config for p in passes if p.key}
 
 
 def _load_class(ref: str):
@@ -144,8 +152,12 @@ def _check_pattern(pat: str, policy: Policy, path: Path) -> None:
             raise policy.error(f"bad regular expression {pat[3:]!r}: {e}", path) from None
 
 
-def parse_policy(data: Any, file: Optional[str] = None, lines: Optional[Dict[Path, int]] = None) -> Policy:
-    policy = Policy(file=file, lines=lines or {}, raw=data if isinstance(data, dict) else {})
+def parse_policy(data: Any, file: Optional[str] = None, lines: Optional[Dict[Path, int]] = None, *,
+                 passes: Sequence[type]) -> Policy:
+    """Validate `data` (a policy as plain values) against the treatments,
+    schedules and settings of `passes`."""
+    passes = tuple(passes)
+    policy = Policy(file=file, lines=lines or {}, raw=data if isinstance(data, dict) else {}, passes=passes)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -162,8 +174,9 @@ def parse_policy(data: Any, file: Optional[str] = None, lines: Optional[Dict[Pat
         if data.get(name) is not None:
             policy._sections[name] = _parse_section(policy, name, _load_class(ref), data[name])
     policy.trace = policy._sections.get("trace") or TraceConfig()
-    keys = treatment_keys()
-    policy.schedule = _parse_schedule(policy, data.get("schedule"), keys)
+    keys = treatment_keys(passes)
+    policy.schedule = _parse_per_pass(policy, "schedule", data.get("schedule"), passes)
+    policy.settings = _parse_per_pass(policy, "settings", data.get("settings"), passes)
     rules = data.get("rules", [])
     if rules is None:
         rules = []
@@ -186,23 +199,54 @@ def _parse_section(policy: Policy, name: str, cls, value):
     return _load_config(policy, cls, value, (name,))
 
 
-def _parse_schedule(policy: Policy, value, keys) -> Dict[str, Dict[str, Any]]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise policy.error("schedule must be a mapping of treatment -> settings", ("schedule",))
-    from .passes import PASS_ORDER
+#: policy section -> the Pass attribute naming the dataclass that validates it
+PER_PASS = {"schedule": "schedule_config", "settings": "settings_config"}
 
-    schedules = {p.key: getattr(p, "schedule_config", None) for p in PASS_ORDER if p.key}
-    out = {}
-    for key, body in value.items():
-        if key not in keys:
-            raise policy.error("unknown treatment", ("schedule", key), closest(str(key), list(keys)))
-        cls = schedules.get(key)
+
+def _parse_per_pass(policy: Policy, section: str, value, passes: Tuple[type, ...]) -> Dict[str, Any]:
+    """`schedule:` or `settings:`: treatment key -> that pass's dataclass.
+
+    Settings get their defaults for every pass that declares a
+    settings_config, so a pass always receives an instance; a schedule is
+    present only where the policy writes one (its absence means "no
+    schedule", not "the default schedule")."""
+    attr = PER_PASS[section]
+    owners = {p.key: getattr(p, attr) for p in passes if p.key}
+    if value is not None and not isinstance(value, dict):
+        raise policy.error(f"{section} must be a mapping of treatment -> {section}", (section,))
+    out: Dict[str, Any] = {}
+    for key, body in (value or {}).items():
+        if key not in owners:
+            raise policy.error("unknown treatment", (section, key),
+                               closest(str(key), [k for k, c in owners.items() if c is not None])
+                               or closest(str(key), list(owners)))
+        cls = owners[key]
         if cls is None:
-            raise policy.error(f"treatment '{key}' takes no schedule", ("schedule", key))
-        out[key] = _load_config(policy, cls, body, ("schedule", key))
+            takes = [k for k, c in owners.items() if c is not None]
+            raise policy.error(f"treatment '{key}' takes no {section}"
+                               + (f" (these do: {', '.join(takes)})" if takes else ""), (section, key))
+        out[key] = _load_config(policy, cls, body, (section, key))
+    if section == "settings":
+        for key, cls in owners.items():
+            if cls is not None and key not in out:
+                out[key] = _load_config(policy, cls, {}, (section,))
     return out
+
+
+def _moved_field(policy: Policy, key: str, fields: Dict[str, Any], path: Path) -> None:
+    """A field written in a rule that belongs to the pass's schedule or
+    settings section (a pass-wide value: one node's cannot decide it)."""
+    owner = next((p for p in policy.passes if p.key == key), None)
+    rule_fields = set(field_names(owner.config)) if owner is not None and owner.config else set()
+    for section, attr in PER_PASS.items():
+        cls = getattr(owner, attr, None)
+        if cls is None:
+            continue
+        for name in field_names(cls):
+            if name in fields and name not in rule_fields:
+                raise policy.error(f"'{name}' holds for the whole pass, not per node: write it once under "
+                                   f"'{section}: {{{key}: {{{name}: ...}}}}' instead of in a rule",
+                                   path + (name,))
 
 
 def _parse_rule(policy: Policy, i: int, rule, keys: Dict[str, type]) -> Rule:
@@ -238,10 +282,17 @@ def _parse_rule(policy: Policy, i: int, rule, keys: Dict[str, type]) -> Rule:
             continue
         if not isinstance(v, dict):
             raise policy.error(f"a treatment's settings are a mapping (or null to opt out), got {v!r}", path + (k,))
+        _moved_field(policy, k, v, path + (k,))
         # Checked now (types, ranges, defaults for the rest) so the error
         # points at the rule that wrote the bad value.
         _load_config(policy, keys[k], v, path + (k,))
         treatments[k] = dict(v)
+    if not treatments:
+        # A rule without a treatment does nothing; it is almost always a
+        # treatment key left out or mis-indented under `match`.
+        known = ", ".join(keys) or "none in this pass list"
+        raise policy.error(f"rule carries no treatment: give one ({known}), or opt out with '<treatment>: null'",
+                           path)
     return Rule(index=i, match=match, treatments=treatments, optional=optional, line=policy.line_of(path))
 
 
@@ -254,14 +305,19 @@ def build_config(policy: Policy, key: str, cls, values: Dict[str, Any], rule: Ru
                            ("rules", rule.index, key, e.field)) from None
 
 
-def load_policy(source: Union[str, os.PathLike, Dict[str, Any], Policy, None]) -> Policy:
-    """A Policy from a YAML path, a dict of the same shape, or None (empty)."""
+def load_policy(source: Union[str, os.PathLike, Dict[str, Any], Policy, None], passes: Sequence[type]) -> Policy:
+    """A Policy from a YAML path, a dict of the same shape, or None (empty),
+    validated against `passes`. A Policy validated against another pass
+    list is validated again (from its raw values) against this one."""
+    passes = tuple(passes)
     if isinstance(source, Policy):
-        return source
+        if source.passes == passes:
+            return source
+        return parse_policy(source.raw, source.file, source.lines, passes=passes)
     if source is None:
-        return parse_policy({})
+        return parse_policy({}, passes=passes)
     if isinstance(source, dict):
-        return parse_policy(source)
+        return parse_policy(source, passes=passes)
     path = os.fspath(source)
     try:
         with open(path, encoding="utf-8") as f:
@@ -270,10 +326,10 @@ def load_policy(source: Union[str, os.PathLike, Dict[str, Any], Policy, None]) -
         raise PolicyError("policy file not found", path) from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise PolicyError(f"cannot read the policy file: {e}", path) from None
-    return parse_policy_text(text, path)
+    return parse_policy_text(text, path, passes=passes)
 
 
-def parse_policy_text(text: str, file: str = "<policy>") -> Policy:
+def parse_policy_text(text: str, file: str = "<policy>", *, passes: Sequence[type]) -> Policy:
     try:
         data = yaml.safe_load(text)
         lines: Dict[Path, int] = {}
@@ -284,4 +340,9 @@ def parse_policy_text(text: str, file: str = "<policy>") -> Policy:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
         raise PolicyError(f"not valid YAML: {problem}", file, mark.line + 1 if mark else None) from None
-    return parse_policy(data, file, lines)
+    if data is None or (isinstance(data, dict) and all(k == "version" for k in data)):
+        # An empty file (or one with only comments or a version) is more
+        # likely a wrong path or an unsaved editor buffer than a policy.
+        raise PolicyError("the policy is empty: write 'rules:' with at least one rule "
+                          "(a policy that treats nothing says 'rules: []')", file, 1)
+    return parse_policy(data, file, lines, passes=passes)

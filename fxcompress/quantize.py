@@ -29,17 +29,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import check_bits
 from .errors import BadInput
 from .kernels.scaled_grad import levels_for, quantize_reference
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 CLIPS = ("bn", "dynamic")
-
-
-def _check_bits(what: str, bits, lo: int = 2, hi: int = 8) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
-        raise BadInput(f"{what} must be an integer in {lo}..{hi}, got {bits!r}")
-    return bits
 
 
 def weight_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -49,9 +44,17 @@ def weight_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
             if isinstance(m, WEIGHT_LAYERS) and not any(p.startswith("fxc_") for p in n.split("."))]
 
 
-def authors_first_last_bits(bits: int) -> Optional[int]:
-    """The authors' first_last_quant rule: first/last layers at 8 bits below 4 bits."""
-    return 8 if bits < 4 else None
+#: the authors' first_last_quant rule: below FIRST_LAST_BELOW bits the first
+#: and the last weight layer get FIRST_LAST_BITS (PSGD's training and evaluation)
+FIRST_LAST_BELOW = 4
+FIRST_LAST_BITS = 8
+
+
+def authors_first_last_bits(bits: int, width: Optional[int] = FIRST_LAST_BITS) -> Optional[int]:
+    """The width of the first and last layer under the authors' rule: `width`
+    when `bits` < 4, else None (the same as the other layers). The one copy
+    of the rule: the scaled_grad pass and `evaluate` both ask it."""
+    return width if bits < FIRST_LAST_BELOW else None
 
 
 @torch.no_grad()
@@ -75,9 +78,9 @@ def quantize_weights(model: nn.Module, bits: int, first_last_bits: Optional[int]
     last_bias: quantize the last layer's bias too, on its own grid (the authors do);
     inplace: modify `model` rather than a copy.
     """
-    _check_bits("weight bits", bits)
+    check_bits("weight bits", bits, 2, 8)
     if first_last_bits is not None:
-        _check_bits("first/last-layer bits", first_last_bits)
+        check_bits("first/last-layer bits", first_last_bits, 2, 8)
     if not inplace:
         model = copy.deepcopy(model)
     layers = weight_layers(model)
@@ -166,7 +169,7 @@ def quantize_activations(model: nn.Module, bits: int, clip: str = "bn", n: float
     module docstring); the copy's `fxc_actq` attribute lists (node, x_max or None)."""
     from .tracing import trace
 
-    _check_bits("activation bits", bits, 2, 16)
+    check_bits("activation bits", bits, 2, 16)
     if clip not in CLIPS:
         raise BadInput(f"activation clipping must be one of {', '.join(CLIPS)}, got {clip!r}")
     if not (isinstance(n, (int, float)) and n > 0):

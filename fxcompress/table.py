@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from typing import Any, List, Sequence
 
-MAX_CELL = 80
 
-
-def _cell(v: Any) -> str:
+def _cell(v: Any) -> List[str]:
+    """A cell's lines: nothing is cut (a plan's second treatment must show);
+    a cell holding newlines spans several lines of its row."""
     if isinstance(v, float):
         text = f"{v:.4g}"
     else:
         text = "-" if v is None else str(v)
-    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 3] + "..."
+    return text.split("\n")
 
 
 def format_table(headers: Sequence[str], rows: List[Sequence[Any]]) -> str:
@@ -19,8 +19,10 @@ def format_table(headers: Sequence[str], rows: List[Sequence[Any]]) -> str:
     widths = [len(h) for h in headers]
     for r in cells:
         for i, c in enumerate(r):
-            widths[i] = max(widths[i], len(c))
+            widths[i] = max([widths[i]] + [len(part) for part in c])
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [line(headers), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in cells]
+    for r in cells:
+        for k in range(max(len(c) for c in r)):
+            out.append(line([c[k] if k < len(c) else "" for c in r]))
     return "\n".join(out)

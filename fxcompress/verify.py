@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .compiled import compile
 
-SELECT_ONLY = {"rules": [{"match": {"type": ["Conv2d", "Linear"]}, "optional": True},
-                         {"match": {"op": ["add", "matmul", "cat"]}, "optional": True}]}
+# Selects layers and ops but treats none: each rule opts out of a treatment
+# (a rule must carry one), so the plan lists the nodes and nothing is rewritten.
+SELECT_ONLY = {"rules": [{"match": {"type": ["Conv2d", "Linear"]}, "optional": True, "activations": None},
+                         {"match": {"op": ["add", "matmul", "cat"]}, "optional": True, "activations": None}]}
 
 
 @dataclass
@@ -58,10 +60,11 @@ def _run(model: nn.Module, inputs: Tuple[Any, ...], seed: int):
 
 
 def check_identity(model: nn.Module, inputs: Tuple[Any, ...], policy: Optional[Dict] = None,
-                   seed: int = 0) -> IdentityResult:
+                   seed: int = 0, passes: Optional[Sequence[type]] = None) -> IdentityResult:
+    """`passes`: the compile's pass list (default fxcompress.passes.DEFAULT_PASSES)."""
     model.train()
     twin = copy.deepcopy(model)
-    cm = compile(twin, policy if policy is not None else SELECT_ONLY, inputs)
+    cm = compile(twin, policy if policy is not None else SELECT_ONLY, inputs, passes=passes)
     cm.train()
     ref = _run(model, inputs, seed)
     got = _run(cm, inputs, seed)

@@ -55,13 +55,14 @@ def _fxc_identity(x):
     return x
 
 
-def run_cli(argv) -> tuple:
+def run_cli(argv, passes=None) -> tuple:
+    """(exit code, stdout, stderr) of `fxcompress ARGV`, compiling with `passes`."""
     from fxcompress.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = main(argv)
+            code = main(argv, passes=passes)
         except SystemExit as e:  # argparse exits for --help and usage errors
             code = e.code
     return code, out.getvalue(), err.getvalue()

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ GATED = os.path.join(os.path.dirname(__file__), "models", "gated.py")
 @pytest.fixture
 def policy(tmp_path):
     p = tmp_path / "p.yaml"
-    p.write_text("version: 1\nrules:\n  - match: {type: [Conv2d, Linear]}\n")
+    # selects the layers and treats none (activations: null), so the plan lists them
+    p.write_text("version: 1\nrules:\n  - match: {type: [Conv2d, Linear]}\n    activations: null\n")
     return str(p)
 
 
@@ -53,7 +55,7 @@ def test_dry_run_json(policy):
 
 def test_transform_reports_auto_leaf(policy, tmp_path):
     p = tmp_path / "lin.yaml"
-    p.write_text("rules:\n  - match: {type: Linear}\n")
+    p.write_text("rules:\n  - match: {type: Linear}\n    activations: null\n")
     code, out, err = run_cli(["transform", GATED, "--policy", str(p)])
     assert code == 0, err
     assert "auto-leaf: block.gate (Gate)" in out and "gated.py:12" in out
@@ -76,3 +78,39 @@ def test_console_script_entry_point(policy):
     r = subprocess.run([sys.executable, "-m", "fxcompress", "validate", policy + ".missing"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "policy file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+TWICE = os.path.join(os.path.dirname(__file__), "models", "twice.py")
+
+
+def _table_rows(out):
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("layer "))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        rows.append(line)
+    return rows
+
+
+def test_plan_table_shows_every_treatment_the_real_width_one_row_per_call_in_graph_order(tmp_path):
+    # issue 11: treatments were cut at ~80 characters, conv1 showed bits=2
+    # where the first/last rule gives 8, rows came in another order after
+    # the passes, and the ReLU called twice was two rows named alike
+    p = tmp_path / "two.yaml"
+    p.write_text("rules:\n  - match: {type: [Conv2d, Linear]}\n    scaled_grad: {bits: 2}\n"
+                 "  - match: {type: [Conv2d, ReLU]}\n    activations: {bits: 4}\n")
+    code, dry, err = run_cli(["transform", TWICE, "--policy", str(p), "--dry-run"])
+    assert code == 0, err
+    code, real, err = run_cli(["transform", TWICE, "--policy", str(p)])
+    assert code == 0, err
+    assert _table_rows(dry) == _table_rows(real)
+    rows = _table_rows(real)
+    labels = [re.split(r"\s{2,}", r)[0] for r in rows if not r.startswith(" ")]
+    assert labels == ["conv1", "act #1", "conv2", "act #2", "fc"]
+    conv1 = rows[:2]  # two treatments: two lines, neither cut
+    assert "scaled_grad(bits=2 -> 8 (first layer) lambda_s=150.0" in conv1[0] and conv1[0].endswith("bias=False)")
+    assert conv1[1].strip().startswith("activations(") and conv1[1].rstrip().endswith(")")
+    assert "scaled_grad(bits=2 lambda_s" in next(r for r in rows if r.startswith("conv2"))
+    assert "bits=2 -> 8 (last layer)" in next(r for r in rows if r.startswith("fc"))

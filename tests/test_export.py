@@ -16,8 +16,9 @@ from fxcompress.errors import BadInput
 from fxcompress.export import export
 from fxcompress.loading import load_model
 from fxcompress.passes import Pass, PassResult, add_submodule, fxc_name
+from tests.models.recurrent import Recurrent, UsesHidden
 from tests.models.small_cnn import SmallCNN
-from tests.test_inspect import POLICY, MarkPass, mark_pass  # noqa: F401  (fixture)
+from tests.test_inspect import POLICY, MarkPass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,21 +257,68 @@ class NeedsArgs(nn.Module):
 
 
 class Outer(nn.Module):
-    def __init__(self):
+    def __init__(self, width):  # needs an argument: export cannot build a fresh one either
         super().__init__()
-        self.inner = NeedsArgs(4)
+        self.inner = NeedsArgs(width)
 
     def forward(self, x):
         return self.inner(x)
 
 
 def test_a_submodule_that_cannot_be_rebuilt_is_a_clear_error(tmp_path):
-    cm = fxcompress.compile(Outer(), None, torch.randn(1, 4))
+    cm = fxcompress.compile(Outer(4), None, torch.randn(1, 4))
     with pytest.raises(BadInput) as e:
         export(cm, tmp_path)
     msg = str(e.value)
     assert "'inner'" in msg and "required argument 'width' is not stored as an attribute" in msg
     assert not (tmp_path / "module.py").exists()
+
+
+def test_rnn_modules_export_from_the_users_own_source_under_an_empty_policy(tmp_path):
+    # RNN constructors cannot be read back from attributes (LSTM(*args)):
+    # they come from a fresh model of the user's class, with no source given.
+    model = Recurrent()
+    x = torch.randn(2, 5, 8)
+    cm = fxcompress.compile(model, {"rules": []}, (x,))
+    # shape propagation on meta must leave the RNN's weight list on the real weights
+    assert all(w.device.type == "cpu" for w in cm.graph_module.rnn._flat_weights)
+    export(cm, tmp_path)
+    assert "_attach(self, 'rnn', src.get_submodule('rnn'))" in (tmp_path / "module.py").read_text()
+    assert_same_outputs(cm, tmp_path, x)
+
+
+def test_an_arg_less_model_class_rebuilds_what_no_constructor_can(tmp_path):
+    cm = fxcompress.compile(UsesHidden(), None, torch.randn(1, 4))
+    export(cm, tmp_path)
+    assert_same_outputs(cm, tmp_path, torch.randn(3, 4))
+
+
+SHIPPED_POLICIES = sorted(os.listdir(os.path.join(ROOT, "policies")))
+
+
+@pytest.mark.parametrize("policy", SHIPPED_POLICIES)
+def test_every_shipped_policy_exports_a_torchvision_model(tmp_path, policy):
+    # PSGD's modules share a step clock and are grouped in one node: each
+    # is rebuilt from its settings, the group from references to them.
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    cm = fxcompress.compile(model, os.path.join(ROOT, "policies", policy), torch.randn(2, 3, 32, 32))
+    cm.train()
+    loss = cm(torch.randn(2, 3, 32, 32)).square().mean()
+    loss.backward()  # a trained PSGD range must travel in the weights file
+    written = export(cm, tmp_path, {"kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}})
+    assert tmp_path / "module.py" in written
+    rebuilt = assert_same_outputs(cm, tmp_path, torch.randn(2, 3, 32, 32))
+    for name, m in cm.graph_module.named_modules():
+        if type(m).__name__ == "ScaledGrad":
+            other = rebuilt.get_submodule(name)
+            assert (other.bits, other.lambda_s, other.role) == (m.bits, m.lambda_s, m.role)
+            assert torch.equal(other.range, m.range)
+        if type(m).__name__ == "ScaledGradGroup":
+            other = rebuilt.get_submodule(name)
+            assert [x.param_name for x in other.members] == [x.param_name for x in m.members]
+            assert all(x is rebuilt.get_submodule(n) for x, n in
+                       zip(other.members, [k for k, v in cm.graph_module.named_modules() if v in m.members]))
 
 
 def test_bad_source_is_a_clear_error(tmp_path):
@@ -292,16 +340,16 @@ class HoldsFn(nn.Module):
 
 
 class UsesHoldsFn(nn.Module):
-    def __init__(self):
+    def __init__(self, fn):  # needs an argument: no fresh model of this class to fall back on
         super().__init__()
-        self.act = HoldsFn(torch.tanh)
+        self.act = HoldsFn(fn)
 
     def forward(self, x):
         return self.act(x)
 
 
 def test_an_inferred_constructor_that_loses_hidden_state_is_rejected(tmp_path):
-    cm = fxcompress.compile(UsesHoldsFn(), {"trace": {"leaf_modules": ["HoldsFn"]}}, torch.randn(2, 3))
+    cm = fxcompress.compile(UsesHoldsFn(torch.tanh), {"trace": {"leaf_modules": ["HoldsFn"]}}, torch.randn(2, 3))
     with pytest.raises(BadInput, match=r"'act'.*attribute _fn is <built-in method relu"):
         export(cm, tmp_path)
 
@@ -383,3 +431,32 @@ def test_save_spec_functions_come_from_the_allow_list_only():
             resolve_function(bad)
     with pytest.raises(BadInput, match="'os.system' is not allowed"):
         rebuild_save_spec("n", "op", "quant", {}, fn="os.system")
+
+
+@pytest.mark.parametrize("policy", ["acgc_auto.yaml", "psgd_w4_acgc_auto.yaml"])
+def test_compiled_model_deepcopies_and_pickles_at_any_step(policy):
+    # issue 11: after two steps under acgc_auto, deepcopy and torch.save raised
+    # "ctypes objects containing pointers cannot be pickled" (AutoQuant's
+    # BatchNorm terms cached a C pointer array): no EMA copy, no best-model copy
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    cm = fxcompress.compile(SmallCNN(), os.path.join(ROOT, "policies", policy), torch.randn(2, 3, 16, 16)).train()
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    cm.attach_optimizer(opt)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(cm(torch.randn(4, 3, 16, 16)), torch.randint(0, 10, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cm.step()
+        twin = copy.deepcopy(cm)
+        buf = io.BytesIO()
+        torch.save(cm, buf)
+        twin(torch.randn(4, 3, 16, 16)).sum().backward()  # the copy trains on its own
+    x = torch.randn(2, 3, 16, 16)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), cm.eval()(x))

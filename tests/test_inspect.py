@@ -36,13 +36,6 @@ class MarkPass(DemoPass):
     config = MarkConfig
 
 
-@pytest.fixture(autouse=True)
-def mark_pass(monkeypatch):
-    import fxcompress.passes as P
-
-    monkeypatch.setattr(P, "PASS_ORDER", list(P.PASS_ORDER) + [MarkPass])
-
-
 @pytest.fixture
 def cm():
     return fxcompress.compile(SmallCNN(), POLICY, torch.randn(1, 3, 16, 16), passes=[MarkPass])
@@ -108,7 +101,7 @@ def test_dot_marks_automatic_leaves():
 def test_write_graph_without_graphviz_writes_dot_and_says_why(cm, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     out = fxi.write_graph(cm, tmp_path / "g.svg")
-    assert out.paths == [tmp_path / "g.dot"] and out.svg is None
+    assert out.paths == [tmp_path / "g.dot", tmp_path / "g.png"] and out.svg is None
     assert "Graphviz 'dot' is not installed" in out.note
     assert (tmp_path / "g.dot").read_text() == fxi.to_dot(cm)
 
@@ -153,7 +146,7 @@ def policy_file(tmp_path):
 
 
 def test_cli_default_prints_table_and_diff(policy_file):
-    code, out, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file])
+    code, out, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file], passes=[MarkPass])
     assert code == 0, err
     assert "fxc_mark_conv1" in out and "mark(level=3)" in out      # the table
     assert "+++ rewritten (after passes)" in out                   # the diff
@@ -162,7 +155,7 @@ def test_cli_default_prints_table_and_diff(policy_file):
 
 def test_cli_json_with_code_table_and_graph(policy_file, tmp_path):
     code, out, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file, "--json", "--code", "--table",
-                              "--graph", str(tmp_path / "g")])
+                              "--graph", str(tmp_path / "g")], passes=[MarkPass])
     assert code == 0, err
     data = json.loads(out)
     assert set(data) == {"code_before", "code_after", "nodes", "graph"}
@@ -173,7 +166,45 @@ def test_cli_json_with_code_table_and_graph(policy_file, tmp_path):
 
 
 def test_cli_bad_input_exits_2(policy_file, tmp_path):
-    code, _, err = run_cli(["inspect", str(tmp_path / "nope.py"), "--policy", policy_file])
+    code, _, err = run_cli(["inspect", str(tmp_path / "nope.py"), "--policy", policy_file], passes=[MarkPass])
     assert code == 2 and "model file not found" in err and "Traceback" not in err
-    code, _, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file, "--graph", str(tmp_path / "no" / "g")])
+    code, _, err = run_cli(["inspect", SMALL_CNN, "--policy", policy_file, "--graph", str(tmp_path / "no" / "g")],
+                           passes=[MarkPass])
     assert code == 2 and "does not exist" in err
+
+
+def test_graph_picture_is_a_png_without_graphviz(tmp_path, monkeypatch):
+    # issue 11: without Graphviz only a .dot file came out, and transform -o
+    # did not say so
+    from fxcompress.export import export
+
+    monkeypatch.setattr(fxi.shutil, "which", lambda name: None)
+    cm = fxcompress.compile(SmallCNN(), "policies/psgd_w4.yaml", torch.randn(1, 3, 16, 16))
+    files = fxi.write_graph(cm, tmp_path / "g")
+    assert files.png == tmp_path / "g.png" and files.svg is None
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Graphviz 'dot' is not installed: no g.svg" in files.note
+    notes = []
+    written = export(cm, tmp_path / "out", {"kind": "file", "path": "tests/models/small_cnn.py",
+                                             "model_fn": "SmallCNN"}, notes=notes)
+    assert tmp_path / "out" / "graph.png" in written and any("no graph.svg" in n for n in notes)
+    if shutil.which("dot"):
+        monkeypatch.undo()
+        assert fxi.write_graph(cm, tmp_path / "h").svg == tmp_path / "h.svg"
+
+
+def test_report_prints_as_tables_and_converts_to_a_dict():
+    # issue 11: print(cm.report()) printed a 3,000-character dict
+    from tests.models.gated import GatedNet
+
+    cm = fxcompress.compile(GatedNet(), {"rules": [{"match": {"type": "Linear"}, "scaled_grad": {"bits": 2}}]},
+                            torch.randn(3, 8))
+    rep = cm.report()
+    text = str(rep)
+    assert text.startswith("plan: ") and "\n\nleaves:\n  auto-leaf block.gate (Gate)" in text
+    assert "layer" in text and "treatments" in text and "-> 8 (first layer)" in text
+    assert "passes:\n  scaled_grad: " in text and "controllers:" in text and "scaled_grad  steps" in text
+    assert all(len(line) < 400 for line in text.splitlines())
+    d = rep.to_dict()
+    assert type(d) is dict and d["plan"] == rep["plan"] and json.loads(json.dumps(d, default=str))
+    assert rep["auto_leaves"][0]["path"] == "block.gate"

@@ -36,16 +36,19 @@ class Block(nn.Module):
         return self.fc(self.drop(y))
 
 
-def _policy(**act):
-    return {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True, "activations": act}]}
+def _policy(settings=None, **act):
+    out = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True, "activations": act}]}
+    if settings:
+        out["settings"] = {"activations": settings}
+    return out
 
 
-def _pair(act, seed=0):
+def _pair(act, settings=None, seed=0):
     torch.manual_seed(seed)
     m = Block()
     ref = copy.deepcopy(m)
     x = torch.randn(4, 3, 16, 16)
-    cm = fxcompress.compile(m, _policy(**act), example_inputs=x)
+    cm = fxcompress.compile(m, _policy(settings, **act), example_inputs=x)
     return cm, ref, x
 
 
@@ -140,7 +143,7 @@ def test_no_grad_and_eval_untouched():
 
 
 def test_auto_mode_notes_fallback_and_controller_state():
-    cm, _, x = _pair({"mode": "auto", "stats_every": 2, "window": 3})
+    cm, _, x = _pair({"mode": "auto"}, {"stats_every": 2, "window": 3})
     notes = cm.report()["passes"]["activations"]["notes"]
     assert any("no AutoQuant bound for gelu" in n and "fixed 8 bits" in n for n in notes)
     opt = torch.optim.SGD(cm.parameters(), lr=0.01)
@@ -153,7 +156,7 @@ def test_auto_mode_notes_fallback_and_controller_state():
     figs = cm.figures()
     assert 1 <= figs["activations.avg_bits"] <= 16 and figs["activations.ratio"] > 1
     sd = cm.state_dict()
-    cm2, _, _ = _pair({"mode": "auto", "stats_every": 2, "window": 3})
+    cm2, _, _ = _pair({"mode": "auto"}, {"stats_every": 2, "window": 3})
     cm2.load_state_dict(sd)
     ctrl, ctrl2 = cm.controllers["activations"], cm2.controllers["activations"]
     assert ctrl2.steps == 3 and ctrl2.state()["snapshots"].keys() == ctrl.state()["snapshots"].keys()
@@ -172,3 +175,24 @@ def test_auto_mode_notes_fallback_and_controller_state():
 def test_bad_config_is_a_clear_error(act, msg):
     with pytest.raises(BadInput, match=msg):
         fxcompress.compile(Block(), _policy(**act), example_inputs=torch.randn(1, 3, 16, 16))
+
+
+def test_auto_group_with_two_error_bounds_is_refused():
+    """Two convolutions reading one input share one stored copy and one budget:
+    different eps_bits for them is refused rather than the first one winning."""
+    import torch.nn as nn
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "activations": {"mode": "auto"}},
+                        {"match": {"name": "b"}, "activations": {"eps_bits": 2}}]}
+    with pytest.raises(fxcompress.BadInput, match=r"a \(eps_bits 0\), b \(eps_bits 2\) read one input"):
+        fxcompress.compile(TwoHeads(), policy, torch.randn(2, 3, 8, 8))
+    policy["rules"][1]["activations"]["eps_bits"] = 0.0
+    fxcompress.compile(TwoHeads(), policy, torch.randn(2, 3, 8, 8))

@@ -8,7 +8,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-import fxcompress.passes as passes_pkg
 from fxcompress.errors import BadInput
 from fxcompress.passes import Pass, PassResult, add_submodule, fxc_name
 from fxcompress.runtime.controller import Controller
@@ -100,9 +99,12 @@ class CountingPass(Pass):
         return PassResult(modified=True, inserted=[name], controllers={"counting": ctrl})
 
 
+# handed to train()/resume(): the compile runs exactly this pass list, no global changed
+PASSES = [CountingPass]
+
+
 @pytest.fixture
-def policy(tmp_path, monkeypatch):
-    monkeypatch.setattr(passes_pkg, "PASS_ORDER", list(passes_pkg.PASS_ORDER) + [CountingPass])
+def policy(tmp_path):
     path = tmp_path / "count.yaml"
     path.write_text("version: 1\nrules:\n  - match: {type: Conv2d}\n    counting: {draw: true}\n")
     return str(path)
@@ -126,14 +128,15 @@ def _strip_times(history):
 
 
 def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, policy):
-    full = train(TrainConfig(**TINY, epochs=2, policy=policy, run_dir=str(tmp_path / "full")))
-    part = train(TrainConfig(**TINY, epochs=2, policy=policy, run_dir=str(tmp_path / "part"), stop_after=1))
+    full = train(TrainConfig(**TINY, epochs=2, policy=policy, run_dir=str(tmp_path / "full")), passes=PASSES)
+    part = train(TrainConfig(**TINY, epochs=2, policy=policy, run_dir=str(tmp_path / "part"), stop_after=1),
+                 passes=PASSES)
     assert part["status"] == "stopped" and len(part["main"]["epochs"]) == 1
     assert not os.path.exists(tmp_path / "part" / "final_model.pt")
     torch.manual_seed(12345)  # a resumed process starts with whatever RNG state; the checkpoint restores it
-    again = resume(str(tmp_path / "part"), stop_after=1)  # nothing left before epoch 1: a no-op
+    again = resume(str(tmp_path / "part"), stop_after=1, passes=PASSES)  # nothing left before epoch 1: a no-op
     assert again["status"] == "stopped" and len(again["main"]["epochs"]) == 1
-    done = resume(str(tmp_path / "part"))
+    done = resume(str(tmp_path / "part"), passes=PASSES)
     assert done["status"] == "done" and done["resumed"]
     _assert_same(_weights(tmp_path / "full"), _weights(tmp_path / "part"))
     assert _strip_times(full["main"]["epochs"]) == _strip_times(done["main"]["epochs"])
@@ -154,7 +157,7 @@ def test_baseline_sees_same_data_and_init(tmp_path, policy):
     # The counting pass changes no arithmetic but draws random numbers every
     # step: if data order or initial weights depended on the global RNG stream
     # the two runs would diverge.
-    res = train(TrainConfig(**TINY, epochs=2, policy=policy, baseline=True, run_dir=str(tmp_path)))
+    res = train(TrainConfig(**TINY, epochs=2, policy=policy, baseline=True, run_dir=str(tmp_path)), passes=PASSES)
     main, base = res["main"], res["baseline"]
     assert main["compressed"] and not base["compressed"]
     ws_main = {k.removeprefix("graph_module."): v for k, v in _weights(tmp_path).items()
@@ -170,7 +173,8 @@ def test_baseline_sees_same_data_and_init(tmp_path, policy):
 def test_hooks_run_in_order(tmp_path, policy):
     from fxcompress.training import execute, prepare_run
 
-    run = prepare_run(TrainConfig(**TINY, epochs=2, policy=policy), str(tmp_path), "t", use_policy=True)
+    run = prepare_run(TrainConfig(**TINY, epochs=2, policy=policy), str(tmp_path), "t", use_policy=True,
+                      passes=PASSES)
     execute(run)
     ctrl = run.model.controllers["counting"]
     assert ctrl.optimizer is run.optimizer
@@ -226,7 +230,7 @@ def test_epoch_figures_weighting():
 
 def test_report_and_plots(tmp_path, policy):
     cfg = TrainConfig(**{**TINY, "plots": True}, epochs=2, policy=policy, run_dir=str(tmp_path))
-    train(cfg)
+    train(cfg, passes=PASSES)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "done" and report["config"]["epochs"] == 2
     assert [e["epoch"] for e in report["epochs"]] == [1, 2]
@@ -321,7 +325,7 @@ def test_resume_refuses_changed_config_and_existing_dir(tmp_path):
 
 
 def test_resume_refuses_changed_policy(tmp_path, policy):
-    train(TrainConfig(**TINY, epochs=2, policy=policy, run_dir=str(tmp_path / "r"), stop_after=1))
+    train(TrainConfig(**TINY, epochs=2, policy=policy, run_dir=str(tmp_path / "r"), stop_after=1), passes=PASSES)
     with open(policy, "a") as f:
         f.write("# edited\n")
     with pytest.raises(BadInput, match="changed since the run started"):

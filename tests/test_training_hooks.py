@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fxcompress.passes as passes_pkg
 from fxcompress.passes import PassResult, add_submodule, fxc_name
 from fxcompress.runtime.controller import Controller
 from fxcompress.training import TrainConfig, execute, prepare_run, train
@@ -93,9 +92,12 @@ class HooksPass(CountingPass):  # on convolutions, as the counting pass
         return PassResult(modified=True, controllers={"hooks": ctrl})
 
 
+# handed to prepare_run()/train(): the compile runs exactly this pass list, no global changed
+PASSES = [HooksPass]
+
+
 @pytest.fixture
-def hooks_policy(tmp_path, monkeypatch):
-    monkeypatch.setattr(passes_pkg, "PASS_ORDER", list(passes_pkg.PASS_ORDER) + [HooksPass])
+def hooks_policy(tmp_path):
 
     def write(**settings):
         body = ", ".join(f"{k}: {json.dumps(v)}" for k, v in settings.items())
@@ -114,7 +116,7 @@ def test_extra_loss_is_trained_and_reported(tmp_path, hooks_policy):
     runs = {}
     for w in (0.0, 0.5):
         run = prepare_run(TrainConfig(**TINY, epochs=1, policy=hooks_policy(weight=w)), str(tmp_path / str(w)),
-                          "t", use_policy=True)
+                          "t", use_policy=True, passes=PASSES)
         execute(run)
         runs[w] = run
     ctrl = runs[0.5].model.controllers["hooks"]
@@ -130,7 +132,7 @@ def test_extra_loss_is_trained_and_reported(tmp_path, hooks_policy):
 def test_snapshots_are_saved_and_evaluated(tmp_path, hooks_policy, capsys):
     run_dir = str(tmp_path / "r")
     run = prepare_run(TrainConfig(**TINY, epochs=2, policy=hooks_policy(snapshots="2:early,5:late")), run_dir, "t",
-                      use_policy=True)
+                      use_policy=True, passes=PASSES)
     execute(run)
     ctrl = run.model.controllers["hooks"]
     name = _first_param_name(run.model, ctrl.optimizer.param_groups[0]["params"][0])
@@ -153,7 +155,7 @@ def test_snapshots_are_saved_and_evaluated(tmp_path, hooks_policy, capsys):
 
 def test_controller_plots_are_written_and_reported(tmp_path, hooks_policy):
     res = train(TrainConfig(**{**TINY, "plots": True}, epochs=2, policy=hooks_policy(),
-                            run_dir=str(tmp_path)))
+                            run_dir=str(tmp_path)), passes=PASSES)
     path = str(tmp_path / "plots" / "hooks.png")
     assert path in res["plots"]
     with open(path, "rb") as f:
@@ -167,7 +169,7 @@ def test_init_starts_from_another_runs_weights(tmp_path, hooks_policy):
     # plain and compiled: the compiled model's graph module holds the same tensors
     for policy in (None, hooks_policy()):
         run = prepare_run(TrainConfig(**TINY, epochs=1, policy=policy, init=str(tmp_path / "a")),
-                          str(tmp_path / f"b{policy is None}"), "t", use_policy=True)
+                          str(tmp_path / f"b{policy is None}"), "t", use_policy=True, passes=PASSES)
         state = {k.removeprefix("graph_module."): v for k, v in run.model.state_dict().items()}
         for k, v in trained.items():
             assert torch.equal(state[k], v), k
@@ -177,9 +179,9 @@ def test_init_starts_from_another_runs_weights(tmp_path, hooks_policy):
 
 def test_init_of_a_compiled_run_brings_the_pass_state_not_the_controller_state(tmp_path, hooks_policy):
     policy = hooks_policy()
-    train(TrainConfig(**TINY, epochs=1, policy=policy, run_dir=str(tmp_path / "a")))
+    train(TrainConfig(**TINY, epochs=1, policy=policy, run_dir=str(tmp_path / "a")), passes=PASSES)
     run = prepare_run(TrainConfig(**TINY, epochs=1, policy=policy, init=str(tmp_path / "a")), str(tmp_path / "b"),
-                      "t", use_policy=True)
+                      "t", use_policy=True, passes=PASSES)
     assert int(run.model.graph_module.fxc_hooks_state.count) == 3  # the 3 steps of run a
     assert run.model.controllers["hooks"].steps == 0  # a new run: the controller starts afresh
     assert not run.init["missing"] and not run.init["unexpected"]

@@ -8,13 +8,18 @@
    error E||C(g) - g||^2 / ||g||^2 (exact expectation for the quantizers, with
    levels fit on the *previous* snapshot as a refit would; measured for the
    deterministic fp16 and PowerSGD), and bytes on the wire per step.
-2. Throughput: CPU encode + decode of a large gradient (torch reference path).
+2. Throughput: CPU encode + decode of a large fp32 gradient at 3 bits (the
+   C path, kernels/gradquant_cpu.c), beside a plain Tensor.copy_ of the
+   same bytes and beside the fp16 hook's cast (fp32 -> fp16 -> fp32), in one
+   run; wall time at torch's default thread count (the headline) and at 1
+   thread.
 3. End to end: 2 and 4 gloo workers on digits, several seeds, ALQ 3-bit
    against full-precision all-reduce with the same seed and data order.
 
     .venv/bin/python tools/bench_gradquant.py            # everything (a few minutes)
     .venv/bin/python tools/bench_gradquant.py --quick    # a fast subset
     .venv/bin/python tools/bench_gradquant.py --json out.json
+    .venv/bin/python tools/bench_gradquant.py --throughput-only   # only part 2
 """
 import argparse
 import json
@@ -24,7 +29,6 @@ import sys
 import time
 from typing import Dict, List
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
@@ -217,22 +221,58 @@ def wire_bytes(snaps, bucket_size: int, psgd_stats) -> Dict[str, Dict]:
 
 # ----------------------------------------------------------- 2. throughput
 
-def throughput(numel: int, repeats: int) -> Dict[str, float]:
+def _rate(fn, nbytes: int, repeats: int) -> float:
+    """MB/s of wall time for fn() moving nbytes, best of `repeats` runs (after one warm-up)."""
+    fn(0)
+    best = float("inf")
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        fn(r + 1)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / 1e6 / best
+
+
+def throughput(numel: int, repeats: int, threads_list=None) -> Dict:
+    """encode+decode of fp32 at 3 bits, copy_ and the fp16 hook's cast, at
+    each thread count (default first: the headline)."""
+    threads_list = threads_list or [torch.get_num_threads(), 1]
     x = torch.randn(numel) * torch.rand(numel)
     q = Quantizer("alq", 3)
     q.fit(q.stats(x))
-    q.decode(q.encode(x), numel)  # warm up
-    enc = dec = 0.0
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        msg = q.encode(x, seed=r)
-        t1 = time.perf_counter()
-        q.decode(msg, numel)
-        t2 = time.perf_counter()
-        enc, dec = enc + t1 - t0, dec + t2 - t1
-    mb = 4 * numel / 1e6
-    return {"numel": numel, "encode_MBps": mb * repeats / enc, "decode_MBps": mb * repeats / dec,
-            "encode_decode_MBps": mb * repeats / (enc + dec), "threads": torch.get_num_threads()}
+    out = torch.empty_like(x)
+    nbytes = 4 * numel
+    rows = []
+    before = torch.get_num_threads()
+    try:
+        for n in threads_list:
+            torch.set_num_threads(n)
+            msg = q.encode(x)
+            enc = _rate(lambda r: q.encode(x, seed=r), nbytes, repeats)
+            dec = _rate(lambda r: q.decode(msg, numel), nbytes, repeats)
+            both = _rate(lambda r: q.decode(q.encode(x, seed=r), numel), nbytes, repeats)
+            copy = _rate(lambda r: out.copy_(x), nbytes, repeats)
+            # fp16_compress_hook: the bucket cast to fp16, and back into the fp32 bucket
+            fp16 = _rate(lambda r: out.copy_(x.to(torch.float16)), nbytes, repeats)
+            rows.append({"threads": n, "encode_MBps": enc, "decode_MBps": dec, "encode_decode_MBps": both,
+                         "copy_MBps": copy, "fp16_cast_MBps": fp16})
+    finally:
+        torch.set_num_threads(before)
+    return {"numel": numel, "bits": 3, "path": "C" if _c_path() else "torch reference", "rows": rows}
+
+
+def _c_path() -> bool:
+    from fxcompress.kernels import dispatch, gradquant
+
+    return dispatch.backend_for(torch.zeros(1), gradquant.cpu_lib) == "c"
+
+
+def print_throughput(t) -> None:
+    print(f"\n## CPU gradient quantization, {t['numel']:,} fp32 coordinates at {t['bits']} bits ({t['path']} path), "
+          f"MB/s of fp32 gradient, wall time (best of the repeats)")
+    print(f"{'threads':>8}{'encode+decode':>15}{'encode':>10}{'decode':>10}{'copy_':>10}{'fp16 cast':>11}")
+    for r in t["rows"]:
+        print(f"{r['threads']:>8}{r['encode_decode_MBps']:>15.0f}{r['encode_MBps']:>10.0f}{r['decode_MBps']:>10.0f}"
+              f"{r['copy_MBps']:>10.0f}{r['fp16_cast_MBps']:>11.0f}")
 
 
 # ----------------------------------------------------------- 3. end to end
@@ -315,10 +355,7 @@ def print_report(r) -> None:
     print("\n## Bytes on the wire per step (3 bits; terngrad 2), norms included")
     for m, v in r["wire"].items():
         print(f"{m:<14}{v['bytes']:>12,d} B  {v['ratio']:>7.2f}x fewer than fp32")
-    t = r["throughput"]
-    print(f"\n## CPU encode+decode ({t['numel']:,} coordinates, {t['threads']} thread(s), torch path)")
-    print(f"encode {t['encode_MBps']:.1f} MB/s, decode {t['decode_MBps']:.1f} MB/s, "
-          f"encode+decode {t['encode_decode_MBps']:.1f} MB/s of fp32 gradient")
+    print_throughput(r["throughput"])
     if r.get("e2e"):
         print(f"\n## End to end: digits, ResNet-{a['e2e_depth']}, {a['epochs']} epochs, seeds {a['seeds']}, "
               f"test accuracy %")
@@ -350,8 +387,20 @@ def main(argv=None) -> int:
                         "(default alq; e.g. alq,alq/linf)")
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--throughput-only", action="store_true", help="only the CPU encode+decode timing")
+    p.add_argument("--numel", type=int, default=None, help="coordinates for the throughput (default 2^24, quick 2^20)")
     a = p.parse_args(argv)
+    numel = a.numel or (1 << (20 if a.quick else 24))
+    # throughput first, at torch's default thread count and at 1 thread; the
+    # rest (variance, end to end) runs its processes on one thread each
+    tp = throughput(numel, 3 if a.quick else 5)
+    if a.throughput_only:
+        if a.json == "-":
+            print(json.dumps(tp, indent=1))
+        else:
+            print_throughput(tp)
+        return 0
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the end-to-end workers, as before
     snapshots = a.snapshots or (2 if a.quick else 6)
     seeds = list(range(a.seeds or (1 if a.quick else 5)))
     epochs = a.epochs or (3 if a.quick else 10)
@@ -360,17 +409,11 @@ def main(argv=None) -> int:
     args = {"depth": a.depth, "snapshots": snapshots, "every": a.every, "bucket_size": a.bucket_size, "bits": bits,
             "seeds": seeds, "epochs": epochs, "e2e_depth": a.e2e_depth, "workers": workers, "batch": a.batch,
             "lr": a.lr, "e2e_methods": a.e2e_methods}
-    if a.throughput_only:
-        t = throughput(1 << 22, 5)
-        print(json.dumps(t, indent=1) if a.json == "-" else
-              f"CPU encode {t['encode_MBps']:.1f} MB/s, decode {t['decode_MBps']:.1f} MB/s, encode+decode "
-              f"{t['encode_decode_MBps']:.1f} MB/s ({t['numel']:,} coordinates, {t['threads']} thread)")
-        return 0
     t0 = time.perf_counter()
     snaps, psgd = collect_gradients(a.depth, snapshots, a.every, seed=0)
     table, mc = variance_table(snaps, bits, a.bucket_size)
     result = {"args": args, "variance": table, "mc_check": mc, "bucket_shape": bucket_shape(snaps, a.bucket_size), "wire": wire_bytes(snaps, a.bucket_size, psgd),
-              "throughput": throughput(1 << (20 if a.quick else 22), 3 if a.quick else 5)}
+              "throughput": tp}
     if not a.no_e2e:
         result["e2e"] = end_to_end(workers, seeds, epochs, a.e2e_depth, a.batch, a.lr, a.e2e_methods.split(","))
     result["seconds"] = time.perf_counter() - t0

@@ -21,7 +21,7 @@ import torchvision.models as tvm
 import fxcompress
 from fxcompress.table import format_table
 
-SELECT = {"rules": [{"match": {"type": ["Conv2d", "Linear"]}}]}
+SELECT = {"rules": [{"match": {"type": ["Conv2d", "Linear"]}, "activations": None}]}  # selects, treats nothing
 
 
 def time_fxcompress(name, policy, x, repeats):

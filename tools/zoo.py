@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import fxcompress
 from fxcompress.errors import BadInput, PolicyError, TraceError
-from fxcompress.policy import load_policy
+from fxcompress import load_policy
 from fxcompress.table import format_table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

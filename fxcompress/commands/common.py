@@ -22,12 +22,15 @@ def add_model_args(p: argparse.ArgumentParser, policy_required: bool = True) -> 
     p.add_argument("--input-dtype", default="float32", help="dtype of the example inputs (default float32)")
 
 
-def compile_from_args(args, passes=None) -> tuple:
-    """Load, build inputs and compile; `passes=[]` resolves the plan only."""
+def compile_from_args(args, dry_run: bool = False) -> tuple:
+    """Load, build inputs and compile with the command's pass list
+    (`args.passes`, resolved once by cli.main); `dry_run` resolves the plan
+    only."""
+    passes = args.passes
     loaded: LoadedModel = load_model(args.model, args.model_fn)
     inputs = example_inputs(loaded, args.input_shape, args.input_dtype)
-    policy = load_policy(args.policy)
-    cm: CompressedModel = compile(loaded.model, policy, inputs, passes=passes)
+    policy = load_policy(args.policy, passes)
+    cm: CompressedModel = compile(loaded.model, policy, inputs, passes=passes, dry_run=dry_run)
     return loaded, inputs, cm
 
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch.nn as nn
 
+from ..config import check_bits
 from ..errors import BadInput
 from ..quantize import authors_first_last_bits, quantize_activations, quantize_weights
 
@@ -124,12 +125,12 @@ def evaluate_quantized(model: nn.Module, test_set, device, w_bits: int, a_bits: 
 def run(args) -> int:
     from ..training import resolve_device
 
-    if args.w_bits != FP_BITS and not 2 <= args.w_bits <= 8:
-        raise BadInput(f"--w-bits must be 2..8 (or 32: full precision), got {args.w_bits}")
-    if args.a_bits != FP_BITS and not 2 <= args.a_bits <= 16:
-        raise BadInput(f"--a-bits must be 2..16 (or 32: full precision), got {args.a_bits}")
-    if args.first_last_bits is not None and not 2 <= args.first_last_bits <= 8:
-        raise BadInput(f"--first-last-bits must be 2..8, got {args.first_last_bits}")
+    if args.w_bits != FP_BITS:
+        check_bits("--w-bits", args.w_bits, 2, 8, "or 32: full precision")
+    if args.a_bits != FP_BITS:
+        check_bits("--a-bits", args.a_bits, 2, 16, "or 32: full precision")
+    if args.first_last_bits is not None:
+        check_bits("--first-last-bits", args.first_last_bits, 2, 8)
     if not args.act_clip > 0:
         raise BadInput(f"--act-clip must be positive, got {args.act_clip}")
     run_dir, weights = _locate(args.source, args.baseline, args.weights)

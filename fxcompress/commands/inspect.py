@@ -17,7 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--code", action="store_true", help="print the forward code before and after")
     p.add_argument("--diff", action="store_true", help="print a unified diff of the code")
     p.add_argument("--table", action="store_true", help="print the per-node table")
-    p.add_argument("--graph", metavar="PATH", help="write PATH.dot, and PATH.svg when Graphviz is installed")
+    p.add_argument("--graph", metavar="PATH", help="write PATH.dot, PATH.png (no Graphviz needed), and PATH.svg when Graphviz is installed")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 

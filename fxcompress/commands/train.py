@@ -101,13 +101,13 @@ def run(args) -> int:
         overrides["plots"] = not args.no_plots
         log(f"resuming {args.resume}")
         run_dir = args.resume
-        job = functools.partial(training.resume, args.resume, log=log, **overrides)
+        job = functools.partial(training.resume, args.resume, log=log, passes=args.passes, **overrides)
     else:
         cfg = config_from_args(args)
         if cfg.run_dir is None:
             cfg.run_dir = training.new_run_dir()
         run_dir = cfg.run_dir
-        job = functools.partial(training.train, cfg, log=log)
+        job = functools.partial(training.train, cfg, log=log, passes=args.passes)
     try:
         result = job()
     except KeyboardInterrupt:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..compiled import compile
+from ..loading import example_inputs, load_model
 from ..policy import load_policy
 from .common import print_json
 
@@ -21,16 +23,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    policy = load_policy(args.policy)
+    passes = args.passes  # resolved once by cli.main
+    policy = load_policy(args.policy, passes)
     result = {"policy": args.policy, "ok": True, "rules": len(policy.rules)}
     if args.model:
-        from ..compiled import compile
-        from ..loading import example_inputs, load_model
-
         loaded = load_model(args.model, args.model_fn)
         inputs = example_inputs(loaded, args.input_shape, args.input_dtype) \
             if (args.input_shape or loaded.example_inputs_fn or loaded.source["kind"] == "torchvision") else None
-        cm = compile(loaded.model, policy, inputs, passes=[])
+        cm = compile(loaded.model, policy, inputs, passes=passes, dry_run=True)
         result["model"] = args.model
         result["selected_nodes"] = len(cm.plan.selected_entries)
         result["auto_leaves"] = [a.path for a in cm.trace_info.auto_leaves]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
-from ..config import ConfigError, check_range
+from ..config import ConfigError, check_bits, check_range
 
 Method = Literal["qsgd", "qsgdinf", "nuqsgd", "terngrad", "alq", "alqn", "amq", "amqn", "fp32", "none"]
 METHODS = ("qsgd", "qsgdinf", "nuqsgd", "terngrad", "alq", "alqn", "amq", "amqn", "fp32", "none")
@@ -78,7 +78,8 @@ class CommunicationConfig:
     def check(self) -> None:
         if self.method == "terngrad" and self.bits not in (None, 2):
             raise ConfigError("bits", f"terngrad has three levels and always sends 2 bits, got {self.bits}")
-        check_range("bits", self.bits, 1, MAX_BITS, "codes of 1..8 bits are packed")
+        if self.bits is not None:
+            check_bits("bits", self.bits, 1, MAX_BITS, "codes of 1..8 bits are packed")
         check_range("bucket_size", self.bucket_size, 8, MAX_BUCKET)
         if self.bucket_size % 8:
             raise ConfigError("bucket_size", f"must be a multiple of 8 so each bucket packs into whole bytes, "

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..errors import BadInput, RunFailure
 from ..kernels import gradquant
+from ..kernels.counter_hash import MASK32, mix32
 from .config import CommunicationConfig
 from .levels import BucketStats
 from .quantizers import Quantizer
@@ -36,7 +37,7 @@ from .quantizers import Quantizer
 def _mix_seed(*parts: int) -> int:
     h = 0x9E3779B9
     for part in parts:
-        h = gradquant._mix32(h ^ (part & gradquant.MASK32))
+        h = mix32(h ^ (part & MASK32))
     return h & 0x7FFFFFFF
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import config
 from ..errors import BadInput
 
 GROUP = 8  # codes per packed group: 8 codes of b bits fill exactly b bytes
@@ -60,9 +61,7 @@ class Layout:
 
 
 def check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise BadInput(f"bits must be an integer in 1..8 (codes are packed into bytes), got {bits!r}")
-    return bits
+    return config.check_bits("bits", bits, 1, 8, "codes are packed into bytes")
 
 
 def check_bucket_size(bucket_size: int) -> int:

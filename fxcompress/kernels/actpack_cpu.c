@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
+#include "counter_hash.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 /* expand LUT: for a mask byte, lane q takes code number popcount(bits below q) */
@@ -33,25 +34,65 @@ static void exp_init(void) {
 }
 #endif
 
-#define M1 0x6C8E9CF5u
-#define M2 0x2D2A5F3Bu
-
+/* u in [0, 1) of element i: counter_hash's finaliser of (i + key) mod 2^32 */
 static inline float u01(int64_t i, uint32_t key) {
-    uint32_t h = (uint32_t)((uint64_t)(i + (int64_t)key) & 0xFFFFFFFFu);
-    h ^= h >> 16;
-    h *= M1;
-    h ^= h >> 15;
-    h *= M2;
-    h ^= h >> 16;
-    return (float)(h >> 8) * (1.0f / 16777216.0f);
+    return fxc_u24(fxc_mix32((uint32_t)((uint64_t)(i + (int64_t)key) & 0xFFFFFFFFu)));
+}
+
+/* rounding.py's grid: off = the offset that makes codes non-negative (the
+ * position of 0 signed, L = 2^(b-1) - 1, 1/2 at 1 bit; 0 unsigned), hi =
+ * the top code (2L signed, 2^b - 1 unsigned) */
+static inline void grid(int bits, int is_signed, float *off, float *hi) {
+    if (!is_signed) {
+        *off = 0.0f;
+        *hi = (float)((1 << bits) - 1);
+    } else {
+        const float half = bits > 1 ? (float)((1 << (bits - 1)) - 1) : 0.5f;
+        *off = half;
+        *hi = 2.0f * half;
+    }
 }
 
 /* Quantize x (n floats, scale row c = (i / B) % C) and pack the slice
  * (code >> shift) & (2^width - 1), 8/width codes per byte, low bits first.
- * code = (int) clamp(x*k + r + off, 0, 2^bits - 1): adding the offset
+ * code = (int) clamp(x*k + r + off, 0, hi): adding the offset
  * before clamping makes truncation equal floor, so the loop needs no floorf
  * and vectorises. Codes go through a small buffer, in runs of constant k. */
 #define CHUNK 4096
+
+
+/* ---- threads. One mechanism: OpenMP, built against the libgomp torch
+ * itself loads (the same soname, so the process has one OpenMP runtime and
+ * one pool, shared with torch's intra-op work rather than competing with
+ * it); the count is torch.get_num_threads(), set by actpack_cpu.py before
+ * calls. Work is cut into pieces at multiples of CHUNK elements (so every
+ * piece starts on a byte of every slice width), and every element's result
+ * depends only on its own index (the random stream is counter-based), so
+ * the output is the same bytes at any thread count. Tensors below SMALL
+ * elements run on one thread: a parallel region costs a few microseconds. */
+static int fxc_threads = 1;
+void fxc_set_threads(int n) { fxc_threads = n > 0 ? n : 1; }
+#define SMALL (1 << 16)
+static inline int npieces(int64_t n) {
+    int64_t p = n / SMALL;
+    if (p < 1) p = 1;
+    return p < fxc_threads ? (int)p : fxc_threads;
+}
+/* start of piece t of T over n elements (piece T: n) */
+static inline int64_t piece(int64_t n, int t, int T) {
+    return t >= T ? n : (n / CHUNK * t / T) * CHUNK;
+}
+/* run STMT (which sees i0, i1) on every piece of [0, N), in parallel */
+#define PIECES(N, STMT)                                                         \
+    do {                                                                        \
+        const int64_t n_ = (N);                                                 \
+        const int T_ = npieces(n_);                                             \
+        _Pragma("omp parallel for num_threads(T_) schedule(static, 1)")         \
+        for (int t_ = 0; t_ < T_; ++t_) {                                       \
+            const int64_t i0 = piece(n_, t_, T_), i1 = piece(n_, t_ + 1, T_);   \
+            if (i1 > i0) { STMT; }                                              \
+        }                                                                       \
+    } while (0)
 
 /* One run of codes at a constant scale kc: code = (int) clamp(x*kc + r + off,
  * 0, hi), r the stochastic draw of element i0+u or 0.5 for nearest. Each
@@ -78,15 +119,15 @@ static inline void quant_codes(const float *xs, float kc, int64_t run, int64_t i
         }
     }
 }
-void fxc_quant_pack(const float *x, const float *k, int64_t n, int64_t C, int64_t B, int bits, int width,
-                    int shift, int is_signed, int stoch, uint32_t key, uint8_t *out) {
+static void quant_pack_range(const float *x, const float *k, int64_t n0, int64_t n, int64_t C, int64_t B,
+                             int bits, int width, int shift, int is_signed, int stoch, uint32_t key, uint8_t *out) {
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
-    const float hi = (float)((1 << bits) - 1);
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
     uint16_t buf[CHUNK];
-    int64_t c = 0, pos = 0;
-    for (int64_t start = 0; start < n; start += CHUNK) {
+    int64_t c = (n0 / B) % C, pos = n0 % B;
+    for (int64_t start = n0; start < n; start += CHUNK) {
         const int64_t m = (n - start) < CHUNK ? (n - start) : CHUNK;
         int64_t t = 0;
         while (t < m) {
@@ -126,8 +167,13 @@ void fxc_quant_pack(const float *x, const float *k, int64_t n, int64_t C, int64_
     }
 }
 
+void fxc_quant_pack(const float *x, const float *k, int64_t n, int64_t C, int64_t B, int bits, int width,
+                    int shift, int is_signed, int stoch, uint32_t key, uint8_t *out) {
+    PIECES(n, quant_pack_range(x, k, i0, i1, C, B, bits, width, shift, is_signed, stoch, key, out));
+}
+
 /* Pack integer codes (int32, already < 2^bits) as one slice. */
-void fxc_pack_codes(const int32_t *codes, int64_t n, int width, int shift, uint8_t *out) {
+static void fxc_pack_codes_run(const int32_t *codes, int64_t n, int width, int shift, uint8_t *out) {
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
     const int64_t nbytes = (n + per - 1) / per;
@@ -140,8 +186,13 @@ void fxc_pack_codes(const int32_t *codes, int64_t n, int width, int shift, uint8
     }
 }
 
+void fxc_pack_codes(const int32_t *codes, int64_t n, int width, int shift, uint8_t *out) {
+    const int per = 8 / width;
+    PIECES(n, fxc_pack_codes_run(codes + i0, i1 - i0, width, shift, out + i0 / per));
+}
+
 /* Add one slice into int32 codes (first: overwrite); one byte at a time. */
-void fxc_unpack_codes(const uint8_t *in, int64_t n, int width, int shift, int first, int32_t *codes) {
+static void fxc_unpack_codes_run(const uint8_t *in, int64_t n, int width, int shift, int first, int32_t *codes) {
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
     const int64_t full = n / per;
@@ -159,15 +210,22 @@ void fxc_unpack_codes(const uint8_t *in, int64_t n, int width, int shift, int fi
     }
 }
 
+void fxc_unpack_codes(const uint8_t *in, int64_t n, int width, int shift, int first, int32_t *codes) {
+    const int per = 8 / width;
+    PIECES(n, fxc_unpack_codes_run(in + i0 / per, i1 - i0, width, shift, first, codes + i0));
+}
+
 /* Single-slice unpack and dequantize straight to float: x = (code - off) * kinv[c]. */
-void fxc_unpack_dequant(const uint8_t *in, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
-                        int is_signed, float *out) {
+static void unpack_dequant_run(const uint8_t *in, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
+                               int is_signed, float *out, int64_t c, int64_t pos) {
     const int width = bits;
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
-    int64_t c = 0, pos = 0, i = 0;
-    float kv = kinv[0];
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
+    (void)hi;
+    int64_t i = 0;
+    float kv = kinv[c];
     const int64_t nbytes = (n + per - 1) / per;
     for (int64_t byte = 0; byte < nbytes; ++byte) {
         uint32_t b = in[byte];
@@ -183,12 +241,19 @@ void fxc_unpack_dequant(const uint8_t *in, const float *kinv, int64_t n, int64_t
     }
 }
 
+void fxc_unpack_dequant(const uint8_t *in, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
+                        int is_signed, float *out) {
+    const int per = 8 / bits;
+    PIECES(n, unpack_dequant_run(in + i0 / per, kinv, i1 - i0, C, B, bits, is_signed, out + i0, (i0 / B) % C, i0 % B));
+}
+
 /* Multi-slice: codes already assembled in int32. */
-void fxc_dequant_codes(const int32_t *codes, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
-                       int is_signed, float *out) {
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
-    int64_t c = 0, pos = 0;
-    float kv = kinv[0];
+static void dequant_codes_run(const int32_t *codes, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
+                              int is_signed, float *out, int64_t c, int64_t pos) {
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
+    (void)hi;
+    float kv = kinv[c];
     for (int64_t i = 0; i < n; ++i) {
         out[i] = ((float)codes[i] - off) * kv;
         if (++pos == B) {
@@ -199,8 +264,13 @@ void fxc_dequant_codes(const int32_t *codes, const float *kinv, int64_t n, int64
     }
 }
 
+void fxc_dequant_codes(const int32_t *codes, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
+                       int is_signed, float *out) {
+    PIECES(n, dequant_codes_run(codes + i0, kinv, i1 - i0, C, B, bits, is_signed, out + i0, (i0 / B) % C, i0 % B));
+}
+
 /* Booleans (one byte each, 0 or 1) to 1 bit each, and back. */
-void fxc_pack_mask(const uint8_t *m, int64_t n, uint8_t *out) {
+static void fxc_pack_mask_run(const uint8_t *m, int64_t n, uint8_t *out) {
     const int64_t full = n / 8;
     for (int64_t b = 0; b < full; ++b) {
         const uint8_t *p = m + 8 * b;
@@ -214,7 +284,11 @@ void fxc_pack_mask(const uint8_t *m, int64_t n, uint8_t *out) {
     }
 }
 
-void fxc_unpack_mask(const uint8_t *in, int64_t n, uint8_t *out) {
+void fxc_pack_mask(const uint8_t *m, int64_t n, uint8_t *out) {
+    PIECES(n, fxc_pack_mask_run(m + i0, i1 - i0, out + i0 / 8));
+}
+
+static void fxc_unpack_mask_run(const uint8_t *in, int64_t n, uint8_t *out) {
     const int64_t full = n / 8;
     for (int64_t b = 0; b < full; ++b) {
         const uint32_t v = in[b];
@@ -224,20 +298,37 @@ void fxc_unpack_mask(const uint8_t *in, int64_t n, uint8_t *out) {
     for (int64_t i = full * 8; i < n; ++i) out[i] = (uint8_t)((in[i / 8] >> (i % 8)) & 1);
 }
 
-/* Per-row max|x| (rows c = (i / B) % C, amax has C entries, zeroed here) and
- * the global minimum, in one read of x. */
-void fxc_stats(const float *x, int64_t n, int64_t C, int64_t B, float *amax, float *minv) {
-    for (int64_t c = 0; c < C; ++c) amax[c] = 0.0f;
-    float mn = INFINITY;
-    int64_t c = 0;
-    for (int64_t start = 0; start < n; start += B) {
-        const float *xs = x + start;
+void fxc_unpack_mask(const uint8_t *in, int64_t n, uint8_t *out) {
+    PIECES(n, fxc_unpack_mask_run(in + i0 / 8, i1 - i0, out + i0));
+}
+
+/* Rows r0..r1 of x (row r has B elements, scale row r % C): max|x| into
+ * amax, count of x > 0 into nnz (when given), minimum into *minv; the
+ * accumulators start as the caller set them. */
+static void stats_rows(const float *x, int64_t r0, int64_t r1, int64_t C, int64_t B, float *amax, float *minv,
+                       int64_t *nnz) {
+    float mn = *minv;
+    int64_t c = r0 % C;
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *xs = x + r * B;
         float a = amax[c], m = mn;
-        for (int64_t u = 0; u < B; ++u) {
-            const float v = xs[u];
-            const float av = fabsf(v);
-            a = av > a ? av : a;
-            m = v < m ? v : m;
+        int64_t z = 0;
+        if (nnz) {
+            for (int64_t u = 0; u < B; ++u) {
+                const float v = xs[u];
+                const float av = fabsf(v);
+                a = av > a ? av : a;
+                m = v < m ? v : m;
+                z += v > 0.0f;
+            }
+            nnz[c] += z;
+        } else {
+            for (int64_t u = 0; u < B; ++u) {
+                const float v = xs[u];
+                const float av = fabsf(v);
+                a = av > a ? av : a;
+                m = v < m ? v : m;
+            }
         }
         amax[c] = a;
         mn = m;
@@ -246,8 +337,51 @@ void fxc_stats(const float *x, int64_t n, int64_t C, int64_t B, float *amax, flo
     *minv = mn;
 }
 
+/* Per-row max|x| (rows c = (i / B) % C, amax has C entries), the global
+ * minimum and, with nnz, the per-row count of x > 0, in one read of x. The
+ * rows are cut into one range per thread, each with its own accumulators,
+ * merged after: max, min and integer counts do not depend on the order. */
+static int stats_all(const float *x, int64_t n, int64_t C, int64_t B, float *amax, float *minv, int64_t *nnz) {
+    const int64_t rows = n / B;
+    int T = npieces(n);
+    if (T > rows) T = (int)rows;
+    if (T < 1) T = 1;
+    float *ta = (float *)malloc((size_t)T * (size_t)C * sizeof(float));
+    float *tm = (float *)malloc((size_t)T * sizeof(float));
+    int64_t *tz = nnz ? (int64_t *)calloc((size_t)T * (size_t)C, sizeof(int64_t)) : NULL;
+    if (!ta || !tm || (nnz && !tz)) {
+        free(ta); free(tm); free(tz);
+        return -1;
+    }
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t) {
+        for (int64_t c = 0; c < C; ++c) ta[t * C + c] = 0.0f;
+        tm[t] = INFINITY;
+        stats_rows(x, rows * t / T, rows * (t + 1) / T, C, B, ta + t * C, tm + t, tz ? tz + t * C : NULL);
+    }
+    float mn = INFINITY;
+    for (int64_t c = 0; c < C; ++c) {
+        float a = 0.0f;
+        int64_t z = 0;
+        for (int t = 0; t < T; ++t) {
+            a = ta[t * C + c] > a ? ta[t * C + c] : a;
+            if (tz) z += tz[t * C + c];
+        }
+        amax[c] = a;
+        if (nnz) nnz[c] = z;
+    }
+    for (int t = 0; t < T; ++t) mn = tm[t] < mn ? tm[t] : mn;
+    *minv = mn;
+    free(ta); free(tm); free(tz);
+    return 0;
+}
+
+int fxc_stats(const float *x, int64_t n, int64_t C, int64_t B, float *amax, float *minv) {
+    return stats_all(x, n, C, B, amax, minv, NULL);
+}
+
 /* 1-bit mask to values: out[i] = bit ? on : off (what a ReLU backward reads). */
-void fxc_unpack_mask_values(const uint8_t *in, int64_t n, float on, float off, float *out) {
+static void fxc_unpack_mask_values_run(const uint8_t *in, int64_t n, float on, float off, float *out) {
     const int64_t full = n / 8;
     for (int64_t b = 0; b < full; ++b) {
         const uint32_t v = in[b];
@@ -255,6 +389,10 @@ void fxc_unpack_mask_values(const uint8_t *in, int64_t n, float on, float off, f
         for (int j = 0; j < 8; ++j) p[j] = ((v >> j) & 1) ? on : off;
     }
     for (int64_t i = full * 8; i < n; ++i) out[i] = ((in[i / 8] >> (i % 8)) & 1) ? on : off;
+}
+
+void fxc_unpack_mask_values(const uint8_t *in, int64_t n, float on, float off, float *out) {
+    PIECES(n, fxc_unpack_mask_values_run(in + i0 / 8, i1 - i0, on, off, out + i0));
 }
 
 static void pack_buf(const uint16_t *buf, int64_t m, int width, int shift, uint8_t *o) {
@@ -279,43 +417,45 @@ static void pack_buf(const uint16_t *buf, int64_t m, int width, int shift, uint8
     }
 }
 
-/* fxc_quant_pack of the channel subset idx[0..Csub) of x (A, C, B), as if
- * x.index_select(1, idx) had been packed (k has Csub entries; the hash index
- * counts elements of the subset), without making that copy. */
-static void quant_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
-                        int64_t Csub, int bits, int nparts, const int *w, const int *sh, int is_signed, int stoch,
-                        uint32_t key, uint8_t *const *outs) {
+static void quant_pack_sel_range(const float *x, const float *k, int64_t C, int64_t B, const int64_t *idx,
+                                 int64_t Csub, int bits, int nparts, const int *w, const int *sh, int is_signed,
+                                 int stoch, uint32_t key, uint8_t *const *outs, int64_t e0, int64_t e1) {
     uint8_t *op[5];
-    for (int q = 0; q < nparts; ++q) op[q] = outs[q];
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
-    const float hi = (float)((1 << bits) - 1);
+    for (int q = 0; q < nparts; ++q) op[q] = outs[q] + e0 / (8 / w[q]);
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
     uint16_t buf[CHUNK];
-    int64_t fill = 0, e = 0;
-    for (int64_t a = 0; a < A; ++a)
-        for (int64_t j = 0; j < Csub; ++j) {
-            const float *src = x + (a * C + idx[j]) * B;
-            const float kc = k[j];
-            int64_t done = 0;
-            while (done < B) {
-                int64_t run = B - done;
-                if (run > CHUNK - fill) run = CHUNK - fill;
-                const float *xs = src + done;
-                uint16_t *bs = buf + fill;
-                quant_codes(xs, kc, run, e, key, stoch, off, hi, bs);
-                fill += run;
-                done += run;
-                e += run;
-                if (fill == CHUNK) {
-                    for (int q = 0; q < nparts; ++q) {
-                        pack_buf(buf, fill, w[q], sh[q], op[q]);
-                        op[q] += CHUNK / (8 / w[q]);
-                    }
-                    fill = 0;
-                }
+    int64_t fill = 0, e = e0, row = e0 / B, pos = e0 % B; /* row = a * Csub + j */
+    while (e < e1) {
+        const int64_t a = row / Csub, j = row % Csub;
+        int64_t run = B - pos;
+        if (run > CHUNK - fill) run = CHUNK - fill;
+        if (run > e1 - e) run = e1 - e;
+        quant_codes(x + (a * C + idx[j]) * B + pos, k[j], run, e, key, stoch, off, hi, buf + fill);
+        fill += run;
+        e += run;
+        pos += run;
+        if (pos == B) { pos = 0; ++row; }
+        if (fill == CHUNK) {
+            for (int q = 0; q < nparts; ++q) {
+                pack_buf(buf, fill, w[q], sh[q], op[q]);
+                op[q] += CHUNK / (8 / w[q]);
             }
+            fill = 0;
         }
+    }
     if (fill)
         for (int q = 0; q < nparts; ++q) pack_buf(buf, fill, w[q], sh[q], op[q]);
+}
+
+/* fxc_quant_pack of the channel subset idx[0..Csub) of x (A, C, B), as if
+ * x.index_select(1, idx) had been packed (k has Csub entries; the hash index
+ * counts elements of the subset), without making that copy; in pieces. */
+static void quant_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
+                           int64_t Csub, int bits, int nparts, const int *w, const int *sh, int is_signed, int stoch,
+                           uint32_t key, uint8_t *const *outs) {
+    PIECES(A * Csub * B, quant_pack_sel_range(x, k, C, B, idx, Csub, bits, nparts, w, sh, is_signed, stoch, key,
+                                              outs, i0, i1));
 }
 
 /* Decode codes [start, start + m) of a sliced code stream into buf (start a
@@ -359,15 +499,13 @@ static void decode_stream(const uint8_t *const *parts, const int *w, const int *
 /* All slices of a channel subset at once, chunked: the code stream is decoded CHUNK codes at a
  * time into a buffer (vectorised per slice), then dequantized row by row
  * into the channels' places. */
-static void unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
-                         int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int bits, int is_signed,
-                         float *out) {
-    const float off = is_signed ? (float)(1 << (bits - 1)) : 0.0f;
-    const int64_t n = A * Csub * B;
+static void unpack_scatter_range(const uint8_t *const *parts, const int *w, const int *s, int nparts,
+                                 const float *kinv, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, float off,
+                                 float *out, int64_t e0, int64_t e1) {
     uint16_t buf[CHUNK];
-    int64_t row = 0, pos = 0; /* row = a * Csub + j, pos inside the row */
-    for (int64_t start = 0; start < n; start += CHUNK) {
-        const int64_t m = (n - start) < CHUNK ? (n - start) : CHUNK;
+    int64_t row = e0 / B, pos = e0 % B; /* row = a * Csub + j, pos inside the row */
+    for (int64_t start = e0; start < e1; start += CHUNK) {
+        const int64_t m = (e1 - start) < CHUNK ? (e1 - start) : CHUNK;
         decode_stream(parts, w, s, nparts, start, m, buf);
         int64_t t = 0;
         while (t < m) {
@@ -385,28 +523,17 @@ static void unpack_scatter(const uint8_t *const *parts, const int *w, const int 
     }
 }
 
-/* Per-row max|x|, global minimum and per-row count of x > 0 (nnz zeroed here). */
-void fxc_stats_nnz(const float *x, int64_t n, int64_t C, int64_t B, float *amax, float *minv, int64_t *nnz) {
-    for (int64_t c = 0; c < C; ++c) { amax[c] = 0.0f; nnz[c] = 0; }
-    float mn = INFINITY;
-    int64_t c = 0;
-    for (int64_t start = 0; start < n; start += B) {
-        const float *xs = x + start;
-        float a = amax[c], m = mn;
-        int64_t z = 0;
-        for (int64_t u = 0; u < B; ++u) {
-            const float v = xs[u];
-            const float av = fabsf(v);
-            a = av > a ? av : a;
-            m = v < m ? v : m;
-            z += v > 0.0f;
-        }
-        amax[c] = a;
-        nnz[c] += z;
-        mn = m;
-        if (++c == C) c = 0;
-    }
-    *minv = mn;
+static void unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
+                           int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int bits, int is_signed,
+                           float *out) {
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
+    (void)hi;
+    PIECES(A * Csub * B, unpack_scatter_range(parts, w, s, nparts, kinv, Csub, B, idx, C, off, out, i0, i1));
+}
+
+int fxc_stats_nnz(const float *x, int64_t n, int64_t C, int64_t B, float *amax, float *minv, int64_t *nnz) {
+    return stats_all(x, n, C, B, amax, minv, nnz);
 }
 
 /* Zero-value packing of a channel subset of an unsigned x (A, C, B): only
@@ -568,7 +695,7 @@ static void zvc_unpack_scatter(const uint8_t *const *parts, const int *w, const 
 
 /* 1-bit mask of x > thr straight from floats (a ReLU's saved result): one
  * pass, no intermediate bool tensor. Same bits as fxc_pack_mask(x > thr). */
-void fxc_pack_gt(const float *x, int64_t n, float thr, uint8_t *out) {
+static void fxc_pack_gt_run(const float *x, int64_t n, float thr, uint8_t *out) {
     const int64_t full = n / 8;
     for (int64_t b = 0; b < full; ++b) {
         const float *p = x + 8 * b;
@@ -581,6 +708,10 @@ void fxc_pack_gt(const float *x, int64_t n, float thr, uint8_t *out) {
         for (int64_t j = 0; full * 8 + j < n; ++j) acc |= (uint32_t)(x[full * 8 + j] > thr) << j;
         out[full] = (uint8_t)acc;
     }
+}
+
+void fxc_pack_gt(const float *x, int64_t n, float thr, uint8_t *out) {
+    PIECES(n, fxc_pack_gt_run(x + i0, i1 - i0, thr, out + i0 / 8));
 }
 
 /* ---- whole tensors at per-channel widths: one call for all width groups.
@@ -690,8 +821,8 @@ void fxc_window_global(const int32_t *local, int64_t planes, int64_t OH, int64_t
 /* Channels grouped by width for the fxc_mixed_* calls: a stable counting
  * sort of bits[0..C) (1..16) into order, group starts (G + 1 entries) and
  * widths, and per sorted channel k = (1 / (amax + eps)) * levels and 1/k,
- * the float32 operations of actpack.multipliers (levels = 2^(b-1) signed,
- * 2^b unsigned; a power of two, so the product is exact); with nnz, gnnz[g]
+ * the float32 operations of rounding.multipliers (L of rounding.grid);
+ * with nnz, gnnz[g]
  * sums it over group g. Returns G. */
 int fxc_group_widths(int64_t C, const int64_t *bits, const float *amax, int is_signed, float eps, int32_t *order,
                      int64_t *start, int *widths, float *k, float *kinv, const int64_t *nnz, int64_t *gnnz) {
@@ -718,7 +849,9 @@ int fxc_group_widths(int64_t C, const int64_t *bits, const float *amax, int is_s
         const int64_t j = pos[b]++;
         if (gnnz) gnnz[gi[b]] += nnz[c];
         order[j] = (int32_t)c;
-        const float lev = (float)(1 << (is_signed ? b - 1 : b));
+        float lev, hi;
+        grid(b, is_signed, &lev, &hi); /* L = off when signed */
+        if (!is_signed) lev = hi;
         const float kk = (1.0f / (amax[c] + eps)) * lev;
         k[j] = kk;
         kinv[j] = 1.0f / kk;

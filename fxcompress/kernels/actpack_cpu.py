@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .cbuild import load_library
+from .cbuild import load_library, on_torch_threads
 
 _SRC = os.path.join(os.path.dirname(__file__), "actpack_cpu.c")
 
@@ -40,18 +40,21 @@ def _declare(lib) -> None:
                      ("fxc_mixed_zvc_unpack", [P, P, P, P, P, I64, I64, I64, P, I, P, P, P, P])):
         getattr(lib, f).argtypes = extra
         getattr(lib, f).restype = I
+    lib.fxc_set_threads.argtypes = [I]
+    lib.fxc_stats.restype = lib.fxc_stats_nnz.restype = I
     for f in ("fxc_quant_pack", "fxc_pack_codes", "fxc_unpack_codes", "fxc_unpack_dequant",
-              "fxc_dequant_codes", "fxc_pack_mask", "fxc_unpack_mask", "fxc_stats",
-              "fxc_unpack_mask_values", "fxc_stats_nnz",
-              "fxc_pack_gt"):
+              "fxc_dequant_codes", "fxc_pack_mask", "fxc_unpack_mask", "fxc_unpack_mask_values",
+              "fxc_pack_gt", "fxc_set_threads"):
         getattr(lib, f).restype = None
 
 
 def lib():
-    """The compiled C loops, or None (no compiler: the torch reference runs).
+    """The compiled C loops, or None (no compiler: the torch reference runs),
+    set to run on torch.get_num_threads() threads (read on every call: a
+    torch.set_num_threads between calls takes effect at the next one).
 
     Built and loaded by kernels/cbuild.py. Measured alternatives
     (ARCHITECTURE.md recipe, 8 MB tensor, 1 thread): eager torch
     0.06-0.7 GB/s; torch.compile with dynamic shapes 0.3-0.5 GB/s; static
     shapes 1.8 GB/s but one 10-60 s compile per tensor shape."""
-    return load_library(_SRC, "actpack", _declare)
+    return on_torch_threads(load_library(_SRC, "actpack", _declare), "fxc_set_threads")

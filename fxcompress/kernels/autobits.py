@@ -37,16 +37,18 @@ def _bn_arrays(terms: Dict[str, Any], C: int):
     """The BatchNorm terms as C float64 arrays of C channels (scalars
     broadcast), cached in the terms dict like the reference's numpy copy."""
     cached = terms.get("_c")
-    if cached is not None and cached[0] == C:
-        return cached
-    arrs = []
-    for k in _BN_KEYS:
-        v = terms[k]
-        v = v.detach().double().cpu().numpy() if torch.is_tensor(v) else np.asarray(v, dtype=np.float64)
-        arrs.append(np.ascontiguousarray(np.broadcast_to(v, (C,)), dtype=np.float64))
-    ptrs = (ctypes.c_void_p * len(arrs))(*[a.ctypes.data for a in arrs])
-    cached = terms["_c"] = (C, arrs, ptrs, float(terms["K"]), float(terms["numer"]))
-    return cached
+    if cached is None or cached[0] != C:
+        arrs = []
+        for k in _BN_KEYS:
+            v = terms[k]
+            v = v.detach().double().cpu().numpy() if torch.is_tensor(v) else np.asarray(v, dtype=np.float64)
+            arrs.append(np.ascontiguousarray(np.broadcast_to(v, (C,)), dtype=np.float64))
+        cached = terms["_c"] = (C, arrs, float(terms["K"]), float(terms["numer"]))
+    # the pointer array is made per call, not cached: the terms dict lives on
+    # a SaveSpec, and a ctypes pointer array there makes the model impossible
+    # to deepcopy or pickle (EMA copies, torch.save(cm))
+    C, arrs, K, numer = cached
+    return C, arrs, (ctypes.c_void_p * len(arrs))(*[a.ctypes.data for a in arrs]), K, numer
 
 
 def auto_bits(amax: torch.Tensor, eps: float, bn_terms: Optional[Dict[str, Any]], dx2: float,

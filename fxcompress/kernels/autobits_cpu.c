@@ -121,8 +121,10 @@ void fxc_auto_bits(int64_t C, const float* amax, double eps, const double* const
     for (int round = 0; round < rounds; ++round) {
         int any_ok = 0;
         for (int64_t c = 0; c < C; ++c) {
-            /* 2^(b+sh) exactly, as exp2 of a whole number gives it */
-            double q = a[c] / ldexp(1.0, (int)(bits[c] + sh));
+            /* half a grid step: a / max(2^(b+sh) - 2, 1), exact, as numpy's
+             * exp2 of a whole number gives it */
+            const double den = ldexp(1.0, (int)(bits[c] + sh)) - 2.0;
+            double q = a[c] / (den > 1.0 ? den : 1.0);
             r[c] = q * q / d[c];
             tmp[c] = counts[c] * r[c];
         }

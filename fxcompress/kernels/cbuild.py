@@ -14,10 +14,13 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import threading
 from typing import Callable, Dict, Optional
+
+import torch
 
 _lock = threading.Lock()
 _loaded: Dict[str, Optional[ctypes.CDLL]] = {}
@@ -29,6 +32,12 @@ def cpu_fast_enabled() -> bool:
 
 def _build(src_path: str, stem: str) -> ctypes.CDLL:
     src = open(src_path, "rb").read()
+    # the local headers a source includes are part of what gets compiled,
+    # so part of the cache key too
+    here = os.path.dirname(src_path)
+    for name in re.findall(rb'^#include "([^"]+)"', src, re.M):
+        with open(os.path.join(here, name.decode()), "rb") as f:
+            src += f.read()
     cpu = platform.machine()
     try:
         cpu += next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
@@ -45,10 +54,17 @@ def _build(src_path: str, stem: str) -> ctypes.CDLL:
         # -ffp-contract=off: a*b + c rounds twice, as torch's separate ops do,
         # which is what keeps the C paths bitwise equal to the references
         base = [cc, "-O3", "-ffp-contract=off", "-fPIC", "-shared", src_path, "-o", tmp, "-lm"]
-        try:
-            subprocess.run(base + ["-march=native"], check=True, capture_output=True, timeout=120)
-        except Exception:  # noqa: BLE001 - a compiler without -march=native
-            subprocess.run(base, check=True, capture_output=True, timeout=120)
+        # -fopenmp: links libgomp by its soname, which is the one torch has
+        # already loaded, so the C loops share torch's OpenMP runtime and pool
+        # (kernels/actpack_cpu.c); without it the pragmas are ignored and
+        # the loops run on one thread, with the same results
+        for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+            try:
+                subprocess.run(base + flags, check=True, capture_output=True, timeout=120)
+                break
+            except Exception:  # noqa: BLE001 - a compiler without these flags
+                if not flags:
+                    raise
         os.replace(tmp, so)  # atomic: concurrent processes never load half a file
     return ctypes.CDLL(so)
 
@@ -68,3 +84,19 @@ def load_library(src_path: str, stem: str, declare: Callable[[ctypes.CDLL], None
                 lib = None
             _loaded[src_path] = lib
     return _loaded[src_path]
+
+
+_threads: Dict[tuple, int] = {}
+
+
+def on_torch_threads(lib: Optional[ctypes.CDLL], setter: str) -> Optional[ctypes.CDLL]:
+    """lib, with its thread count (the C function `setter`, taking an int)
+    set to torch.get_num_threads(): read on every call, so a
+    torch.set_num_threads between calls takes effect at the next one; the
+    C call is made only when the count changed."""
+    if lib is not None:
+        n = torch.get_num_threads()
+        if _threads.get((id(lib), setter)) != n:
+            getattr(lib, setter)(n)
+            _threads[(id(lib), setter)] = n
+    return lib

@@ -26,8 +26,9 @@ import torch
 from ..errors import BadInput
 from . import bufpool
 from .actpack_cpu import lib as _lib
+from .counter_hash import mix32_triton
 from .dispatch import backend_for
-from .rounding import ROUNDINGS, check_bits, codes_reference, mix_seed, multipliers, qrange, slices
+from .rounding import ROUNDINGS, check_bits, codes_reference, mix_seed, grid, multipliers, slices
 
 # ---------------------------------------------------- torch reference (CPU)
 
@@ -62,8 +63,8 @@ def _unpack_codes_ref(parts: Sequence[torch.Tensor], bits: int, n: int) -> torch
 def _unpack_dequant_ref(parts, kinv, bits: int, signed: bool, shape3: Tuple[int, int, int], dtype):
     n = shape3[0] * shape3[1] * shape3[2]
     codes = _unpack_codes_ref(parts, bits, n)
-    off = qrange(bits, signed)[2]
-    return ((codes - off).to(torch.float32).view(shape3) * kinv.view(1, -1, 1)).to(dtype)
+    off = grid(bits, signed)[1]
+    return ((codes.to(torch.float32) - off).view(shape3) * kinv.view(1, -1, 1)).to(dtype)
 
 
 def _stats_ref(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +133,9 @@ def stats_nnz(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tenso
         amax = torch.empty(x3.shape[1], dtype=torch.float32)
         mn = torch.empty((), dtype=torch.float32)
         nnz = torch.empty(x3.shape[1], dtype=torch.int64)
-        _lib().fxc_stats_nnz(x3.data_ptr(), x3.numel(), x3.shape[1], x3.shape[2], amax.data_ptr(),
-                                 mn.data_ptr(), nnz.data_ptr())
+        if _lib().fxc_stats_nnz(x3.data_ptr(), x3.numel(), x3.shape[1], x3.shape[2], amax.data_ptr(),
+                                mn.data_ptr(), nnz.data_ptr()):
+            raise MemoryError("fxc_stats_nnz: out of memory for per-thread accumulators")
         return amax, mn, nnz
     amax, mn = _stats_ref(x3)
     return amax, mn, (x3 > 0).sum(dim=(0, 2))
@@ -144,7 +146,8 @@ def stats(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if x3.dtype == torch.float32 and x3.is_contiguous() and x3.numel() and backend_for(x3, _lib) == "c":
         amax = torch.empty(x3.shape[1], dtype=torch.float32)
         mn = torch.empty((), dtype=torch.float32)
-        _lib().fxc_stats(x3.data_ptr(), x3.numel(), x3.shape[1], x3.shape[2], amax.data_ptr(), mn.data_ptr())
+        if _lib().fxc_stats(x3.data_ptr(), x3.numel(), x3.shape[1], x3.shape[2], amax.data_ptr(), mn.data_ptr()):
+            raise MemoryError("fxc_stats: out of memory for per-thread accumulators")
         return amax, mn
     return _stats_ref(x3)
 
@@ -153,14 +156,20 @@ def stats(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------ Triton kernels
 
 _kernels = {}
+_mix32 = None  # counter_hash.mix32_triton(), set when the kernels are built
 
 
 def _build_kernels():
     import triton
     import triton.language as tl
 
+    # a module global, not a local: jit code (and the interpreter) resolves
+    # the functions it calls among the module's globals
+    global _mix32
+    _mix32 = mix32_triton()
+
     @triton.jit
-    def pack_kernel(x_ptr, k_ptr, out_ptr, n, n_bytes, C, B, key, shift,
+    def pack_kernel(x_ptr, k_ptr, out_ptr, n, n_bytes, C, B, key, shift, off, hi,
                     BITS: tl.constexpr, W: tl.constexpr, SIGNED: tl.constexpr, STOCH: tl.constexpr,
                     RAW: tl.constexpr, BLOCK: tl.constexpr):
         # One template for every width: BITS is the code width, W the width
@@ -180,18 +189,13 @@ def _build_kernels():
             k = tl.load(k_ptr + c, mask=m, other=0.0)
             v = x * k
             if STOCH:
-                # the same 32-bit hash as uniform_reference, in uint32 arithmetic
-                h = ((idx + key) & 0xFFFFFFFF).to(tl.uint32)
-                h = h ^ (h >> 16)
-                h = h * 0x6C8E9CF5
-                h = h ^ (h >> 15)
-                h = h * 0x2D2A5F3B
-                h = h ^ (h >> 16)
+                # counter_hash's finaliser, as uniform_reference draws it
+                h = _mix32(((idx + key) & 0xFFFFFFFF).to(tl.uint32))
                 v = v + (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
             else:
                 v = v + 0.5
-            q = v + (2.0 ** (BITS - 1) if SIGNED else 0.0)
-            q = tl.minimum(tl.maximum(q, 0.0), 2.0 ** BITS - 1.0)
+            q = v + off
+            q = tl.minimum(tl.maximum(q, 0.0), hi)
             code = q.to(tl.int32)
         s = (code >> shift) & ((1 << W) - 1)
         s = tl.where(m, s, 0)
@@ -199,7 +203,7 @@ def _build_kernels():
         tl.store(out_ptr + byte, val.to(tl.uint8), mask=byte < n_bytes)
 
     @triton.jit
-    def unpack_kernel(in_ptr, acc_ptr, out_ptr, kinv_ptr, n, C, B, shift,
+    def unpack_kernel(in_ptr, acc_ptr, out_ptr, kinv_ptr, n, C, B, shift, off,
                       BITS: tl.constexpr, W: tl.constexpr, SIGNED: tl.constexpr, FIRST: tl.constexpr,
                       LAST: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr):
         # Slices are added into an int32 accumulator; the LAST launch
@@ -216,7 +220,6 @@ def _build_kernels():
             if RAW:
                 tl.store(out_ptr + e, code, mask=m)
             else:
-                off = 2.0 ** (BITS - 1) if SIGNED else 0.0
                 kinv = tl.load(kinv_ptr + (e // B) % C, mask=m, other=0.0)
                 tl.store(out_ptr + e, (code.to(tl.float32) - off) * kinv, mask=m)
         else:
@@ -243,12 +246,13 @@ def _quant_pack_triton(x3, k, bits, signed, stoch, key, raw=False) -> List[torch
     xf = x3.contiguous().reshape(-1)
     n = xf.numel()
     C, B = (x3.shape[1], x3.shape[2]) if x3.dim() == 3 else (1, 1)
+    _, off, hi = grid(bits, signed)
     out = []
     for w, s in slices(bits):
         nb = -(-n // (8 // w))
         o = torch.empty(nb, dtype=torch.uint8, device=x3.device)
-        grid = (max(1, triton.cdiv(nb, _BLOCK_BYTES)),)
-        pack_kernel[grid](xf, k if k is not None else xf, o, n, nb, C, B, key, s,
+        launch = (max(1, triton.cdiv(nb, _BLOCK_BYTES)),)
+        pack_kernel[launch](xf, k if k is not None else xf, o, n, nb, C, B, key, s, off, hi,
                           BITS=bits, W=w, SIGNED=bool(signed), STOCH=bool(stoch), RAW=bool(raw),
                           BLOCK=_BLOCK_BYTES)
         out.append(o)
@@ -262,11 +266,12 @@ def _unpack_triton(parts, kinv, bits, signed, shape3, dtype, raw=False) -> torch
     n = shape3[0] * shape3[1] * shape3[2]
     dev = parts[0].device
     sl = slices(bits)
+    off = grid(bits, signed)[1]
     acc = torch.empty(n if len(sl) > 1 else 1, dtype=torch.int32, device=dev)
     out = torch.empty(n, dtype=torch.int32 if raw else torch.float32, device=dev)
-    grid = (max(1, triton.cdiv(n, _BLOCK_ELEMS)),)
+    launch = (max(1, triton.cdiv(n, _BLOCK_ELEMS)),)
     for i, ((w, s), p) in enumerate(zip(sl, parts)):
-        unpack_kernel[grid](p, acc, out, kinv if kinv is not None else out, n, shape3[1], shape3[2], s,
+        unpack_kernel[launch](p, acc, out, kinv if kinv is not None else out, n, shape3[1], shape3[2], s, off,
                             BITS=bits, W=w, SIGNED=bool(signed), FIRST=(i == 0), LAST=(i == len(sl) - 1),
                             RAW=bool(raw), BLOCK=_BLOCK_ELEMS)
     return out.view(shape3).to(dtype) if not raw else out

@@ -7,60 +7,43 @@ the Triton kernel and the torch reference draw the *same* uniform number for
 each coordinate and their codes can be compared one by one; it also makes a
 rank's codes reproducible from (seed, step, rank, bucket) alone.
 
-Both paths work in float32. The norm is a reduction whose order differs
-between the paths, so a coordinate whose rounding probability lies within an
-ulp of its uniform draw may round differently; everything else is identical.
+All paths work in float32. The C path (gradquant_cpu.c, on CPU) takes the
+bucket norms from torch and is bitwise equal to the reference. Triton's norm
+is a reduction whose order differs, so a coordinate whose rounding
+probability lies within an ulp of its uniform draw may round differently
+there; everything else is identical.
 """
 from __future__ import annotations
+
+import ctypes
+import os
 
 import torch
 
 from ..distributed.wire import GROUP, Layout, assemble, check_bits, check_bucket_size, pack_codes, split, unpack_codes
 from ..errors import BadInput
-from .dispatch import use_triton
+from .counter_hash import MASK32, mix32, mix32_tensor, mix32_triton, to_uniform
+from .cbuild import load_library, on_torch_threads
+from .dispatch import backend_for
 
 EPS = 1e-7  # r = x / (||x|| + EPS): an all-zero bucket encodes as zeros, not NaN
-MASK32 = 0xFFFFFFFF
-# multipliers of a 32-bit integer finaliser (xor-shift-multiply); kept below
-# 2^31 so the int64 products of the torch path never overflow
-MUL1, MUL2 = 0x7FEB352D, 0x2C1B3C6D
 NORMS = ("l2", "linf")
 
 
 # ------------------------------------------------------------------ hashing
 
-def _mix32(h: int) -> int:
-    h &= MASK32
-    h ^= h >> 16
-    h = (h * MUL1) & MASK32
-    h ^= h >> 15
-    h = (h * MUL2) & MASK32
-    h ^= h >> 16
-    return h
-
-
 def stream_keys(seed: int):
     """Two 32-bit keys derived from a seed; the kernels only see the keys."""
-    k1 = _mix32(seed & MASK32)
-    return k1, _mix32(k1 ^ 0x5BD1E995)
-
-
-def _mix32_t(h: torch.Tensor) -> torch.Tensor:
-    # in place: this hash is most of the reference encoder's time
-    h = h.clone()
-    h.bitwise_xor_(h >> 16)
-    h.mul_(MUL1).bitwise_and_(MASK32)
-    h.bitwise_xor_(h >> 15)
-    h.mul_(MUL2).bitwise_and_(MASK32)
-    return h.bitwise_xor_(h >> 16)
+    k1 = mix32(seed & MASK32)
+    return k1, mix32(k1 ^ 0x5BD1E995)
 
 
 def uniform_reference(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """u in [0, 1) on a 2^-24 grid (exact in float32) for each index."""
+    """u in [0, 1) on a 2^-24 grid (exact in float32) for each index: the
+    finaliser twice, (index + k1) then xor k2."""
     k1, k2 = stream_keys(seed)
-    h = _mix32_t((index.to(torch.int64) + k1) & MASK32)
-    h = _mix32_t(h.bitwise_xor_(k2))
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    h = mix32_tensor((index.to(torch.int64) + k1) & MASK32)
+    return to_uniform(mix32_tensor(h.bitwise_xor_(k2)))
 
 
 # ------------------------------------------------------- torch reference
@@ -127,14 +110,7 @@ except Exception:  # pragma: no cover - depends on the install
 
 
 if triton is not None:
-    @triton.jit
-    def _mix(h):
-        # literals, not MUL1 / MUL2: jit code cannot read module globals
-        h = h ^ (h >> 16)
-        h = h * 0x7FEB352D
-        h = h ^ (h >> 15)
-        h = h * 0x2C1B3C6D
-        return h ^ (h >> 16)
+    _mix = mix32_triton()
 
     @triton.jit
     def _encode_kernel(x_ptr, levels_ptr, norms_ptr, codes_ptr, numel, bucket_size, key1, key2,
@@ -232,6 +208,67 @@ def decode_triton(messages, levels, bits, numel, bucket_size, block: int = 4096)
     return out
 
 
+# ------------------------------------------------- CPU fast path (C, ctypes)
+
+_SRC_CPU = os.path.join(os.path.dirname(__file__), "gradquant_cpu.c")
+
+
+def _declare(lib) -> None:
+    P, I64, I, U32, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
+    lib.fxc_gq_encode.argtypes = [P, I64, I64, P, P, I, I, U32, U32, F, P]
+    lib.fxc_gq_decode.argtypes = [P, I64, I64, I64, I64, I64, P, I, P]
+    lib.fxc_gq_set_threads.argtypes = [I]
+    for f in (lib.fxc_gq_encode, lib.fxc_gq_decode, lib.fxc_gq_set_threads):
+        f.restype = None
+
+
+def cpu_lib():
+    """gradquant_cpu.c compiled (None without a compiler), on torch's threads."""
+    return on_torch_threads(load_library(_SRC_CPU, "gradquant", _declare), "fxc_gq_set_threads")
+
+
+def _norms_like_reference(flat: torch.Tensor, bucket_size: int, norm: str) -> torch.Tensor:
+    """bucket_norms(bucket_matrix(x)) without copying x: the full buckets as
+    a view, the ragged last one padded alone (the same rows the reference
+    reduces, so the same norms)."""
+    n = flat.numel()
+    full = n // bucket_size
+    parts = []
+    if full:
+        parts.append(bucket_norms(flat[: full * bucket_size].view(full, bucket_size), norm))
+    if n % bucket_size or not full:
+        parts.append(bucket_norms(bucket_matrix(flat[full * bucket_size:], bucket_size), norm))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def encode_c(x, levels, bits, bucket_size, norm="l2", seed=0) -> torch.Tensor:
+    layout = Layout(x.numel(), bucket_size, bits)
+    flat = x.reshape(-1)
+    if flat.dtype != torch.float32 or not flat.is_contiguous():
+        flat = flat.to(torch.float32).contiguous()
+    lv = _levels32(levels).contiguous()
+    msg = torch.empty(layout.nbytes, dtype=torch.uint8)
+    norms, codes = split(msg, layout)
+    norms.copy_(_norms_like_reference(flat, bucket_size, norm))
+    msg[layout.norm_bytes + layout.code_bytes:].zero_()
+    k1, k2 = stream_keys(seed)
+    cpu_lib().fxc_gq_encode(flat.data_ptr(), flat.numel(), bucket_size, norms.data_ptr(), lv.data_ptr(), lv.numel(),
+                            bits, k1, k2, EPS, codes.data_ptr())
+    return msg
+
+
+def decode_c(messages, levels, bits, numel, bucket_size) -> torch.Tensor:
+    layout = Layout(numel, bucket_size, bits)
+    msgs = messages.reshape(-1, layout.nbytes)
+    if not msgs.is_contiguous():
+        msgs = msgs.contiguous()
+    lv = _levels32(levels).contiguous()
+    out = torch.empty(numel, dtype=torch.float32)
+    cpu_lib().fxc_gq_decode(msgs.data_ptr(), msgs.shape[0], layout.nbytes, layout.norm_bytes, numel, bucket_size,
+                            lv.data_ptr(), bits, out.data_ptr())
+    return out
+
+
 # ---------------------------------------------------------------- public
 
 def _check(levels, bits, bucket_size, norm):
@@ -248,18 +285,25 @@ def encode(x: torch.Tensor, levels, bits: int, bucket_size: int = 8192, norm: st
            seed: int = 0) -> torch.Tensor:
     """Quantize flat gradient x to one wire message (uint8, `Layout.nbytes`)."""
     _check(levels, bits, bucket_size, norm)
-    if use_triton(x):
+    path = backend_for(x, cpu_lib)
+    if path == "triton":
         return encode_triton(x, levels, bits, bucket_size, norm, seed)
+    if path == "c" and x.is_floating_point():
+        return encode_c(x, levels, bits, bucket_size, norm, seed)
     return encode_reference(x, levels, bits, bucket_size, norm, seed)
 
 
 def decode(messages: torch.Tensor, levels, bits: int, numel: int, bucket_size: int = 8192) -> torch.Tensor:
     """Average of the gradients in `messages` (one row per rank) -> float32 (numel,)."""
     _check(levels, bits, bucket_size, "l2")
-    if use_triton(messages):
+    path = backend_for(messages, cpu_lib)
+    if path == "triton":
         return decode_triton(messages, levels, bits, numel, bucket_size)
+    if path == "c":
+        return decode_c(messages, levels, bits, numel, bucket_size)
     return decode_reference(messages, levels, bits, numel, bucket_size)
 
 
 __all__ = ["encode", "decode", "encode_reference", "decode_reference", "encode_triton", "decode_triton",
+           "encode_c", "decode_c",
            "uniform_reference", "stream_keys", "GROUP"]

@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..errors import ShapeError
-from .cbuild import cpu_fast_enabled, load_library
+from .cbuild import cpu_fast_enabled, load_library, on_torch_threads
 from .dispatch import use_triton
 
 BLOCK = 1024
@@ -156,15 +156,17 @@ def _declare(lib) -> None:
     lib.fxc_psgd_ranges.argtypes = [P, P]
     lib.fxc_psgd_step.argtypes = [P, P, P, P]
     lib.fxc_psgd_scale.argtypes = [ctypes.c_int, P, P, P, P, P, P, P, P, P]
-    for f in (lib.fxc_psgd_ranges, lib.fxc_psgd_step, lib.fxc_psgd_scale):
+    lib.fxc_psgd_set_threads.argtypes = [ctypes.c_int]
+    for f in (lib.fxc_psgd_ranges, lib.fxc_psgd_step, lib.fxc_psgd_scale, lib.fxc_psgd_set_threads):
         f.restype = None
 
 
 def cpu_lib():
-    """scaled_grad_cpu.c compiled, or None (no compiler, or FXC_CPU_FAST=0)."""
+    """scaled_grad_cpu.c compiled, or None (no compiler, or FXC_CPU_FAST=0),
+    on torch.get_num_threads() threads."""
     if not cpu_fast_enabled():
         return None
-    return load_library(_SRC_CPU, "scaled_grad", _declare)
+    return on_torch_threads(load_library(_SRC_CPU, "scaled_grad", _declare), "fxc_psgd_set_threads")
 
 
 def _fits_cpu(t: torch.Tensor) -> bool:

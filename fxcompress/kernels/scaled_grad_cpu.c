@@ -85,6 +85,21 @@ static void scale_one(const float* gt, const float* x, float* o, int64_t m, floa
     }
 }
 
+/* Threads: OpenMP on the libgomp torch has loaded (one runtime, one pool),
+ * torch.get_num_threads() set by scaled_grad.py; the weights are shared out
+ * among the threads (dynamic: sizes differ), and each weight's range, step
+ * and scaled gradient are computed by one thread exactly as before, so the
+ * results do not depend on the thread count. Small batches (below SMALL
+ * elements in all) run on one thread. */
+static int psgd_threads = 1;
+void fxc_psgd_set_threads(int n) { psgd_threads = n > 0 ? n : 1; }
+#define SMALL (1 << 16)
+static int nthreads(int n, const int64_t* numel) {
+    int64_t total = 0;
+    for (int t = 0; t < n; ++t) total += numel[t];
+    return total < SMALL || n < 2 ? 1 : (n < psgd_threads ? n : psgd_threads);
+}
+
 /* A fixed list of weights with their constants, built once by CpuBatch:
  * one pointer per call instead of a dozen converted arguments. */
 typedef struct {
@@ -102,6 +117,8 @@ typedef struct {
 
 /* Every EMA range (forward-only callers, a single ScaledGrad). */
 void fxc_psgd_ranges(const psgd_batch* b, const uint8_t* initialized) {
+    const int T = nthreads(b->n, b->numel);
+#pragma omp parallel for num_threads(T) schedule(dynamic, 1)
     for (int t = 0; t < b->n; ++t)
         b->delta[t] = range_one(b->w[t], b->numel[t], b->range[t], initialized[t], b->momentum, b->levels[t]);
 }
@@ -109,6 +126,8 @@ void fxc_psgd_ranges(const psgd_batch* b, const uint8_t* initialized) {
 /* One backward of the group node: each weight's range, then, for the active
  * ones, its gradient g[t] scaled in place; one call per step. */
 void fxc_psgd_step(const psgd_batch* b, float* const* g, const uint8_t* initialized, const uint8_t* active) {
+    const int T = nthreads(b->n, b->numel);
+#pragma omp parallel for num_threads(T) schedule(dynamic, 1)
     for (int t = 0; t < b->n; ++t) {
         float d = range_one(b->w[t], b->numel[t], b->range[t], initialized[t], b->momentum, b->levels[t]);
         b->delta[t] = d;
@@ -122,6 +141,8 @@ void fxc_psgd_step(const psgd_batch* b, float* const* g, const uint8_t* initiali
 void fxc_psgd_scale(int n, const float* const* g, const float* const* w, float* const* out,
                     const int64_t* numel, const float* delta, const float* levels, const float* lam,
                     const float* eps, const uint8_t* zero_grid) {
+    const int T = nthreads(n, numel);
+#pragma omp parallel for num_threads(T) schedule(dynamic, 1)
     for (int t = 0; t < n; ++t)
         scale_one(g[t], w[t], out[t], numel[t], delta[t], levels[t], lam[t], eps[t], zero_grid[t]);
 }

@@ -10,7 +10,7 @@ import torch
 
 from .bitmask import pack_mask, unpack_mask
 from .fixed_width import pack_codes, stats, unpack_codes
-from .rounding import check_bits, codes_reference, mix_seed, multipliers, qrange
+from .rounding import check_bits, codes_reference, mix_seed, grid, multipliers
 
 class PackedZVC:
     """Zero-value compression: 1 mask bit per element plus `bits` per non-zero."""
@@ -36,8 +36,8 @@ def zvc_pack(x3: torch.Tensor, bits: int, rounding: str = "nearest", seed: int =
     nz = x3 != 0
     stoch = rounding == "stochastic"
     key = mix_seed(seed) if stoch else 0
-    # Codes of every element, then only the non-zeros kept: the code of an
-    # exact zero decodes to exactly zero, so the mask restores them losslessly.
+    # Codes of every element, then only the non-zeros kept: the mask
+    # restores the zeros exactly.
     codes = codes_reference(x3, k, bits, signed, stoch, key)
     nzc = codes[nz.reshape(-1)]
     return PackedZVC(pack_mask(nz), pack_codes(nzc, bits), int(nzc.numel()), kinv, bits, signed,
@@ -46,9 +46,10 @@ def zvc_pack(x3: torch.Tensor, bits: int, rounding: str = "nearest", seed: int =
 
 def zvc_unpack(p: PackedZVC) -> torch.Tensor:
     n = p.shape3[0] * p.shape3[1] * p.shape3[2]
-    off = qrange(p.bits, p.signed)[2]
-    codes = torch.full((n,), off, dtype=torch.int32, device=p.kinv.device)
+    off = grid(p.bits, p.signed)[1]
+    # zeros take the code of the value 0, so they decode to exactly 0
+    codes = torch.full((n,), off, dtype=torch.float32, device=p.kinv.device)
     if p.nnz:
-        codes[unpack_mask(p.mask).reshape(-1)] = unpack_codes(p.codes, p.bits, p.nnz)
-    x = (codes - off).to(torch.float32).view(p.shape3) * p.kinv.view(1, -1, 1)
+        codes[unpack_mask(p.mask).reshape(-1)] = unpack_codes(p.codes, p.bits, p.nnz).to(torch.float32)
+    x = (codes - off).view(p.shape3) * p.kinv.view(1, -1, 1)
     return x.to(p.dtype).reshape(p.shape)

@@ -23,56 +23,19 @@ packed (fxcompress/runtime/activations.py and the files it names). Per op kind a
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, check_range
-from ..runtime.activations import SaveSettings, SaveSpec, fxc_save
+from ..errors import BadInput
+from ..runtime.activations import SaveSpec, fxc_save
+from ..runtime.activations_config import ActivationsConfig, ActivationsSettings
 from ..runtime.autoquant import AutoQuantController
 from ..runtime.ledger import Ledger
 from .base import Pass, PassResult, add_submodule, fxc_name
-
-
-@dataclass
-class ActivationsConfig:
-    #: fixed: `bits` everywhere; auto: AutoQuant picks per-channel bits from the bound
-    mode: Literal["fixed", "auto"] = "fixed"
-    #: fixed-mode width; under auto the width of ops without a bound and of the first step
-    bits: int = 8
-    #: zero-value compression: 1 mask bit per element + `bits` per non-zero
-    zvc: bool = False
-    granularity: Literal["channel", "group"] = "channel"
-    group_size: int = 256
-    rounding: Literal["nearest", "stochastic"] = "nearest"
-    #: saved tensors with fewer elements are kept as they are
-    min_numel: int = 1024
-    #: 1-bit masks / window indices / shape-only for ReLU, ReLU6, max- and avg-pool
-    masks: bool = True
-    #: auto: error bound e = 2^-eps_bits (authors' default 0: e = 1)
-    eps_bits: float = 0.0
-    stats_every: int = 100
-    window: int = 10
-    max_bits: int = 16
-
-    def check(self):
-        check_range("bits", self.bits, 1, 16, "activation bits are stored packed, 1 to 16 per element")
-        check_range("max_bits", self.max_bits, 2, 16)
-        if self.group_size < 1:
-            raise ConfigError("group_size", f"must be a positive integer, got {self.group_size}")
-        if self.min_numel < 0:
-            raise ConfigError("min_numel", f"must be >= 0, got {self.min_numel}")
-        check_range("eps_bits", self.eps_bits, -16, 32, "e = 2^-eps_bits")
-        if self.stats_every < 1:
-            raise ConfigError("stats_every", f"must be a positive number of steps, got {self.stats_every}")
-        if self.window < 1:
-            raise ConfigError("window", f"must be a positive number of snapshots, got {self.window}")
-        if self.mode == "auto" and self.granularity != "channel":
-            raise ConfigError("granularity", "auto mode picks bits per channel; use granularity: channel")
 
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -202,6 +165,8 @@ class ActivationsPass(Pass):
     name = "activations"
     key = "activations"
     config = ActivationsConfig
+    settings_config = ActivationsSettings
+    settings: ActivationsSettings
 
     def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
         if node.op not in ("call_module", "call_function", "call_method"):
@@ -223,16 +188,12 @@ class ActivationsPass(Pass):
         specs: List[SaveSpec] = []
         fallback: Dict[str, List[str]] = {}
         groups: Dict[str, List[str]] = {}  # auto conv/linear nodes by their input node
-        cfg0 = None
+        eps: Dict[str, float] = {}  # their eps_bits: one budget per group
         for node, cfg in plan.selected(self.key):
             rule, op, geom = _rule(node, gm)
-            cfg0 = cfg0 or cfg
-            settings = SaveSettings(mode=cfg.mode, bits=cfg.bits, zvc=cfg.zvc, granularity=cfg.granularity,
-                                    group_size=cfg.group_size, rounding=cfg.rounding, min_numel=cfg.min_numel,
-                                    masks=cfg.masks, max_bits=cfg.max_bits, eps_bits=cfg.eps_bits)
             if cfg.mode == "auto" and rule not in ("conv", "linear", "bn", "relu", "hardtanh", "maxpool", "shape",
                                                    "dropout"):
-                fallback.setdefault(op, []).append(node.name)
+                fallback.setdefault(op, []).append((node.name, cfg.bits))
             if node.op == "call_module":
                 fn, method = None, None
                 weight_args: Tuple[int, ...] = ()
@@ -243,7 +204,7 @@ class ActivationsPass(Pass):
                 fn, method = None, node.target
                 weight_args = tuple(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a not in data)
             spec_name = fxc_name(gm, "act", node.name)
-            spec = SaveSpec(node.name, op, rule, settings, fn=fn, method=method, weight_args=weight_args,
+            spec = SaveSpec(node.name, op, rule, cfg, fn=fn, method=method, weight_args=weight_args,
                             geom=geom, ledger=ledger, first=not specs)
             add_submodule(gm, spec_name, spec)
             specs.append(spec)
@@ -267,13 +228,22 @@ class ActivationsPass(Pass):
             res.modified = True
             if cfg.mode == "auto" and rule in ("conv", "linear"):
                 groups.setdefault(src.name if src is not None else old, []).append(old)
+                eps[old] = cfg.eps_bits
         if not specs:
             return res
-        for op, names in sorted(fallback.items()):
+        for op, named in sorted(fallback.items()):
+            names = [n for n, _ in named]
+            bits = "/".join(str(b) for b in sorted({b for _, b in named}))
             shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
             res.notes.append(f"activations: no AutoQuant bound for {op} ({len(names)} node(s): {shown}); "
-                             f"width measured at statistics steps, fixed {cfg0.bits} bits until then")
+                             f"width measured at statistics steps, fixed {bits} bits until then")
         res.notes.append(f"activations: {len(specs)} node(s) store their saved tensors packed")
-        ctrl = AutoQuantController(specs, list(groups.values()), stats_every=cfg0.stats_every, window=cfg0.window)
+        for members in groups.values():
+            if len({eps[n] for n in members}) > 1:
+                # the group's input is stored once, under one budget: the first
+                # member's eps_bits would silently decide for all of them
+                raise BadInput("activations: " + ", ".join(f"{n} (eps_bits {eps[n]:g})" for n in members)
+                               + " read one input, stored once under one error bound; give them the same eps_bits")
+        ctrl = AutoQuantController(specs, list(groups.values()), self.settings)
         res.controllers["activations"] = ctrl
         return res

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
@@ -31,11 +31,34 @@ class Pass:
     `key` (the policy key, e.g. "scaled_grad") and `config` (its dataclass).
     `applies_to` says whether a node can take the treatment (None = yes, else
     the reason why not, shown in the plan); `run` rewrites the graph in place.
+
+    Optional, for a pass with a `key`:
+    - `schedule_config`: dataclass of the policy's `schedule: {<key>: {...}}`
+      (when the treatment changes over training);
+    - `settings_config`: dataclass of the policy's `settings: {<key>: {...}}`,
+      settings that hold for the whole pass (a controller's, say), which a
+      per-node rule cannot give without one node's value silently winning.
+    The policy loader validates both sections with these dataclasses, and the
+    manager sets `self.schedule` (None when the policy has no schedule for the
+    key) and `self.settings` (the defaults when the section is absent) before
+    it calls `run`.
+
+    Order: `after` / `before` name passes (by `name`) that must run before /
+    after this one when both are in the pass list; the manager refuses a
+    list that breaks them (manager.check_passes).
     """
 
     name: ClassVar[str] = "pass"
     key: ClassVar[Optional[str]] = None
     config: ClassVar[Optional[type]] = None
+    schedule_config: ClassVar[Optional[type]] = None
+    settings_config: ClassVar[Optional[type]] = None
+    after: ClassVar[Tuple[str, ...]] = ()
+    before: ClassVar[Tuple[str, ...]] = ()
+
+    #: set by the manager before `run` (see the class docstring)
+    schedule: Any = None
+    settings: Any = None
 
     def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
         return None

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -38,13 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..config import ConfigError, check_range
+from ..config import ConfigError, check_bits
+from ..quantize import FIRST_LAST_BITS, authors_first_last_bits
 from ..runtime.scaled_grad import ScaledGrad, ScaledGradController, ScaledGradGroup
 from .base import Pass, PassResult, add_submodule, fxc_name
-
-#: below this width the first and last layers use first_last_bits (the authors' rule)
-FIRST_LAST_BELOW = 4
-
 
 @dataclass
 class ScaledGradConfig:
@@ -59,19 +56,20 @@ class ScaledGradConfig:
     #: "uniform": the b-bit grid; "zero": the sparse variant (grid {0}, scale lambda_s*|w|)
     grid: Literal["uniform", "zero"] = "uniform"
     #: width of the first and last weight layers when bits < 4 (null: no special case)
-    first_last_bits: Optional[int] = 8
+    first_last_bits: Optional[int] = FIRST_LAST_BITS
     #: also scale the layer's bias (the authors do it for the last linear layer)
     bias: bool = False
 
     def check(self):
-        check_range("bits", self.bits, 2, 8, "the symmetric grid needs 2^b - 1 >= 3 levels; PSGD targets 2..8 bits")
+        check_bits("bits", self.bits, 2, 8, "the symmetric grid needs 2^b - 1 >= 3 levels; PSGD targets 2..8 bits")
         if not (math.isfinite(self.lambda_s) and self.lambda_s > 0):
             raise ConfigError("lambda_s", f"must be a positive number, got {self.lambda_s}")
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
             raise ConfigError("epsilon", f"must be a number >= 0, got {self.epsilon}")
         if self.start_step < 0:
             raise ConfigError("start_step", f"must be >= 0 optimizer steps, got {self.start_step}")
-        check_range("first_last_bits", self.first_last_bits, 2, 8)
+        if self.first_last_bits is not None:
+            check_bits("first_last_bits", self.first_last_bits, 2, 8)
 
 
 _MODULE_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.Linear: F.linear}
@@ -113,10 +111,21 @@ def _functional_reason(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
     return None
 
 
+def _bits_for(cfg: ScaledGradConfig, role: str) -> Tuple[int, str]:
+    """The width a weight really gets: quantize.authors_first_last_bits (the
+    one copy of the rule) for the first and last layer, else cfg.bits. The
+    pass and the plan table (`effective`) both ask here."""
+    width = authors_first_last_bits(cfg.bits, cfg.first_last_bits) if role else None
+    return (width, role) if width is not None else (cfg.bits, role)
+
+
 class ScaledGradPass(Pass):
     name = "scaled_grad"
     key = "scaled_grad"
     config = ScaledGradConfig
+    # the activation pass turns conv/linear calls into fxc_save calls, where
+    # this pass would no longer find the weight it scales
+    before = ("activations",)
 
     def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
         if node.op == "call_module":
@@ -145,15 +154,35 @@ class ScaledGradPass(Pass):
                 names.append(str(_weight_arg(n).target))
         return names
 
+    @classmethod
+    def _first_last_roles(cls, gm: fx.GraphModule) -> Dict[str, str]:
+        order = cls._weight_layers(gm)
+        return {order[0]: "first", order[-1]: "last"} if order else {}
+
+    def effective(self, gm: fx.GraphModule, plan) -> Dict[str, Dict[str, Any]]:
+        """Plan nodes whose width the first/last rule changes: node name ->
+        {bits, role} (what plan tables show; run() applies the same rule)."""
+        roles = self._first_last_roles(gm)
+        out: Dict[str, Dict[str, Any]] = {}
+        for node, cfg in plan.selected(self.key):
+            if node.op == "call_module":
+                weight = f"{node.target}.weight"
+            elif node.op == "call_function":
+                weight = str(_weight_arg(node).target)
+            else:
+                weight = str(node.target)
+            bits, role = _bits_for(cfg, roles.get(weight, ""))
+            if bits != cfg.bits:
+                out[node.name] = {"bits": bits, "role": role}
+        return out
+
     def run(self, gm: fx.GraphModule, plan) -> PassResult:
         result = PassResult()
-        order = self._weight_layers(gm)
-        first, last = (order[0], order[-1]) if order else (None, None)
         self._gm, self._plan, self._result = gm, plan, result
         self._modules: Dict[str, ScaledGrad] = {}
         self._names: Dict[str, str] = {}
         self._params: Dict[str, nn.Parameter] = {}
-        self._roles = {first: "first", last: "last"} if first else {}
+        self._roles = self._first_last_roles(gm)
         for node, cfg in list(plan.selected(self.key)):
             if getattr(node, "_erased", False):  # a get_attr an earlier rewrite here replaced
                 continue
@@ -210,10 +239,7 @@ class ScaledGradPass(Pass):
                     gm.graph.erase_node(old)
 
     def _bits(self, param_name: str, cfg: ScaledGradConfig) -> Tuple[int, str]:
-        role = self._roles.get(param_name, "")
-        if role and cfg.first_last_bits is not None and cfg.bits < FIRST_LAST_BELOW:
-            return cfg.first_last_bits, role
-        return cfg.bits, role
+        return _bits_for(cfg, self._roles.get(param_name, ""))
 
     def _scaled(self, param_name: str, cfg: ScaledGradConfig, anchor: fx.Node, layer_weight: str) -> fx.Node:
         """A get_attr of the parameter followed by its ScaledGrad node, inserted

@@ -48,7 +48,7 @@ of the packed tensors actually held.
 from __future__ import annotations
 
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -56,6 +56,7 @@ import torch.nn as nn
 
 from ..config import from_dict
 from ..kernels import actpack
+from .activations_config import ActivationsConfig
 from .function_paths import _function_path, resolve_function
 from .ledger import Ledger, _node_stats, _storage_key, shared_ledger
 from .probe import keep_inputs, record_probe
@@ -63,22 +64,6 @@ from .statistics import record_statistics
 from .stored_forms import (_decode_window_index, _encode_window_index, _Kept, _Mask, _nbytes, _ShapeOnly,
                            _WindowIndex)
 from .widths import _dot, auto_bits
-
-
-@dataclass
-class SaveSettings:
-    """The resolved config of one node (from ActivationsConfig)."""
-
-    mode: str = "fixed"           # fixed | auto
-    bits: int = 8
-    zvc: bool = False
-    granularity: str = "channel"  # channel | group
-    group_size: int = 256
-    rounding: str = "nearest"
-    min_numel: int = 1024
-    masks: bool = True
-    max_bits: int = 16
-    eps_bits: float = 0.0
 
 
 class SaveSpec(nn.Module):
@@ -90,7 +75,7 @@ class SaveSpec(nn.Module):
     saved in the controller's state, not here.
     """
 
-    def __init__(self, node: str, op: str, rule: str, settings: SaveSettings, fn: Optional[Callable] = None,
+    def __init__(self, node: str, op: str, rule: str, settings: ActivationsConfig, fn: Optional[Callable] = None,
                  method: Optional[str] = None, weight_args: Tuple[int, ...] = (), geom: Optional[dict] = None,
                  ledger: Optional[Ledger] = None, first: bool = False):
         super().__init__()
@@ -333,13 +318,13 @@ def rebuild_save_spec(node: str, op: str, rule: str, settings: Dict[str, Any], f
     exported module.py calls this).
 
     `fn` is a dotted path resolved through `resolve_function`; `settings`
-    a dict loaded as SaveSettings by the allow-listed config loader. Specs
+    a dict loaded as ActivationsConfig by the allow-listed config loader. Specs
     built with the same `ledger_key` share one Ledger: the `first` spec of
     a graph (built first, as the exporter attaches submodules in graph
     order) starts a new one, and the specs built after it join it, so two
     instances of one exported module never share a ledger."""
     ledger = None if ledger_key is None else shared_ledger(ledger_key, first)
-    return SaveSpec(node, op, rule, from_dict(SaveSettings, settings),
+    return SaveSpec(node, op, rule, from_dict(ActivationsConfig, settings),
                     fn=None if fn is None else resolve_function(fn), method=method,
                     weight_args=tuple(weight_args), geom={k: (tuple(v) if isinstance(v, list) else v)
                                                           for k, v in (geom or {}).items()},

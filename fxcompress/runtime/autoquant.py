@@ -44,6 +44,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
+from .activations_config import ActivationsSettings
 from .controller import Controller
 from .measure import saved_figures
 from .probe import measure_width
@@ -52,7 +53,7 @@ from .probe import measure_width
 class AutoQuantController(Controller):
     kind = "activations"
 
-    def __init__(self, specs: List[nn.Module], groups: List[List[str]], stats_every: int = 100, window: int = 10):
+    def __init__(self, specs: List[nn.Module], groups: List[List[str]], settings: ActivationsSettings):
         super().__init__()
         # specs are submodules of the graph module already; a plain dict keeps
         # them out of this module's state_dict (no duplicate entries)
@@ -61,7 +62,7 @@ class AutoQuantController(Controller):
         self.bn_nodes = [s.node for s in specs if s.settings.mode == "auto" and s.rule == "bn"]
         # ops without a bound: widths measured by replaying the op (runtime/probe.py)
         self.probe_nodes = [s.node for s in specs if s.settings.mode == "auto" and s.rule == "quant"]
-        self.stats_every, self.window = int(stats_every), int(window)
+        self.settings = settings  # stats_every, window (checked when the policy was loaded)
         self.steps = 0
         self.snapshots: Dict[str, deque] = {}
         self._arm()
@@ -80,9 +81,9 @@ class AutoQuantController(Controller):
         classifier head, as in torchvision's ViT, passes none back at step
         0) has no usable snapshot: it is measured again at the next steps,
         up to `window` of them, instead of waiting `stats_every` steps."""
-        phase = self.steps % self.stats_every
+        phase = self.steps % self.settings.stats_every
         for unit in self._units():
-            retry = phase < self.window and not self.snapshots.get(unit[0])
+            retry = phase < self.settings.window and not self.snapshots.get(unit[0])
             for n in unit:
                 self._specs[n].collect = self.auto and (phase == 0 or retry)
 
@@ -106,19 +107,19 @@ class AutoQuantController(Controller):
                 continue  # no gradient reached these layers: no information
             rec = {"gw2": sum(s["gw2"] for s in snaps), "uy2": sum(s["u"] * s["gy2"] for s in snaps),
                    "numel": snaps[0]["numel"]}
-            self.snapshots.setdefault(g[0], deque(maxlen=self.window)).append(rec)
+            self.snapshots.setdefault(g[0], deque(maxlen=self.settings.window)).append(rec)
         for n in self.bn_nodes:
             s = self._specs[n].snapshot
             if not all(k in s for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2")) or s["sgx2"] == 0.0:
                 continue
             rec = {k: s[k] for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2", "gamma2", "K", "NHW")}
-            self.snapshots.setdefault(n, deque(maxlen=self.window)).append(rec)
+            self.snapshots.setdefault(n, deque(maxlen=self.settings.window)).append(rec)
         if self.probe_nodes:
             for n in self.probe_nodes:
                 spec = self._specs[n]
                 got = measure_width(spec, 2.0 ** -spec.settings.eps_bits, spec.settings.max_bits)
                 if got is not None:
-                    self.snapshots.setdefault(n, deque(maxlen=self.window)).append(got)
+                    self.snapshots.setdefault(n, deque(maxlen=self.settings.window)).append(got)
         for s in self._specs.values():
             s.snapshot = {}
 
@@ -178,7 +179,7 @@ class AutoQuantController(Controller):
         if not state:
             return
         self.steps = int(state.get("steps", 0))
-        self.snapshots = {k: deque(v, maxlen=self.window) for k, v in state.get("snapshots", {}).items()}
+        self.snapshots = {k: deque(v, maxlen=self.settings.window) for k, v in state.get("snapshots", {}).items()}
         self._update_budgets()
         self._arm()
 

@@ -154,6 +154,13 @@ class ScaledGrad(nn.Module):
             return w
         return _ScaledGradFn.apply(w, self)
 
+    def fxc_constructor(self):
+        """For fxcompress.export: the settings. The step clock is the
+        controller's, which is not exported (an exported module starts its own
+        at 0); the EMA range travels in the weights file."""
+        return (ScaledGrad, (self.param_name,), {"bits": self.bits, "lambda_s": self.lambda_s, "epsilon": self.epsilon,
+                                                 "grid": self.grid, "start_step": self.start_step, "role": self.role})
+
     def extra_repr(self) -> str:
         return (f"{self.param_name}, bits={self.bits}, lambda_s={self.lambda_s}, epsilon={self.epsilon}, "
                 f"grid={self.grid}, start_step={self.start_step}")
@@ -383,6 +390,11 @@ class ScaledGradGroup(nn.Module):
         for i, t in zip(idx, out):
             full[i] = t
         return tuple(full)
+
+    def fxc_constructor(self):
+        """For fxcompress.export: the members, written as references to the
+        graph module's own (already rebuilt) ScaledGrad submodules."""
+        return (ScaledGradGroup, (list(self._members),), {})
 
     def extra_repr(self) -> str:
         return ", ".join(m.param_name for m in self._members)

@@ -74,12 +74,12 @@ def spend_slack(bits: np.ndarray, a: np.ndarray, dx2: np.ndarray, n: np.ndarray,
     sum_c n_c * err_c / dx2_c <= sum_c n_c is the bound. The per-channel rule
     keeps every channel within its dx2_c by itself, and whole bits leave
     most of them well below it. err_c is channel c's squared rounding error
-    at its width (half a grid step: (max|x_c|+eps) / 2^(b+1) unsigned,
-    / 2^b signed; the same worst case the SPEC rule assumes; only values in
-    the clipped top grid cell can be off by up to a step, and the mean
-    squared error of round-to-nearest is a third of the half-step square,
-    so the sum counted here stays above the real one in practice, which
-    tests/test_autoquant.py measures). Each round takes one bit from the channels whose
+    at its width (half a grid step of kernels/rounding.py's grid:
+    (max|x_c|+eps) / (2^(b+1) - 2) unsigned, / (2^b - 2) signed (at least
+    1: max|x_c| + eps for signed 1 bit); the same worst case the SPEC rule
+    assumes; the mean squared error of round-to-nearest is a third of the
+    half-step square, so the sum counted here stays above the real one in
+    practice, which tests/test_autoquant.py measures). Each round takes one bit from the channels whose
     normalised error grows least per bit saved (it quadruples: an increase
     of 3 * n_c * err_c / dx2_c for n_c bits), cheapest first, while the
     total stays within the bound."""
@@ -89,7 +89,7 @@ def spend_slack(bits: np.ndarray, a: np.ndarray, dx2: np.ndarray, n: np.ndarray,
     lo = 1 if not signed else 2
     sh = 1 if not signed else 0
     for _ in range(rounds):
-        r = (a / np.exp2(b + sh)) ** 2 / d
+        r = (a / np.maximum(np.exp2(b + sh) - 2.0, 1.0)) ** 2 / d
         slack = budget - float((n * r).sum())
         ok = (b > lo) & (n > 0)
         if slack <= 0 or not ok.any():

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from ..errors import BadInput
+from ..passes import resolve_passes
 from .checkpoint import CHECKPOINT, load_init, weights_path
 from .config import DIGITS_DEFAULT_UPSCALE, TrainConfig, resolve_device
 from .hooks import hook
@@ -113,7 +114,8 @@ class Run:
     init_line: Optional[str] = None
 
 
-def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bundle=None) -> Run:
+def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bundle=None,
+                passes: Optional[Tuple[type, ...]] = None) -> Run:
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     bundle = bundle or build_data(cfg, model_channels(cfg))
@@ -135,7 +137,7 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     if compressed:
         from ..compiled import compile as fx_compile
 
-        model = fx_compile(model, cfg.policy, (example,))
+        model = fx_compile(model, cfg.policy, (example,), passes=passes)
         compile_report = hook(model, "report")
         if init_path:  # ... and after, for what the passes keep under the same names
             init, init_line = load_init(model, init_path, compiled=True)
@@ -148,7 +150,7 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
         from ..distributed import CommunicationConfig
         from ..distributed.hook import wrap
 
-        comm = communication(cfg) if use_policy else None
+        comm = communication(cfg, passes) if use_policy else None
         # the baseline, and a policy without a communication: section, all-reduce in fp32
         comm = comm or CommunicationConfig(method="fp32")
         run.ddp, run.comm = wrap(model, comm, device)
@@ -159,10 +161,10 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
     return run
 
 
-def communication(cfg: TrainConfig):
+def communication(cfg: TrainConfig, passes: Optional[Tuple[type, ...]] = None):
     """The policy's `communication:` section, or None."""
     if not cfg.policy:
         return None
     from ..policy import load_policy
 
-    return load_policy(cfg.policy).section("communication")
+    return load_policy(cfg.policy, resolve_passes(passes)).section("communication")

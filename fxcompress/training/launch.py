@@ -7,11 +7,12 @@ import json
 import os
 import pickle
 import sys
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
 from ..errors import BadInput
+from ..passes import resolve_passes
 from .build import build_data, communication, model_channels, prepare_run
 from .checkpoint import resume_if_saved, weights_path
 from .config import TrainConfig, check_config, resolve_device
@@ -20,8 +21,11 @@ from .rundir import (BASELINE_DIR, REPORT, claim_run_dir, comparison_rows, descr
                      new_run_dir, run_plots, run_report, write_json)
 
 
-def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    """Train per `cfg` (and its baseline with cfg.baseline) in a new run directory."""
+def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None,
+          passes: Optional[Sequence[type]] = None) -> Dict[str, Any]:
+    """Train per `cfg` (and its baseline with cfg.baseline) in a new run directory.
+    `passes`: the compile's pass list (default fxcompress.passes.DEFAULT_PASSES)."""
+    passes = resolve_passes(passes)
     check_config(cfg)
     if cfg.init is not None:
         weights_path(cfg.init, "--init")  # fail before the run directory is claimed
@@ -33,16 +37,17 @@ def train(cfg: TrainConfig, log: Optional[Callable[[str], None]] = None) -> Dict
         model = os.path.abspath(model)
     init = os.path.abspath(cfg.init) if cfg.init else cfg.init
     cfg = dataclasses.replace(cfg, run_dir=run_dir, policy=policy, model=model, init=init)
-    return _launch(cfg, {}, log)
+    return _launch(cfg, {}, log, passes)
 
 
-def resume(run_dir: str, log: Optional[Callable[[str], None]] = None,
+def resume(run_dir: str, log: Optional[Callable[[str], None]] = None, passes: Optional[Sequence[type]] = None,
            **overrides) -> Dict[str, Any]:
     """Continue the run in `run_dir` where its last checkpoint left it.
 
     Only settings that do not change the result may be overridden: device,
-    progress, plots, stop_after.
+    progress, plots, stop_after. `passes`: as train()'s (the same list).
     """
+    passes = resolve_passes(passes)
     allowed = {"device", "progress", "plots", "stop_after"}
     bad = set(overrides) - allowed
     if bad:
@@ -61,7 +66,7 @@ def resume(run_dir: str, log: Optional[Callable[[str], None]] = None,
     if saved.get("policy_sha256") != file_digest(cfg.policy):
         raise BadInput(f"--resume {run_dir}: the policy file {cfg.policy} changed since the run started; "
                        "a resumed run must use the same policy")
-    return _launch(cfg, {"resumed": True}, log)
+    return _launch(cfg, {"resumed": True}, log, passes)
 
 
 class StreamLog:
@@ -74,7 +79,7 @@ class StreamLog:
         print(text, file=getattr(sys, self.stream), flush=True)
 
 
-def _launch(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
+def _launch(cfg: TrainConfig, extra: Dict[str, Any], log, passes: Tuple[type, ...]) -> Dict[str, Any]:
     """One process, N spawned workers (cfg.nproc > 1), or this process's rank under torchrun."""
     from ..distributed.launch import default_backend, init_from_env, run_data_parallel, under_torchrun
 
@@ -92,7 +97,7 @@ def _launch(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
         dist.broadcast_object_list(names, src=0)
         cfg = dataclasses.replace(cfg, run_dir=names[0])
         try:
-            return _ddp_entry(rank, world, cfg, extra, log)  # None on ranks other than 0
+            return _ddp_entry(rank, world, cfg, extra, log, passes)  # None on ranks other than 0
         finally:
             dist.destroy_process_group()
     if cfg.nproc > 1:
@@ -102,30 +107,32 @@ def _launch(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
                 pickle.dumps(log)
             except Exception:
                 log = StreamLog("stdout")
-        results = run_data_parallel(_ddp_entry, cfg.nproc, (cfg, extra, log), backend=default_backend(device.type),
+        results = run_data_parallel(_ddp_entry, cfg.nproc, (cfg, extra, log, passes), backend=default_backend(device.type),
                                     threads_per_worker=cfg.threads)
         return results[0]
-    return _train_job(cfg, extra, log)
+    return _train_job(cfg, extra, log, passes)
 
 
-def _ddp_entry(rank: int, world: int, cfg: TrainConfig, extra: Dict[str, Any], log) -> Optional[Dict[str, Any]]:
+def _ddp_entry(rank: int, world: int, cfg: TrainConfig, extra: Dict[str, Any], log,
+               passes: Tuple[type, ...]) -> Optional[Dict[str, Any]]:
     """One worker of a data-parallel run (spawned, or a torchrun rank); rank 0 returns the result."""
     if resolve_device(cfg.device).type == "cuda":
         cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
-    result = _train_job(cfg, extra, log if rank == 0 else None)
+    result = _train_job(cfg, extra, log if rank == 0 else None, passes)
     return result if rank == 0 else None
 
 
-def _train_job(cfg: TrainConfig, extra: Dict[str, Any], log) -> Dict[str, Any]:
+def _train_job(cfg: TrainConfig, extra: Dict[str, Any], log, passes: Tuple[type, ...]) -> Dict[str, Any]:
     run_dir = cfg.run_dir
     bundle = build_data(cfg, model_channels(cfg))
-    main = prepare_run(cfg, run_dir, "compressed" if cfg.policy else "run", use_policy=True, bundle=bundle)
+    main = prepare_run(cfg, run_dir, "compressed" if cfg.policy else "run", use_policy=True, bundle=bundle,
+                       passes=passes)
     resume_if_saved(main)
     if log:
         log(describe_run(main))
         if main.init_line:
             log(main.init_line)
-        if main.world == 1 and communication(cfg) is not None:
+        if main.world == 1 and communication(cfg, passes) is not None:
             log(f"note: the policy's communication: section applies only to data-parallel training "
                 f"(--nproc > 1); this run has one process")
     status = execute(main, log)

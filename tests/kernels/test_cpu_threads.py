@@ -1,0 +1,76 @@
+"""The C loops at any thread count: the same bytes as the torch reference at
+1, 2 and 3 threads (3 on a 2-core machine too: an odd split), on tensors
+large enough to be cut into a piece per thread."""
+import pytest
+import torch
+
+from fxcompress.kernels import actpack as ap, actpack_cpu
+
+pytestmark = pytest.mark.skipif(actpack_cpu.lib() is None, reason="no C compiler: the reference is the CPU path")
+
+
+def _outputs(x):
+    """Everything the packers produce for x, as a flat list of tensors."""
+    out = []
+    x3 = ap.view3(x, "channel")
+    xr = x.relu()
+    xr3 = ap.view3(xr, "channel")
+    a, mn = ap.stats(x3)
+    a2, mn2, nnz = ap.stats_nnz(xr3)
+    out += [a, mn, a2, mn2, nnz]
+    for bits, signed in ((3, True), (8, False), (12, True), (1, False)):
+        p = ap.quant_pack(x3 if signed else xr3, bits, "stochastic", seed=bits, signed=signed)
+        out += list(p.parts) + [ap.unpack(p)]
+    bits_c = torch.arange(x3.shape[1]) % 9 + 1
+    mx = ap.mixed_pack(x3, bits_c, "stochastic", seed=2)
+    out += [q for _, g in mx.groups for q in g.parts] + [ap.mixed_unpack(mx)]
+    m = ap.pack_mask_gt(xr, 0.0)
+    out += [m.bits, ap.pack_mask(xr > 0).bits, ap.unpack_mask(m), ap.unpack_mask_values(m, 1.0, 0.0)]
+    z = ap.mixed_zvc_pack(xr3, bits_c, m, nnz, "stochastic", seed=4, amax=a2)
+    out += [q for _, g, _ in z.groups for q in g.parts] + [ap.mixed_zvc_unpack(z)]
+    codes = (torch.arange(x.numel()) % 7).to(torch.int32)
+    parts = ap.pack_codes(codes, 3)
+    out += list(parts) + [ap.unpack_codes(parts, 3, x.numel())]
+    return out
+
+
+def test_c_loops_equal_reference_at_1_2_3_threads(monkeypatch):
+    x = torch.randn(8, 24, 40, 41, generator=torch.Generator().manual_seed(0))  # 315 K elements
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("FXC_CPU_FAST", "0")
+        ref = _outputs(x)
+        monkeypatch.setenv("FXC_CPU_FAST", "1")
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = _outputs(x)
+            assert len(got) == len(ref)
+            for i, (g, r) in enumerate(zip(got, ref)):
+                assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_psgd_scaling_equal_reference_at_1_2_3_threads():
+    """PSGD's C scaling loop shares the weights out among threads: the same
+    bits as scaled_grad_reference at any thread count."""
+    from fxcompress.kernels import scaled_grad as sg
+
+    if sg.cpu_lib() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(1)
+    ws = [torch.randn(n, generator=gen) for n in (70_000, 3, 50_000, 129, 90_001)]
+    gs = [torch.randn(w.shape, generator=gen) for w in ws]
+    deltas = [float(w.abs().max()) / 7 for w in ws]
+    zero = [False, True, False, False, True]
+    ref = [sg.scaled_grad_reference(g, w, torch.tensor(d), 7, 0.5, 1e-3 if i % 2 else 0.0, z)
+           for i, (g, w, d, z) in enumerate(zip(gs, ws, deltas, zero))]
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = sg.scale_many_cpu(gs, ws, deltas, [7] * 5, [0.5] * 5, [1e-3 if i % 2 else 0.0 for i in range(5)],
+                                    zero)
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), n
+    finally:
+        torch.set_num_threads(before)

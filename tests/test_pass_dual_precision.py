@@ -1,0 +1,371 @@
+"""CAMP's dual_precision pass: block detection, the rewrite, the gate, the
+quantizers' gradients, the BOP cost model, routed inference and the RL loss."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import fxcompress
+import fxcompress.errors
+from fxcompress.errors import PolicyError
+from fxcompress.models import resnet_cifar
+from fxcompress.passes.dual_precision import find_residual_blocks
+from fxcompress.quantizers.dorefa import quantize_activation, quantize_weight
+from fxcompress.quantizers.pact import PactQuant
+from fxcompress.runtime.dual_precision import rl_loss
+from fxcompress.tracing import trace
+
+
+def policy(mode="sp", pre_gate=False, **block):
+    return {"settings": {"dual_precision": {"mode": mode, "pre_gate": pre_gate}},
+            "rules": [{"match": {"type": ["Conv2d", "Linear"]}, "optional": True, "dual_precision": {}},
+                      {"match": {"op": ["add", "iadd"]}, "optional": True, "dual_precision": dict(block)}]}
+
+
+class Residual(nn.Module):
+    """A user's own residual block: y = relu(x + body(x))."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+class UserNet(nn.Module):
+    def __init__(self, c=4, blocks=1):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1, bias=False)
+        self.blocks = nn.Sequential(*[Residual(c) for _ in range(blocks)])
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def blocks_of(model):
+    gm, _ = trace(model)
+    regions, _ = find_residual_blocks(gm)
+    return {r.name: r for r in regions.values()}
+
+
+# --- block detection ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name,count,downsampled", [("resnet18", 8, "layer2.0"), ("resnet50", 16, "layer1.0"),
+                                                    ("mobilenet_v2", 10, None)])
+def test_blocks_found_in_torchvision_models(name, count, downsampled):
+    found = blocks_of(getattr(torchvision.models, name)(num_classes=10))
+    assert len(found) == count
+    if downsampled:  # the shortcut's downsample conv belongs to the block
+        targets = {str(n.target) for n in found[downsampled].layers}
+        assert f"{downsampled}.downsample.0" in targets
+    if name == "mobilenet_v2":  # inverted residuals: expand, depthwise, project
+        assert all(len(r.layers) in (2, 3) for r in found.values())
+        assert "features.1" not in found  # no residual: in != out channels
+
+
+def test_blocks_found_in_a_user_model_and_the_cifar_resnet():
+    found = blocks_of(UserNet(blocks=2))
+    assert list(found) == ["blocks.0", "blocks.1"]
+    r = found["blocks.0"]
+    assert [str(n.target) for n in r.layers] == ["blocks.0.body.0", "blocks.0.body.3"]
+    assert r.end.target is torch.relu  # the ReLU after the add ends the block
+    assert len(blocks_of(resnet_cifar(20, 10, 1))) == 9
+
+
+def test_an_add_that_is_not_a_block_is_skipped_with_a_reason():
+    class NotBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.fc((y + y.mean()).mean((2, 3)))  # no conv between the add's inputs and a shared input
+
+    cm = fxcompress.compile(NotBlock(), policy(), (torch.randn(2, 1, 6, 6),))
+    skipped = [e.skipped for e in cm.plan.entries.values() if e.skipped]
+    assert any("not a residual block" in s.get("dual_precision", "") for s in skipped)
+
+
+# --- the rewrite ----------------------------------------------------------------------
+
+def compiled(mode="sp", pre_gate=False, blocks=1, seed=0, **block):
+    torch.manual_seed(seed)
+    net = UserNet(blocks=blocks)
+    return net, fxcompress.compile(net, policy(mode, pre_gate, **block), (torch.randn(2, 1, 8, 8),))
+
+
+def test_code_shows_paths_and_gate_and_first_last_stay_full_precision():
+    net, cm = compiled()
+    code = cm.code
+    for part in ("fxc_dual_blocks_0_low_", "fxc_dual_blocks_0_high_", "self.fxc_dual_blocks_0.gate(",
+                 "self.fxc_dual_blocks_0.merge(", "self.fxc_dual_blocks_0.route_high(",
+                 "self.fxc_dual_blocks_0.low_norms.blocks_0_body_1("):
+        assert part in code
+    assert "self.stem(x)" in code and "self.fc(" in code  # untouched
+    # shared weights: both paths read the original parameter; the state_dict keeps its names
+    assert code.count("blocks_0_body_0_weight") >= 2
+    names = set(dict(cm.graph_module.named_parameters()))
+    assert {"stem.weight", "blocks.0.body.0.weight", "fc.weight"} <= names
+
+
+def test_gate_shapes_and_train_forward_backward():
+    _, cm = compiled()
+    block = cm.controllers["dual_precision"].blocks["blocks.0"]
+    x = torch.randn(5, 1, 8, 8)
+    probs = block.gate(torch.rand(5, 4, 8, 8))
+    assert probs.shape == (5, 2) and torch.allclose(probs.sum(1), torch.ones(5))
+    cm.train()
+    out = cm(x)
+    assert out.shape == (5, 3)
+    out.sum().backward()
+    # supervised: the hard gate's straight-through gradient reaches the gate
+    assert block.gate.conv.weight.grad is not None and block.gate.conv.weight.grad.abs().sum() > 0
+
+
+def test_straight_through_gradients():
+    w = torch.randn(20, requires_grad=True)
+    g = torch.randn(20)
+    (quantize_weight(w, 1) * g).sum().backward()
+    assert torch.equal(w.grad, g)  # 1-bit: identity gradient
+    q1 = quantize_weight(w.detach(), 1)
+    assert torch.allclose(q1.abs(), w.detach().abs().mean().expand(20))
+    q4 = quantize_weight(w.detach(), 4)
+    assert len(torch.unique(q4)) <= 16 and q4.abs().max() <= 1
+    x = torch.linspace(-0.45, 1.45, 20, requires_grad=True)  # no point on the clamp edges
+    (quantize_activation(x, 2) * 3).sum().backward()
+    inside = ((x.detach() >= 0) & (x.detach() <= 1)).float()
+    assert torch.equal(x.grad, 3 * inside)  # rounding passes the gradient, the clamp does not outside [0, 1]
+    levels = torch.unique(quantize_activation(x.detach(), 2) * 3)
+    assert torch.allclose(levels, torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    p = PactQuant(2, alpha=1.0)
+    y = torch.tensor([-1.0, 0.4, 2.0], requires_grad=True)
+    p(y).sum().backward()
+    assert y.grad.tolist() == [0.0, 1.0, 0.0] and p.alpha.grad.item() == 1.0  # PACT: d/dalpha = 1 above the clip
+
+
+def test_fixed_mode_quantizes_every_layer_but_first_and_last():
+    net = UserNet()
+    cm = fxcompress.compile(net, {"settings": {"dual_precision": {"mode": "fixed"}},
+                                  "rules": [{"match": {"type": ["Conv2d", "Linear"]},
+                                             "dual_precision": {"high_bits": 1}}]}, (torch.randn(2, 1, 8, 8),))
+    assert "gate" not in cm.code and "self.stem(x)" in cm.code
+    assert cm.code.count("torch.conv2d(") == 2
+    cost = cm.controllers["dual_precision"].cost
+    assert {c.w_bits for c in cost.layers} == {1, 32}
+
+
+def test_bad_settings_point_at_the_policy_line(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("version: 1\nsettings:\n  dual_precision:\n    mode: reinforce\nrules: []\n")
+    with pytest.raises(PolicyError) as e:
+        fxcompress.compile(UserNet(), str(p), (torch.randn(2, 1, 8, 8),))
+    assert ":4" in str(e.value) and "mode" in str(e.value)
+
+
+# --- cost model -------------------------------------------------------------------------
+
+def test_bops_against_hand_count():
+    _, cm = compiled(gate_channels=8, gate_bits=4)
+    cost = cm.controllers["dual_precision"].cost
+    stem = 8 * 8 * 4 * 1 * 9          # first conv: out 4x8x8, 1 input channel, 3x3
+    body = 8 * 8 * 4 * 4 * 9          # each block conv
+    fc = 4 * 3
+    gate = 8 * 4 * 9 * 4 * 4 + 8 * 2  # 3x3 stride 2 to 8 channels on 4x4, then 1x1 to 2 logits
+    reference = (stem + fc) * 32 * 32 + 2 * body * 4 * 4
+    assert cost.reference == reference
+    for u in (0.0, 0.25, 1.0):
+        expect = (stem + fc) * 1024 + 2 * body * 1 + gate * 16 + u * 2 * body * 16
+        assert cost.relative({"blocks.0": u}) == pytest.approx(expect / reference)
+    # the pre-gate runs the low path only for its own samples
+    _, cm = compiled(pre_gate=True, gate_channels=8, gate_bits=4)
+    cost = cm.controllers["dual_precision"].cost
+    expect = (stem + fc) * 1024 + 0.75 * 2 * body + gate * 16 + 0.25 * 2 * body * 16
+    assert cost.relative({"blocks.0": 0.25}) == pytest.approx(expect / reference)
+
+
+# --- routed inference ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("pre_gate", [False, True])
+def test_routed_eval_equals_masked_two_branch_output(pre_gate):
+    _, cm = compiled(pre_gate=pre_gate, blocks=2, seed=1)
+    ctl = cm.controllers["dual_precision"]
+    torch.manual_seed(3)
+    cm.eval()
+    x = torch.randn(16, 1, 8, 8)
+    for b in ctl.blocks.values():  # gates that split the batch in half, block by block
+        nn.init.normal_(b.gate.fc.weight, std=3.0)
+        nn.init.zeros_(b.gate.fc.bias)
+        seen = []
+        h = b.gate.register_forward_hook(lambda m, i, o: seen.append(torch.log(o[:, 1] / o[:, 0])))
+        with torch.no_grad():
+            cm(x)
+        h.remove()
+        b.gate.fc.bias.data[1] = -seen[0].median() + 1e-4
+    with torch.no_grad():
+        ctl.reset_eval()
+        routed = cm(x)
+        usage = ctl.eval_usage()
+        for b in ctl.blocks.values():
+            b.set_routed(False)
+        masked = cm(x)
+    assert all(0 < u < 1 for u in usage.values()), usage  # both paths really used
+    torch.testing.assert_close(routed, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_routed_eval_runs_the_high_path_only_for_chosen_samples():
+    _, cm = compiled(seed=2)
+    block = cm.controllers["dual_precision"].blocks["blocks.0"]
+    seen = []
+    conv = cm.graph_module.get_submodule("fxc_dual_blocks_0.quant.high_a_blocks_0_body_0")
+    conv.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    cm.eval()
+    block.force = 0.0
+    cm(torch.randn(6, 1, 8, 8))
+    block.force = 1.0
+    cm(torch.randn(6, 1, 8, 8))
+    assert seen == [0, 6]
+
+
+# --- RL ---------------------------------------------------------------------------------------
+
+def test_rl_credits_each_sample_with_its_own_reward():
+    torch.manual_seed(0)
+    outputs = torch.randn(4, 3) * 3
+    targets = torch.tensor([0, 1, 2, 0])
+    ce = F.cross_entropy(outputs, targets, reduction="none")
+    assert len(set(ce.tolist())) == 4
+    logp = [torch.zeros(4, requires_grad=True) for _ in range(2)]
+    actions = [torch.ones(4), torch.tensor([1.0, 0.0, 1.0, 0.0])]
+    alpha, w_rl = 0.1, 0.01
+    rl_loss(outputs, targets, logp, actions, alpha, 1.0, w_rl).backward()
+    # gate 2 (last): R = alpha/2 * (1 - a) - CE_b; gate 1: its own reward 0 + R of gate 2
+    r2 = alpha / 2 * (1 - actions[1]) - ce
+    torch.testing.assert_close(logp[1].grad, -w_rl * r2 / 4)
+    torch.testing.assert_close(logp[0].grad, -w_rl * r2 / 4)
+    assert len(set(logp[0].grad.tolist())) == 4  # a batch-mean CE would give equal gradients
+
+
+def test_rl_training_step_reaches_the_gates():
+    _, cm = compiled(mode="rl", blocks=2)
+    cm.train()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    out = cm(x)
+    extra = cm.extra_loss(out, y)
+    assert extra is not None and extra.dim() == 0
+    (F.cross_entropy(out, y) + extra).backward()
+    for b in cm.controllers["dual_precision"].blocks.values():
+        assert b.gate.fc.bias.grad is not None and b.gate.fc.bias.grad.abs().sum() > 0
+        assert b.log_prob is None  # consumed
+    cm.eval()
+    assert cm.extra_loss(cm(x), y) is None
+
+
+def test_init_from_all_4bit_fills_low_norms():
+    net = UserNet()
+    x = torch.randn(2, 1, 8, 8)
+    w4 = fxcompress.compile(net, {"settings": {"dual_precision": {"mode": "fixed"}},
+                                  "rules": [{"match": {"type": ["Conv2d", "Linear"]}, "dual_precision": {}}]}, (x,))
+    with torch.no_grad():
+        net.blocks[0].body[1].weight.fill_(0.5)
+    state = copy.deepcopy(w4.state_dict())
+    _, cm = compiled()
+    missing = cm.load_state_dict(state, strict=False).missing_keys
+    assert not any("low_norms" in k for k in missing) and any(".gate." in k for k in missing)
+    low = cm.graph_module.get_submodule("fxc_dual_blocks_0.low_norms.blocks_0_body_1")
+    assert torch.equal(low.weight, torch.full((4,), 0.5))
+
+
+def test_report_and_figures():
+    _, cm = compiled(blocks=2)
+    ctl = cm.controllers["dual_precision"]
+    ctl.on_epoch_start(0)
+    cm.train()
+    cm(torch.randn(4, 1, 8, 8))
+    f = cm.figures()
+    assert set(f) == {"dual_precision.usage", "dual_precision.energy"}
+    ctl.on_epoch_end(0)
+    cm.eval()
+    with torch.no_grad():
+        cm(torch.randn(4, 1, 8, 8))
+    rep = ctl.report()
+    usage = {n: v["test_usage"] for n, v in rep["blocks"].items()}
+    assert rep["test_energy"] == pytest.approx(ctl.cost.relative(usage))
+    assert rep["epochs"][0]["epoch"] == 1
+
+
+def test_train_4bit_then_camp_rl_with_init(tmp_path):
+    """The README sequence, tiny: the all-4-bit run, then CAMP RL from its
+    weights (--init); the RL term runs through the loop's extra_loss."""
+    import os
+
+    from fxcompress.training import TrainConfig, train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = dict(depth=8, upscale=8, epochs=1, train_limit=64, test_limit=32, batch_size=32, plots=False,
+                  progress=False)
+    w4 = train(TrainConfig(policy=os.path.join(root, "policies", "camp_w4.yaml"), run_dir=str(tmp_path / "w4"),
+                           **common))
+    assert w4["status"] == "done"
+    rl = train(TrainConfig(policy=os.path.join(root, "policies", "camp_rl.yaml"), run_dir=str(tmp_path / "rl"),
+                           init=str(tmp_path / "w4" / "final_model.pt"), **common))
+    init = rl["main"]["init"]
+    assert init["loaded"] > 0 and any(".gate." in k for k in init["missing"])
+    assert not any("low_norms" in k for k in init["missing"])  # filled from the loaded norms
+    figures = rl["main"]["epochs"][0]["figures"]
+    assert 0 <= figures["dual_precision.usage"] <= 1 and figures["dual_precision.energy"] > 0
+
+
+class PlainNet(nn.Module):
+    """No residual add: the block is named by its module path (settings.blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.body(torch.relu(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_block_named_by_module_path():
+    pol = {"settings": {"dual_precision": {"blocks": ["body"]}},
+           "rules": [{"match": {"name": "body.*"}, "dual_precision": {"gate_channels": 2}}]}
+    cm = fxcompress.compile(PlainNet(), pol, (torch.randn(2, 1, 8, 8),))
+    block = cm.controllers["dual_precision"].blocks["body"]
+    assert block.gate.conv.out_channels == 2  # the rule's settings for the block's layer
+    assert "self.fxc_dual_body.merge(" in cm.code and "self.fxc_dual_body.low_norms.body_1(" in cm.code
+    cm.eval()
+    with torch.no_grad():
+        x = torch.randn(5, 1, 8, 8)
+        block.force = 1.0
+        high = cm(x)
+        block.set_routed(False)
+        torch.testing.assert_close(cm(x), high)
+    bad = {"settings": {"dual_precision": {"blocks": ["stem"]}}, "rules": pol["rules"]}
+    with pytest.raises(fxcompress.errors.BadInput, match="first or last"):
+        fxcompress.compile(PlainNet(), bad, (torch.randn(2, 1, 8, 8),))
+
+
+def test_training_forward_is_one_dynamo_graph():
+    """Quantizers, gate and merge are plain tensor code: torch.compile sees the
+    training forward whole (routed eval breaks at the data-dependent split)."""
+    import torch._dynamo as dynamo
+
+    _, cm = compiled(mode="rl", blocks=2)
+    cm.train()
+    try:
+        e = dynamo.explain(cm)(torch.randn(4, 1, 8, 8))
+    finally:
+        dynamo.reset()
+    assert e.graph_break_count == 0 and e.graph_count == 1

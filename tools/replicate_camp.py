@@ -1,0 +1,329 @@
+"""Replicate CAMP's accuracy-energy trade-off on the embedded digits data
+(issue 15, SPEC section 5).
+
+Per seed, the built-in CIFAR ResNet, SGD with a step schedule:
+- FP: full precision;
+- all-1-bit and all-4-bit: every layer but the first conv and the last
+  linear quantized (DoReFa, `policies/camp_w4.yaml` with high_bits 1 / 4),
+  trained from scratch;
+- CAMP supervised (`camp_sp.yaml`): from the all-4-bit model's weights
+  (the low norms start as copies of its norms), hard gate, cross-entropy;
+- CAMP RL (`camp_rl.yaml`) at each --alphas value: from the all-4-bit
+  model (default), or with --rl-from sp from the supervised CAMP model, as
+  the authors' README trains it.
+Accuracy is the test accuracy in eval mode, where every sample runs only the
+path its gate chose; energy is the BOPs per sample at the test set's gate
+usage, relative to the all-4-bit network (fxcompress/bops.py).
+
+    .venv/bin/python tools/replicate_camp.py --seeds 5 --json camp.json --png camp.png   # BENCHMARKS.md
+    .venv/bin/python tools/replicate_camp.py --seeds 1 --epochs 2 --camp-epochs 1 --alphas 0.1   # smoke run
+    .venv/bin/python tools/replicate_camp.py --timing --timing-batch 256   # routed vs both paths, wall time
+
+--timing (no training): one CAMP model, gates set so that a fraction
+--usage of the samples takes the high path in every block; eval wall time of
+routed inference against both paths on every sample (masked), the same
+batches interleaved, medians. Timing needs a quiet machine. On CPU the 1-bit
+path is simulated in fp32 and costs as much time as the 4-bit one, so the
+routed/both ratio is about (1 + u) / 2 with the default post-gate (the low
+path runs for every sample, it feeds the gate) and about 1/2 with
+--pre-gate; the BOPs energy is what a low-bit kernel would save.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fxcompress  # noqa: E402
+from fxcompress.data import load_data  # noqa: E402
+from fxcompress.models import resnet_cifar  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=12, help="epochs of the FP, 1-bit and 4-bit models")
+    p.add_argument("--camp-epochs", type=int, default=6, help="epochs of each CAMP stage (sp, then rl)")
+    p.add_argument("--depth", type=int, default=8, help="ResNet depth 6n+2 (default 8)")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--upscale", type=int, default=8, help="digits image side (native 8)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--camp-lr", type=float, default=0.01, help="CAMP stages (the authors: 0.01 from the 4-bit model)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--alphas", default="0.1,1,4", help="RL alpha values, comma-separated")
+    p.add_argument("--w-rl", type=float, default=0.01)
+    p.add_argument("--rl-from", choices=("w4", "sp"), default="w4",
+                   help="RL starts from the all-4-bit model (issue 15; default) or the supervised CAMP model "
+                   "(the authors' README)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--png", help="write the energy-accuracy plot here")
+    p.add_argument("--timing", action="store_true", help="only the routed-inference timing")
+    p.add_argument("--usage", type=float, default=0.5, help="--timing: fraction of samples on the high path")
+    p.add_argument("--timing-batch", type=int, default=256)
+    p.add_argument("--timing-reps", type=int, default=20)
+    p.add_argument("--pre-gate", action="store_true",
+                   help="--timing: the gate reads the block input, so the low path is routed too")
+    return p.parse_args(argv)
+
+
+def camp_policy(mode, **settings):
+    """policies/camp_*.yaml as dicts (the same rules), settings overridden."""
+    import yaml
+
+    name = {"fixed": "camp_w4.yaml", "sp": "camp_sp.yaml", "rl": "camp_rl.yaml"}[mode]
+    with open(os.path.join(ROOT, "policies", name)) as f:
+        pol = yaml.safe_load(f)
+    pol["settings"]["dual_precision"].update(settings)
+    return pol
+
+
+def fixed_policy(bits):
+    pol = camp_policy("fixed")
+    pol["rules"][0]["dual_precision"]["high_bits"] = bits
+    return pol
+
+
+def batches(x, y, bs, seed, epoch):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(y), generator=g)
+    n = len(y) - (1 if len(y) % bs == 1 else 0)  # no batch of one (BatchNorm)
+    for i in range(0, n, bs):
+        idx = order[i:i + bs]
+        yield x[idx], y[idx]
+
+
+def train(model, data, args, seed, epochs, lr):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    hook = getattr(model, "extra_loss", None)
+    for epoch in range(epochs):
+        decays = (max(1, round(epochs * 0.5)), max(1, round(epochs * 0.75)))
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.1 ** sum(epoch >= d for d in decays)
+        model.train()
+        if hasattr(model, "on_epoch_start"):
+            model.on_epoch_start(epoch)
+        for xb, yb in batches(data["xtr"], data["ytr"], args.batch_size, seed, epoch):
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            extra = hook(out, yb) if hook else None
+            if extra is not None:
+                loss = loss + extra
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if hasattr(model, "step"):
+                model.step()
+        if hasattr(model, "on_epoch_end"):
+            model.on_epoch_end(epoch)
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, data):
+    """(test accuracy %, relative energy at the test set's gate usage, mean usage)."""
+    model.eval()
+    ctls = getattr(model, "controllers", None)
+    ctl = ctls["dual_precision"] if ctls is not None and "dual_precision" in ctls else None
+    if ctl is not None:
+        ctl.reset_eval()
+    correct = 0
+    for i in range(0, len(data["yte"]), 500):
+        correct += int((model(data["xte"][i:i + 500]).argmax(1) == data["yte"][i:i + 500]).sum())
+    acc = 100.0 * correct / len(data["yte"])
+    if ctl is None:
+        return acc, None, None
+    usage = ctl.eval_usage()
+    mean = sum(usage.values()) / len(usage) if usage else None
+    return acc, ctl.cost.relative(usage), mean
+
+
+def build(args, channels, seed):
+    torch.manual_seed(seed)
+    return resnet_cifar(args.depth, 10, channels, args.width)
+
+
+def run_seed(seed, data, args, alphas):
+    t0 = time.perf_counter()
+    ex = data["xte"][:2]
+    ch = data["xtr"].shape[1]
+    res = {"seed": seed}
+    fp = train(build(args, ch, seed), data, args, seed, args.epochs, args.lr)
+    w1 = fxcompress.compile(build(args, ch, seed), fixed_policy(1), ex)
+    w1 = train(w1, data, args, seed, args.epochs, args.lr)
+    w4 = fxcompress.compile(build(args, ch, seed), fixed_policy(4), ex)
+    w4 = train(w4, data, args, seed, args.epochs, args.lr)
+    cost = w4.controllers["dual_precision"].cost
+    res["fp"] = [evaluate(fp, data)[0], sum(c.macs for c in cost.layers) * 32 * 32 / cost.reference, None]
+    res["w1"] = list(evaluate(w1, data))
+    res["w4"] = list(evaluate(w4, data))
+    sp = fxcompress.compile(build(args, ch, seed), camp_policy("sp"), ex)
+    sp.load_state_dict(w4.state_dict(), strict=False)  # gates new; low norms from the 4-bit norms
+    sp = train(sp, data, args, seed, args.camp_epochs, args.camp_lr)
+    res["sp"] = list(evaluate(sp, data))
+    res["rl"] = {}
+    for a in alphas:
+        rl = fxcompress.compile(build(args, ch, seed), camp_policy("rl", alpha=a, w_rl=args.w_rl), ex)
+        if args.rl_from == "sp":
+            rl.load_state_dict(sp.state_dict())
+        else:
+            rl.load_state_dict(w4.state_dict(), strict=False)
+        rl = train(rl, data, args, seed, args.camp_epochs, args.camp_lr)
+        res["rl"][str(a)] = list(evaluate(rl, data))
+    res["train_s"] = time.perf_counter() - t0
+    return res
+
+
+def mean_sd(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None, None
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def rows(results, alphas):
+    names = [("FP", lambda r: r["fp"]), ("all 1-bit", lambda r: r["w1"]), ("all 4-bit", lambda r: r["w4"]),
+             ("CAMP sp", lambda r: r["sp"])] + [(f"CAMP rl a={a}", (lambda a: lambda r: r["rl"][str(a)])(a))
+                                                 for a in alphas]
+    out = []
+    for name, get in names:
+        acc = mean_sd([get(r)[0] for r in results])
+        energy = mean_sd([get(r)[1] for r in results])
+        usage = mean_sd([get(r)[2] for r in results])
+        out.append({"name": name, "acc": acc[0], "acc_sd": acc[1], "energy": energy[0], "energy_sd": energy[1],
+                    "usage": usage[0]})
+    return out
+
+
+def table(summary, n):
+    lines = [f"| network | test accuracy (%) | energy vs all-4-bit | high-path usage |", "|---|---|---|---|"]
+    for r in summary:
+        usage = "-" if r["usage"] is None else f"{r['usage']:.2f}"
+        lines.append(f"| {r['name']} | {r['acc']:.2f} ± {r['acc_sd']:.2f} | {r['energy']:.3f} ± {r['energy_sd']:.3f} "
+                     f"| {usage} |")
+    lines.append(f"({n} seeds, mean ± sd)")
+    return "\n".join(lines)
+
+
+def plot(results, summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, r in enumerate(summary):
+        if r["name"] == "FP":
+            continue  # 3-6x the 4-bit energy: off the scale of the figure; in the table
+        ax.errorbar(r["energy"], r["acc"], xerr=r["energy_sd"], yerr=r["acc_sd"], fmt="o", color=f"C{i}",
+                    label=r["name"], capsize=3)
+    fp = next(r for r in summary if r["name"] == "FP")
+    ax.axhline(fp["acc"], ls="--", color="grey", label=f"FP ({fp['energy']:.1f}x energy)")
+    ax.set(xlabel="energy (BOPs) relative to the all-4-bit network", ylabel="test accuracy (%)",
+           title=f"CAMP on digits ({len(results)} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# --- timing ------------------------------------------------------------------------------
+
+def calibrate(model, x, usage):
+    """Gate biases such that a fraction `usage` of x takes the high path in every block."""
+    ctl = model.controllers["dual_precision"]
+    model.eval()
+    for b in ctl.blocks.values():
+        seen = []
+        h = b.gate.register_forward_hook(lambda m, i, o: seen.append(torch.log(o[:, 1] / o[:, 0])))
+        with torch.no_grad():
+            model(x)
+        h.remove()
+        b.gate.fc.bias.data[1] += -torch.quantile(seen[0], 1 - usage) + 1e-6
+
+
+def timing(args, data):
+    torch.manual_seed(0)
+    model = fxcompress.compile(build(args, data["xtr"].shape[1], 0), camp_policy("sp", pre_gate=args.pre_gate),
+                               data["xte"][:2])
+    x = data["xtr"][:args.timing_batch]
+    ctl = model.controllers["dual_precision"]
+    for b in ctl.blocks.values():
+        torch.nn.init.normal_(b.gate.fc.weight, std=1.0)
+    calibrate(model, x, args.usage)
+    ctl.reset_eval()
+    times = {True: [], False: []}
+    with torch.no_grad():
+        for routed in (True, False):  # warm-up
+            for b in ctl.blocks.values():
+                b.set_routed(routed)
+            model(x)
+        ctl.reset_eval()
+        for rep in range(args.timing_reps):
+            for routed in (True, False):
+                for b in ctl.blocks.values():
+                    b.set_routed(routed)
+                t0 = time.perf_counter()
+                model(x)
+                times[routed].append(time.perf_counter() - t0)
+    usage = ctl.eval_usage()
+    routed_ms, both_ms = (1000 * statistics.median(times[k]) for k in (True, False))
+    return {"batch": args.timing_batch, "pre_gate": args.pre_gate, "usage": sum(usage.values()) / len(usage), "routed_ms": routed_ms,
+            "both_ms": both_ms, "ratio": routed_ms / both_ms, "reps": args.timing_reps,
+            "energy": ctl.cost.relative(usage)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bundle = load_data("digits", upscale=args.upscale if args.upscale != 8 else None)
+    data = {"xtr": bundle.train.images, "ytr": bundle.train.labels,
+            "xte": bundle.test.images, "yte": bundle.test.labels}
+    if args.timing:
+        t = timing(args, data)
+        print(f"routed eval{' (pre-gate)' if args.pre_gate else ''}, ResNet-{args.depth} at {args.upscale}px, "
+              f"batch {t['batch']}, high-path usage "
+              f"{t['usage']:.2f}: routed {t['routed_ms']:.1f} ms, both paths {t['both_ms']:.1f} ms, ratio "
+              f"{t['ratio']:.3f} (medians of {t['reps']} interleaved runs; BOPs energy {t['energy']:.3f})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "timing": t}, f, indent=2)
+        return 0
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    print(f"digits {len(data['ytr'])} train / {len(data['yte'])} test at {args.upscale}px; ResNet-{args.depth}; "
+          f"{args.epochs} epochs (FP, 1-bit, 4-bit), {args.camp_epochs} per CAMP stage; RL alphas {alphas}",
+          flush=True)
+    results = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        r = run_seed(seed, data, args, alphas)
+        results.append(r)
+        print(f"seed {seed}: FP {r['fp'][0]:.2f}  1-bit {r['w1'][0]:.2f} @{r['w1'][1]:.3f}  4-bit {r['w4'][0]:.2f}  "
+              f"sp {r['sp'][0]:.2f} @{r['sp'][1]:.3f}  " +
+              "  ".join(f"rl a={a} {v[0]:.2f} @{v[1]:.3f}" for a, v in r["rl"].items()) +
+              f"  [{r['train_s']:.0f} s]", flush=True)
+    summary = rows(results, alphas)
+    print(table(summary, len(results)))
+    if args.png:
+        print("wrote", plot(results, summary, args.png))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "seeds": results, "summary": summary}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
