@@ -1,6 +1,8 @@
 """tools/gpu_check.sh must not be broken on the day a GPU is lent: its Python
 part runs here in dry mode (CPU, Triton interpreter, tiny sizes) through the
-same code paths, and its GPU mode fails loudly on a machine without CUDA."""
+same code paths, and its GPU mode fails loudly on a machine without CUDA.
+(One activation policy keeps the test short; the script runs every policy
+the same way. `bash tools/gpu_check.sh --dry` runs them all.)"""
 import json
 import os
 import subprocess
@@ -20,7 +22,7 @@ def _env(**kw):
 
 def test_dry_mode_measures_every_family_and_policy(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "tools", "gpu_bench.py"), "--dry", "--out", str(tmp_path),
-           "--sections", "bandwidth,train", "--elements", "4096", "--policies", "acgc_auto,psgd_w4",
+           "--sections", "bandwidth,train", "--elements", "4096", "--policies", "acgc_auto",
            "--warmup-steps", "0", "--steps", "1", "--size", "16"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -34,7 +36,7 @@ def test_dry_mode_measures_every_family_and_policy(tmp_path):
         assert "error" not in r, r
         assert r["kernel_s"] > 0 and r["copy_s"] > 0 and r["x_copy"] > 0
     train = {r["policy"]: r for r in res["train"]["rows"]}
-    assert set(train) == {"uncompressed", "acgc_auto", "psgd_w4"}
+    assert set(train) == {"uncompressed", "acgc_auto"}
     for r in train.values():
         assert r["status"] == "ok", r
         assert r["step_s"] > 0 and r["peak_bytes"] is None  # no CUDA peak on the CPU

@@ -195,7 +195,7 @@ def print_bandwidth(b: dict) -> None:
 # ------------------------------------------------------------------- train
 
 def graph_policies():
-    from fxcompress.policy import load_policy
+    from fxcompress.compiled import load_policy  # the default pass list
 
     graph, comm = [], []
     for p in sorted(glob.glob(os.path.join(ROOT, "policies", "*.yaml"))):
@@ -410,7 +410,11 @@ def main(argv=None) -> int:
         print("\n## torch.compile (tools/bench_compile.py)")
         res["compile"] = compile_table(d, a.compile_timeout)
         print_compile(res["compile"])
-        failed += res["compile"]["status"] in ("error", "timeout")
+        c = res["compile"]
+        # a cell that errors is a failure too, though the tool itself exits 0
+        bad = [r for r in (c.get("rows") or []) if isinstance(r, dict) and r.get("error")]
+        c["failed_cells"] = len(bad)
+        failed += (c["status"] in ("error", "timeout")) + len(bad)
     path = os.path.join(a.out, "gpu_bench.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1, default=str)

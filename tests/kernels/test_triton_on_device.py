@@ -208,8 +208,23 @@ def test_sparsity_nm_mask(paths, device, n, m):
     from fxcompress.kernels import masks
 
     w = torch.randn(256, N // 256, generator=torch.Generator().manual_seed(n))
+    w[:, :m] = 0.5  # ties: the lower index is kept
     ref = masks.nm_mask_reference(w, n, m)
     paths.tri()
-    out = masks.nm_mask(w.to(device), n, m)
-    out = out[0] if isinstance(out, tuple) else out
-    assert torch.equal(out.cpu().bool(), ref.bool())
+    assert torch.equal(masks.nm_mask(w.to(device), n, m).cpu(), ref)
+
+
+@pytest.mark.skipif(not HAS_MASKS, reason="no sparsity mask kernel (fxcompress/kernels/masks.py) in this tree")
+def test_sparsity_topk_mask(paths, device):
+    from fxcompress.kernels import masks
+
+    w = torch.randn(N, generator=torch.Generator().manual_seed(9))
+    w[:64] = 0.25  # a run of equal magnitudes straddling the threshold
+    k = masks.kept_count(N, 0.9)
+    w[k - 32: k + 32] = w.abs().sort(descending=True).values[k - 1]
+    paths.ref()
+    m_ref, o_ref = masks.topk_mask(w, k)
+    paths.tri()
+    m, o = masks.topk_mask(w.to(device), k)
+    assert int(m.sum()) == k
+    assert torch.equal(m.cpu(), m_ref) and torch.equal(o.cpu(), o_ref)
