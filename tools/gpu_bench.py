@@ -309,9 +309,10 @@ def compile_table(dry: bool, timeout: int) -> dict:
     script = os.path.join(ROOT, "tools", "bench_compile.py")
     if not os.path.exists(script):
         return {"status": "absent", "reason": "tools/bench_compile.py is not in this tree"}
-    # dry: its own tiny check; GPU day: resnet18 under every policy (vit_b_16
+    # dry: its own tiny check on two policies (the call path); GPU day: resnet18 under every policy (vit_b_16
     # too would not fit the 8 minutes; run bench_compile.py alone for it)
-    cmd = [sys.executable, script, "--json"] + (["--quick"] if dry else ["--models", "resnet18"])
+    cmd = [sys.executable, script, "--json"] + (["--quick", "--policies", "acgc_auto,psgd_w4"] if dry
+                                              else ["--models", "resnet18"])
     env = dict(os.environ)
     env.pop("FXC_FORCE_TRITON", None)  # bench_compile picks its own paths
     try:
