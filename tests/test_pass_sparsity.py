@@ -247,6 +247,36 @@ def test_uniform_keeps_first_and_last_dense():
     assert int(mask.sum()) == kept_count(mask.numel(), 0.75)
 
 
+def test_global_mask_that_empties_a_layer_warns_and_first_last_dense_prevents_it():
+    """One global threshold can remove a whole small layer (here conv1, its
+    weights scaled down): the controller warns and reports it; with the first
+    and last layers dense (the shipped global policy) it cannot."""
+    import warnings
+
+    for fl in (False, True):
+        cm = compiled({"unit": "step", "warmup": 0, "final": 0}, sparsity=0.9, first_last_dense=fl)
+        with torch.no_grad():
+            cm.graph_module.conv1.weight.mul_(1e-3)
+        c = cm.controllers["sparsity"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cm.attach_optimizer(torch.optim.SGD(cm.parameters(), lr=0.1))
+        said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert (len(said) == 1 and "conv1.weight" in said[0]) != fl
+        assert c.report()["emptied_layers"] == ([] if fl else ["conv1.weight"])
+        assert bool(c.masked["conv1.weight"].mask.all()) == fl
+
+
+def test_shipped_global_policy_keeps_first_and_last_dense():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "policies" / "acdc_90.yaml"
+    cm = fxcompress.compile(Net(), str(path), example_inputs=(torch.randn(2, 4, 8, 8),))
+    members = cm.controllers["sparsity"].members
+    assert {mb.kind for mb in members} == {"global"} and {mb.sparsity for mb in members} == {0.9}
+    assert [mb.name for mb in members if mb.dense] == ["conv1.weight", "fc.weight"]
+
+
 # ------------------------------------------------------------------ models
 def test_functional_user_model_every_weight_masked():
     pol = {"rules": [{"match": {"name": ["w1", "w2", "w3"]}, "sparsity": {"sparsity": 0.5}}],

@@ -26,6 +26,7 @@ phase, exactly as in epochs.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -103,6 +104,7 @@ class SparsityController(Controller):
         self.momentum_resets = 0
         self.log: List[Dict[str, Any]] = []  # one entry per phase entered
         self._sparsity = 0.0
+        self.emptied: List[str] = []  # layers a mask ever removed completely
         self._hooks: List[Any] = []  # the pending phase change's forward pre-hooks (step units)
 
     # --------------------------------------------------------------- schedule
@@ -158,6 +160,15 @@ class SparsityController(Controller):
             self.masked[name].mask.copy_(mask)
         self.apply_masks()
         self._sparsity = self._mask_sparsity()
+        emptied = [mb.name for mb in self.members if not mb.dense and not bool(self.masked[mb.name].mask.any())]
+        fresh = [n for n in emptied if n not in self.emptied]
+        if fresh:
+            # one global threshold can take a whole small layer (a stem conv, the
+            # classifier): the network then cannot learn; say so once per layer
+            warnings.warn(f"AC/DC: the mask removed every weight of {', '.join(fresh)} "
+                          f"(step {self.steps}); keep them dense with first_last_dense: true or a rule "
+                          f"that leaves them out", RuntimeWarning, stacklevel=2)
+            self.emptied += fresh
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -292,7 +303,8 @@ class SparsityController(Controller):
     def report(self) -> Dict[str, Any]:
         return {"phase": self.phase(), "sparsity": self.measured_sparsity(), "unit": self.unit,
                 "schedule": [list(p) for p in self.phases], "phases": list(self.log),
-                "momentum_resets": self.momentum_resets, "layers": self.layer_table(),
+                "momentum_resets": self.momentum_resets, "emptied_layers": list(self.emptied),
+                "layers": self.layer_table(),
                 # {layer: number}: the run's layers.png draws it as a bar chart
                 "layer_sparsity": {r["weight"]: r["sparsity"] for r in self.layer_table()}}
 
@@ -305,7 +317,8 @@ class SparsityController(Controller):
     def state(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "steps": self.steps, "steps_in_epoch": self.steps_in_epoch,
                 "steps_per_epoch": self.steps_per_epoch, "phase_index": self.phase_index,
-                "momentum_resets": self.momentum_resets, "log": list(self.log), "mask_sparsity": self._sparsity}
+                "momentum_resets": self.momentum_resets, "log": list(self.log), "mask_sparsity": self._sparsity,
+                "emptied": list(self.emptied)}
 
     def load_state(self, state: Dict[str, Any]) -> None:
         if not state:
@@ -314,6 +327,7 @@ class SparsityController(Controller):
         self.steps_in_epoch, self.steps_per_epoch = state["steps_in_epoch"], state["steps_per_epoch"]
         self.phase_index, self.momentum_resets = state["phase_index"], state["momentum_resets"]
         self.log, self._sparsity = list(state["log"]), state["mask_sparsity"]
+        self.emptied = list(state.get("emptied", []))
         if self.unit == "step":
             self._defer()  # saved between a phase's last step and the next forward
 
