@@ -17,12 +17,14 @@ momentum of all its parameters, biases and BatchNorm included, on the first
 step of each decompressed phase).
 
 Phases are counted in epochs (changed at `on_epoch_start`) or in optimizer
-steps. In steps, the step that ends a phase is counted in `step()`, but the
-change itself waits until the model's next forward (a one-shot forward
-pre-hook on the masked-weight modules) or the next hook of the loop, so that
-`snapshot_due()`, asked after `step()`, still sees the phase that just ended:
-the "dense" snapshot is the model after the last step of the last dense
-phase, exactly as in epochs.
+steps. In steps, the step that ends a phase is counted in `step()` and the
+change is made by the loop's next hook: `snapshot_due()` right after it,
+except when it answers "dense" (the loop saves the model first: the "dense"
+snapshot is the model after the last step of the last dense phase, exactly
+as in epochs); then `figures()`, which the loop asks next, or the next
+`step()`/epoch hook. A one-shot forward pre-hook on the masked-weight modules
+also makes it before the next forward of a loop that asks neither (eager
+mode: torch.compile does not see hooks added after it traced).
 """
 from __future__ import annotations
 
@@ -167,7 +169,7 @@ class SparsityController(Controller):
             # classifier): the network then cannot learn; say so once per layer
             warnings.warn(f"AC/DC: the mask removed every weight of {', '.join(fresh)} "
                           f"(step {self.steps}); keep them dense with first_last_dense: true or a rule "
-                          f"that leaves them out", RuntimeWarning, stacklevel=2)
+                          f"that leaves them out", RuntimeWarning, stacklevel=1)
             self.emptied += fresh
 
     @torch.no_grad()
@@ -244,9 +246,8 @@ class SparsityController(Controller):
             self._defer()
 
     def _defer(self) -> None:
-        """The phase ends here: change it before the next forward, after the
-        loop has asked snapshot_due() about the phase that ended. (Not in
-        state(): state_dict() reads the masks first and must not see them move.)"""
+        """The phase ends here: change it at the loop's next hook (module doc).
+        (Never in state(): state_dict() reads the masks first.)"""
         if self.index_at(self.steps) != self.phase_index and not self._hooks:
             self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in self.masked.values()]
 
@@ -282,8 +283,15 @@ class SparsityController(Controller):
         Both are the model after the last step of their phase. In epochs
         that step is the last of the epoch before the final phase (steps per
         epoch as counted in the first epoch); in steps it is the step whose
-        count reaches the final phase's start (the change waits for the next
-        forward, so the weights asked about here are still dense)."""
+        count reaches the final phase's start (the change waits until the
+        loop has saved it, so the weights saved are still dense). Any other
+        answer makes a pending change now."""
+        label = self._due()
+        if label != DENSE:
+            self.flush()
+        return label
+
+    def _due(self) -> Optional[str]:
         nxt = self._next_boundary()
         at_epoch_end = self.steps_per_epoch is not None and self.steps_in_epoch == self.steps_per_epoch
         final_next = nxt is not None and nxt is self.phases[-1] and nxt[1] == SPARSE and self.phase() == DENSE
@@ -298,6 +306,7 @@ class SparsityController(Controller):
 
     # --------------------------------------------------------------- figures
     def figures(self) -> Dict[str, float]:
+        self.flush()  # asked after the snapshots were saved: the phase in effect from here
         return {"sparse": 1.0 if self.phase() == SPARSE else 0.0, "sparsity": self._sparsity}
 
     def report(self) -> Dict[str, Any]:
