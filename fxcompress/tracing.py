@@ -114,6 +114,19 @@ class FxcTracer(fx.Tracer):
             return False
         return super().is_leaf_module(m, qualname)
 
+    def trace(self, root, concrete_args=None):
+        if type(root).__name__ == "_CodeOnlyModule":
+            # torch.load of a compiled model re-traces its graph module from
+            # the generated code, with this tracer: the calls it names into
+            # fxcompress.runtime (fxc_save, ...) are imported under other
+            # names than the ones torch.fx.wrap registered, so they would be
+            # traced through (the compression silently lost); keep them calls
+            fn = getattr(type(root), "forward", None)
+            for value in getattr(fn, "__globals__", {}).values():
+                if callable(value) and str(getattr(value, "__module__", "")).startswith("fxcompress.runtime."):
+                    self._autowrap_function_ids.add(id(value))
+        return super().trace(root, concrete_args)
+
     def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)

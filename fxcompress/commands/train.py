@@ -14,7 +14,7 @@ from ..training import OPTIMIZERS, SCHEDULES, TrainConfig
 # resumed run must continue exactly as it was configured.
 CONFIG_FLAGS = ["model", "model_fn", "policy", "data", "upscale", "depth", "epochs", "batch_size", "lr",
                 "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "decay_epochs", "gamma",
-                "seed", "threads", "run_dir", "baseline", "train_limit", "test_limit", "nproc", "init"]
+                "seed", "threads", "compile", "run_dir", "baseline", "train_limit", "test_limit", "nproc", "init"]
 RESUME_FLAGS = ["device", "stop_after"]
 
 
@@ -58,6 +58,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, help=f"step schedule factor (default {d.gamma})")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the training step (default backend inductor; aot_eager, eager)")
     g.add_argument("--threads", type=int, help=f"CPU threads for torch, per worker (default {d.threads})")
     g.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel workers through torch.distributed (gloo on CPU, NCCL on GPU, one GPU "

@@ -142,6 +142,11 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
         if init_path:  # ... and after, for what the passes keep under the same names
             init, init_line = load_init(model, init_path, compiled=True)
     model = model.to(device)
+    if cfg.compile:
+        if compressed:
+            model.compile_with(cfg.compile)
+        else:
+            model.compile(backend=cfg.compile, dynamic=False)  # in place: state_dict names unchanged
     optimizer = make_optimizer(cfg, model.parameters())
     hook(model, "attach_optimizer", optimizer)
     run = Run(cfg, label, run_dir, model, optimizer, bundle, device, source, compressed,
