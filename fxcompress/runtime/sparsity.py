@@ -55,6 +55,11 @@ class MaskedWeight(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.param_name}, shape={tuple(self.mask.shape)}"
 
+    def fxc_constructor(self):
+        # export (fxcompress/export.py): the mask is a persistent buffer, so
+        # the weights file carries it; only its shape is needed here
+        return MaskedWeight, (self.param_name, tuple(self.mask.shape)), {}
+
 
 @dataclass
 class Member:
