@@ -33,8 +33,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.modules import transformer
 
 from .errors import ShapeError, TraceError
+from .plan import node_qualname
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -81,8 +83,6 @@ class _fast_path_off:
     which without it is read from the mask itself). See the module docstring."""
 
     def __enter__(self):
-        from torch.nn.modules import transformer
-
         self.was = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         self.seq_len = getattr(transformer, "_get_seq_len", None)
@@ -91,8 +91,6 @@ class _fast_path_off:
             transformer._get_seq_len = lambda src, *a, **k: None if isinstance(src, fx.Proxy) else orig(src, *a, **k)
 
     def __exit__(self, *exc):
-        from torch.nn.modules import transformer
-
         torch.backends.mha.set_fastpath_enabled(self.was)
         if self.seq_len is not None:
             transformer._get_seq_len = self.seq_len
@@ -375,8 +373,6 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Non
         err = f.error if isinstance(f, _NodeFailed) else f
         at = ""
         if isinstance(f, _NodeFailed):
-            from .plan import node_qualname
-
             at = f" at node '{node_qualname(f.node)}'"
             where = _user_frame(err)
             at += f" ({where})" if where != "<unknown>" else ""

@@ -52,11 +52,10 @@ def _policy(name):
 
     with open(os.path.join(ROOT, "policies", name + ".yaml")) as f:
         pol = yaml.safe_load(f)
-    for rule in pol.get("rules", []) or []:
-        act = rule.get("activations")
-        if isinstance(act, dict) and act.get("mode") == "auto":
-            act["stats_every"] = 2  # statistics steps among the counted ones
-            act["window"] = 2
+    rules = pol.get("rules", []) or []
+    if any(isinstance(r.get("activations"), dict) and r["activations"].get("mode") == "auto" for r in rules):
+        # statistics steps among the counted ones
+        pol.setdefault("settings", {}).setdefault("activations", {}).update(stats_every=2, window=2)
     return pol
 
 

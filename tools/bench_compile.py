@@ -62,11 +62,9 @@ def policy_dict(path: str) -> dict:
     counted steps include statistics steps."""
     with open(path) as f:
         pol = yaml.safe_load(f)
-    for rule in pol.get("rules", []) or []:
-        act = rule.get("activations")
-        if isinstance(act, dict) and act.get("mode") == "auto":
-            act["stats_every"] = STATS_EVERY
-            act["window"] = 2
+    rules = pol.get("rules", []) or []
+    if any(isinstance(r.get("activations"), dict) and r["activations"].get("mode") == "auto" for r in rules):
+        pol.setdefault("settings", {}).setdefault("activations", {}).update(stats_every=STATS_EVERY, window=2)
     return pol
 
 

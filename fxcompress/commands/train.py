@@ -7,8 +7,10 @@ import os
 import sys
 from dataclasses import fields
 
+from .. import training
 from ..errors import BadInput
-from ..training import OPTIMIZERS, SCHEDULES, TrainConfig
+from ..training import OPTIMIZERS, SCHEDULES, TrainConfig, comparison_table
+from .common import print_json
 
 # Flags that define what a run computes; --resume refuses them, since a
 # resumed run must continue exactly as it was configured.
@@ -90,8 +92,6 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run(args) -> int:
-    from .. import training
-
     # picklable, so that rank 0 of spawned data-parallel workers logs the same way
     log = training.StreamLog("stderr" if args.json else "stdout")
     if args.resume:
@@ -122,8 +122,6 @@ def run(args) -> int:
     if result is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     if args.json:
-        from .common import print_json
-
         print_json(result)
         return 0
     _print_summary(result, log)
@@ -131,8 +129,6 @@ def run(args) -> int:
 
 
 def _print_summary(result, log) -> None:
-    from ..training import comparison_table
-
     main = result["main"]
     if result["status"] != "done":
         log(f"stopped after epoch {len(main['epochs'])}; continue with: fxcompress train --resume {result['run_dir']}")

@@ -43,6 +43,7 @@ import torch.nn as nn
 from ..kernels.dispatch import use_triton
 from ..kernels.scaled_grad import CpuBatch, levels_for, quantize_reference, scaled_grad
 from .controller import Controller
+from .scaled_grad_config import ScaledGradConfig
 
 MOMENTUM = 0.1  # the authors' EMA momentum for the weight range
 # delta is clamped away from 0 so an all-zero tensor gives Q = 0, not NaN
@@ -86,22 +87,21 @@ class _Clock:
 class ScaledGrad(nn.Module):
     """Identity on a weight whose gradient gets PSGD's position-based scale.
 
-    bits: grid width b (2L + 1 = 2^b - 1 levels); lambda_s, epsilon: the scale
-    lambda*|w - Q(w)| + epsilon; grid: "uniform" or "zero" (sparse variant,
-    Q = 0); start_step: before this many optimizer steps (counted by the
-    controller) the gradient passes unchanged.
+    config: the node's ScaledGradConfig as the policy loaded it (ranges
+    checked there), kept as it is: lambda_s, epsilon (the scale
+    lambda*|w - Q(w)| + epsilon), grid ("uniform", or "zero": the sparse
+    variant, Q = 0) and start_step (before this many optimizer steps, counted
+    by the controller, the gradient passes unchanged) are read from it.
+    role: "first", "last" or "" (the first/last-layer rule); `bits`, the grid
+    width b (2L + 1 = 2^b - 1 levels), is config.width(role).
     """
 
-    def __init__(self, param_name: str, bits: int = 4, lambda_s: float = 150.0, epsilon: float = 0.0,
-                 grid: str = "uniform", start_step: int = 0, role: str = ""):
+    def __init__(self, param_name: str, config: Optional[ScaledGradConfig] = None, role: str = ""):
         super().__init__()
         self.param_name = param_name
-        self.bits = int(bits)
+        self.config = ScaledGradConfig() if config is None else config
+        self.bits = self.config.width(role)
         self.levels = levels_for(self.bits)
-        self.lambda_s = float(lambda_s)
-        self.epsilon = float(epsilon)
-        self.grid = grid
-        self.start_step = int(start_step)
         self.role = role  # "first", "last" or "": shown in reports
         self._clock = _Clock()  # the controller hands every member one shared clock
         self._initialized = False
@@ -138,16 +138,18 @@ class ScaledGrad(nn.Module):
 
     @property
     def step_count(self) -> int:
-        """Optimizer steps counted by the controller."""
+        """Optimizer steps counted by the controller (set there: `steps`)."""
         return self._clock.steps
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self._clock.steps = int(value)
 
     @property
     def active(self) -> bool:
         return self._clock.steps >= self.start_step
+
+    # the config's values, read where they are kept (no copies to drift)
+    lambda_s = property(lambda self: self.config.lambda_s)
+    epsilon = property(lambda self: self.config.epsilon)
+    grid = property(lambda self: self.config.grid)
+    start_step = property(lambda self: self.config.start_step)
 
     def ema_range(self):
         """(r_min, r_max) as floats."""
@@ -182,11 +184,11 @@ class ScaledGrad(nn.Module):
         return _ScaledGradFn.apply(w, self)
 
     def fxc_constructor(self):
-        """For fxcompress.export: the settings. The step clock is the
-        controller's, which is not exported (an exported module starts its own
-        at 0); the EMA range travels in the weights file."""
-        return (ScaledGrad, (self.param_name,), {"bits": self.bits, "lambda_s": self.lambda_s, "epsilon": self.epsilon,
-                                                 "grid": self.grid, "start_step": self.start_step, "role": self.role})
+        """For fxcompress.export: the config (written as a ScaledGradConfig
+        call) and the role. The step clock is the controller's, which is not
+        exported (an exported module starts its own at 0); the EMA range
+        travels in the weights file."""
+        return (ScaledGrad, (self.param_name, self.config), {"role": self.role})
 
     def extra_repr(self) -> str:
         return (f"{self.param_name}, bits={self.bits}, lambda_s={self.lambda_s}, epsilon={self.epsilon}, "
