@@ -57,6 +57,7 @@ MODES = {
     "2bit": os.path.join(ROOT, "policies", "acgc_2bit.yaml"),
     "auto": os.path.join(ROOT, "policies", "acgc_auto.yaml"),
     "zvc8": os.path.join(ROOT, "policies", "acgc_zvc8.yaml"),
+    "psgd": os.path.join(ROOT, "policies", "psgd_w4.yaml"),  # issue 12: PSGD's step beside the others
 }
 MODELS = {"resnet50": (32, 64), "vit_b_16": (16, 64)}
 
