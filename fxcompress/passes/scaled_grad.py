@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..config import ConfigError, check_bits
+from ..quantizers.dorefa import WeightQuant
 from ..quantize import FIRST_LAST_BITS, authors_first_last_bits
 from ..runtime.scaled_grad import ScaledGrad, ScaledGradController, ScaledGradGroup
 from .base import Pass, PassResult, add_submodule, fxc_name
@@ -90,6 +91,24 @@ def _weight_arg(node: fx.Node) -> Optional[fx.Node]:
     return w if isinstance(w, fx.Node) else None
 
 
+def weight_use(node: fx.Node, gm: fx.GraphModule) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """(consumer, get_attr) of the weight of functional conv/linear `node`:
+    the get_attr of a parameter and the node that reads it, which is `node`
+    itself or, when dual_precision ran first, the weight quantizer between
+    them (`conv(x, quant(get_attr w))`): the scale then goes on the float
+    weight, before the quantizer (README "Composing the methods")."""
+    consumer, w = node, _weight_arg(node)
+    for _ in range(4):
+        if not isinstance(w, fx.Node):
+            return None
+        if w.op == "get_attr":
+            return (consumer, w) if _param(gm, w.target) is not None else None
+        if w.op != "call_module" or not isinstance(gm.get_submodule(w.target), WeightQuant) or not w.args:
+            return None
+        consumer, w = w, w.args[0]
+    return None
+
+
 def _module_reason(m: nn.Module) -> Optional[str]:
     base = next((c for c in _MODULE_FN if type(m) is c or (isinstance(m, c) and type(m).forward is c.forward)),
                 None)
@@ -105,8 +124,7 @@ def _module_reason(m: nn.Module) -> Optional[str]:
 
 
 def _functional_reason(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
-    w = _weight_arg(node)
-    if w is None or w.op != "get_attr" or _param(gm, w.target) is None:
+    if weight_use(node, gm) is None:
         return "the weight of this call is not a parameter read by get_attr"
     return None
 
@@ -151,7 +169,7 @@ class ScaledGradPass(Pass):
             if n.op == "call_module" and _module_reason(gm.get_submodule(n.target)) is None:
                 names.append(f"{n.target}.weight")
             elif n.op == "call_function" and n.target in _WEIGHT_FNS and _functional_reason(n, gm) is None:
-                names.append(str(_weight_arg(n).target))
+                names.append(str(weight_use(n, gm)[1].target))
         return names
 
     @classmethod
@@ -168,7 +186,7 @@ class ScaledGradPass(Pass):
             if node.op == "call_module":
                 weight = f"{node.target}.weight"
             elif node.op == "call_function":
-                weight = str(_weight_arg(node).target)
+                weight = str(weight_use(node, gm)[1].target)
             else:
                 weight = str(node.target)
             bits, role = _bits_for(cfg, roles.get(weight, ""))
@@ -189,8 +207,8 @@ class ScaledGradPass(Pass):
             if node.op == "call_module":
                 self._rewrite_module(node, cfg)
             elif node.op == "call_function":
-                w = _weight_arg(node)
-                self._wrap_use(node, w, cfg)
+                consumer, w = weight_use(node, gm)
+                self._wrap_use(node, w, cfg, consumer)
             else:  # get_attr: every conv/linear use of it as a weight
                 for user in list(node.users):
                     if user.op == "call_function" and user.target in _WEIGHT_FNS and _weight_arg(user) is node:
@@ -293,10 +311,14 @@ class ScaledGradPass(Pass):
         self._plan.replace_node(node.name, new)
         self._result.modified = True
 
-    def _wrap_use(self, user: fx.Node, w: fx.Node, cfg: ScaledGradConfig) -> None:
+    def _wrap_use(self, user: fx.Node, w: fx.Node, cfg: ScaledGradConfig,
+                  consumer: Optional[fx.Node] = None) -> None:
+        """The conv/linear `user`'s weight `w` (a get_attr) read through the
+        scale; `consumer` is the node reading w (user, or a weight quantizer)."""
+        consumer = consumer or user
         param_name = str(w.target)
-        s = self._scaled(param_name, cfg, user, param_name)
-        user.replace_input_with(w, s)
+        s = self._scaled(param_name, cfg, consumer, param_name)
+        consumer.replace_input_with(w, s)
         if cfg.bias:
             b = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
             if isinstance(b, fx.Node) and b.op == "get_attr" and _param(self._gm, b.target) is not None:
