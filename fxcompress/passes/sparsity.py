@@ -251,8 +251,11 @@ class SparsityPass(Pass):
                 elif w is not None and not (w.op == "call_module" and str(w.target) in self._names.values()):
                     # the weight passes through an earlier pass's node (scaled
                     # gradient, dual_precision's quantizer): mask its output
-                    s = self._masked(_weight_param(w, gm), cfg, node, 1, src=w)
-                    node.replace_input_with(w, s)
+                    pname = _weight_param(w, gm)
+                    if pname is None:  # not a node any pass before this one makes (a plan made elsewhere)
+                        result.notes.append(f"{node.name}: weight comes from {w.name}, not a parameter; not masked")
+                        continue
+                    node.replace_input_with(w, self._masked(pname, cfg, node, 1, src=w))
                     result.modified = True
             elif node.op == "call_function":
                 for w, d in _matmul_weight(node, gm):
