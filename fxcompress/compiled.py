@@ -40,7 +40,19 @@ class CompressedModel(nn.Module):
         self.timings = timings
 
     def forward(self, *args, **kwargs):
+        compiled = self.__dict__.get("_compiled")  # set by compile(backend=...); not a submodule
+        if compiled is not None:
+            return compiled(*args, **kwargs)
         return self.graph_module(*args, **kwargs)
+
+    def compile_with(self, backend: Optional[str] = "inductor", **options) -> "CompressedModel":
+        """torch.compile the rewritten graph in place (runtime/compile_support.py:
+        compile-friendly ops, activation hooks inlined into the compiled graph);
+        `backend=None` goes back to eager. Returns self."""
+        from .runtime.compile_support import CompiledCall
+
+        self.__dict__["_compiled"] = None if backend is None else CompiledCall(self.graph_module, backend, **options)
+        return self
 
     @property
     def code(self) -> str:
@@ -118,7 +130,8 @@ def load_policy(source: Union[str, os.PathLike, Dict[str, Any], Policy, None],
 
 def compile(model: nn.Module, policy: Union[str, Dict[str, Any], Policy, None] = None,
             example_inputs: Union[torch.Tensor, Sequence[Any], None] = None,
-            passes: Optional[Sequence[type]] = None, *, dry_run: bool = False) -> CompressedModel:
+            passes: Optional[Sequence[type]] = None, *, dry_run: bool = False,
+            backend: Optional[str] = None) -> CompressedModel:
     """Trace `model`, resolve `policy` against its graph and rewrite it.
 
     `example_inputs` (a tensor or a tuple) fills shapes and dtypes, which the
@@ -127,6 +140,8 @@ def compile(model: nn.Module, policy: Union[str, Dict[str, Any], Policy, None] =
     policy is validated against it, the plan made with it, and exactly these
     passes run, in this order. `dry_run=True` stops after the plan (nothing
     rewritten, no controllers), which validates everything a real run would.
+    `backend` ("inductor", "aot_eager", "eager"): also torch.compile the
+    result (CompressedModel.compile_with); None: eager.
     """
     if not isinstance(model, nn.Module):
         raise BadInput(f"compile() takes an nn.Module, got {type(model).__name__}")
@@ -159,4 +174,5 @@ def compile(model: nn.Module, policy: Union[str, Dict[str, Any], Policy, None] =
             if name in controllers:
                 raise RunFailure(f"two passes created a controller named {name!r}")
             controllers[name] = c
-    return CompressedModel(gm, plan, controllers, info, original_code, results, timings)
+    cm = CompressedModel(gm, plan, controllers, info, original_code, results, timings)
+    return cm.compile_with(backend) if backend is not None else cm

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST
 
 from .errors import BadInput, closest
 
@@ -247,8 +248,6 @@ def _digits(upscale, seed: int, mode: Optional[str], augment: bool) -> DataBundl
 # --- disk data sets through torchvision ---------------------------------------
 
 def _cifar_layout(kind: str):
-    from torchvision.datasets import CIFAR10, CIFAR100
-
     base = CIFAR10 if kind == "cifar10" else CIFAR100
 
     # torchvision checks the md5 of the full official files; we only require
@@ -306,8 +305,6 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 
 def _mnist(path: str, upscale, mode, augment: bool) -> DataBundle:
-    from torchvision.datasets import MNIST
-
     spec = f"mnist:{path}"
     if not os.path.isdir(path):
         raise BadInput(f"--data {spec}: folder not found: {path}")

@@ -58,8 +58,11 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torchvision.models as tvm
 
 from .errors import BadInput, RunFailure
+from .inspect import write_graph
+from .loading import load_model
 
 CLASS_NAME = "CompressedModule"
 SOURCE_COPY = "source_model.py"
@@ -727,16 +730,12 @@ def _check_source(source: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 def _build_source(source: Dict[str, Any]) -> nn.Module:
     if source["kind"] == "torchvision":
-        import torchvision.models as tvm
-
         return tvm.get_model(source["name"], weights=None, **(source.get("kwargs") or {}))
     # Build from the module the original model's classes came from (when it
     # is loaded): a second import would make classes that compare unequal.
     for name in list(sys.modules):
         if _file_of(name) == source["path"]:
             return getattr(sys.modules[name], source["model_fn"])()
-    from .loading import load_model
-
     return load_model(source["path"], source["model_fn"]).model
 
 
@@ -795,8 +794,6 @@ def export(cm, directory, source: Optional[Dict[str, Any]] = None, check: bool =
     back, which costs one more build of the model. `notes` (a list) gets
     what was not written and why (no Graphviz: no graph.svg).
     """
-    from .inspect import write_graph
-
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise BadInput(f"export directory {out} exists and is not a folder")

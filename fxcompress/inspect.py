@@ -16,6 +16,7 @@ import networkx as nx
 import torch.fx as fx
 
 from .errors import BadInput
+from .plan import node_qualname
 from .plots import pyplot
 from .report import treatment_lines
 from .table import format_table
@@ -98,8 +99,6 @@ def _target(node: fx.Node, gm: fx.GraphModule) -> str:
 
 def node_rows(cm) -> List[Dict[str, Any]]:
     """One dict per node the plan selected or a pass inserted, in graph order."""
-    from .plan import node_qualname
-
     gm = cm.graph_module
     owners = _inserted_by(cm)
     entries = cm.plan.entries

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torchvision.models as tvm
 
 from .errors import BadInput, closest
 
@@ -35,16 +36,12 @@ class LoadedModel:
 
 
 def torchvision_names() -> List[str]:
-    import torchvision.models as tvm
-
     return sorted(tvm.list_models(module=tvm))
 
 
 def build_torchvision(name: str, **extra) -> Tuple[nn.Module, Dict[str, Any]]:
     """A torchvision classification model with random weights, and the
     constructor arguments used (aux heads off: they change the output)."""
-    import torchvision.models as tvm
-
     names = torchvision_names()
     if name not in names:
         hint = closest(name, names)

@@ -75,7 +75,11 @@ class Plan:
 
     @property
     def selected_entries(self) -> List[PlanEntry]:
-        return [e for e in self.entries.values() if e.rules]
+        """Entries with a matching rule, in the graph's order (a pass that
+        replaces a node re-files its entry, so dict order is not enough)."""
+        order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)} if self.gm is not None else {}
+        entries = [e for e in self.entries.values() if e.rules]
+        return sorted(entries, key=lambda e: order.get(e.name, len(order)))
 
     def to_json(self) -> Dict[str, Any]:
         return {"nodes": [e.as_dict() for e in self.selected_entries]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Sequence
 
-from .plots import _pyplot, _save
+from .plots import _save, pyplot as _pyplot
 
 
 def write_plots(history: Sequence[Dict[str, Any]], report: Dict[str, Any], out_dir: str) -> List[str]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .config import check_bits
 from .errors import BadInput
 from .kernels.scaled_grad import levels_for, quantize_reference
+from .tracing import trace
 
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 CLIPS = ("bn", "dynamic")
@@ -167,8 +168,6 @@ def bn_clip(bn: nn.Module, n: float = 6.0) -> float:
 def quantize_activations(model: nn.Module, bits: int, clip: str = "bn", n: float = 6.0) -> fx.GraphModule:
     """A traced copy of `model` with a fake-quant node after every ReLU (see the
     module docstring); the copy's `fxc_actq` attribute lists (node, x_max or None)."""
-    from .tracing import trace
-
     check_bits("activation bits", bits, 2, 16)
     if clip not in CLIPS:
         raise BadInput(f"activation clipping must be one of {', '.join(CLIPS)}, got {clip!r}")

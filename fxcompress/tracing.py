@@ -33,8 +33,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.modules import transformer
 
 from .errors import ShapeError, TraceError
+from .plan import node_qualname
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -81,8 +83,6 @@ class _fast_path_off:
     which without it is read from the mask itself). See the module docstring."""
 
     def __enter__(self):
-        from torch.nn.modules import transformer
-
         self.was = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         self.seq_len = getattr(transformer, "_get_seq_len", None)
@@ -91,8 +91,6 @@ class _fast_path_off:
             transformer._get_seq_len = lambda src, *a, **k: None if isinstance(src, fx.Proxy) else orig(src, *a, **k)
 
     def __exit__(self, *exc):
-        from torch.nn.modules import transformer
-
         torch.backends.mha.set_fastpath_enabled(self.was)
         if self.seq_len is not None:
             transformer._get_seq_len = self.seq_len
@@ -113,6 +111,19 @@ class FxcTracer(fx.Tracer):
         if _traced_into(m):
             return False
         return super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None):
+        if type(root).__name__ == "_CodeOnlyModule":
+            # torch.load of a compiled model re-traces its graph module from
+            # the generated code, with this tracer: the calls it names into
+            # fxcompress.runtime (fxc_save, ...) are imported under other
+            # names than the ones torch.fx.wrap registered, so they would be
+            # traced through (the compression silently lost); keep them calls
+            fn = getattr(type(root), "forward", None)
+            for value in getattr(fn, "__globals__", {}).values():
+                if callable(value) and str(getattr(value, "__module__", "")).startswith("fxcompress.runtime."):
+                    self._autowrap_function_ids.add(id(value))
+        return super().trace(root, concrete_args)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -362,8 +373,6 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Non
         err = f.error if isinstance(f, _NodeFailed) else f
         at = ""
         if isinstance(f, _NodeFailed):
-            from .plan import node_qualname
-
             at = f" at node '{node_qualname(f.node)}'"
             where = _user_frame(err)
             at += f" ({where})" if where != "<unknown>" else ""

@@ -184,6 +184,36 @@ def test_no_gradient_at_step_0_is_measured_again(batch):
     assert not ctrl._specs[ln].collect  # measured: back to the every-100-steps schedule
 
 
+@pytest.mark.parametrize("eps_bits", [0, 4])
+def test_measured_in_the_backward_from_16_bit_copies(batch, monkeypatch, eps_bits):
+    """The statistics step's memory: a measured op's input copies are packed
+    at 16 bits, and the op is measured inside the backward as its output's
+    gradient arrives, its copies and gradient freed there. The widths equal
+    those measured from exact fp32 copies."""
+    from fxcompress.kernels import actpack
+    from fxcompress.runtime import probe
+
+    x, y, bundle = batch
+    x = _gray_to_rgb(x)[:32]
+    policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
+                                       "activations": {"mode": "auto", "eps_bits": eps_bits, "min_numel": 256}}]}
+    widths = []
+    for copy_bits in (16, None):
+        monkeypatch.setattr(probe, "COPY_BITS", copy_bits)
+        cm = fxcompress.compile(_tiny_vit(bundle.num_classes), policy, example_inputs=x[:2])
+        ctrl = cm.controllers["activations"]
+        out = cm(x)
+        args = [a for n in ctrl.probe_nodes for a in ctrl._specs[n].snapshot["args"]]
+        packed = [a for a in args if isinstance(a, actpack.Packed)]
+        assert bool(packed) == (copy_bits == 16)
+        F.cross_entropy(out, y[:32]).backward()
+        # measured in the backward: nothing but the result is held until step()
+        assert all(set(ctrl._specs[n].snapshot) == {"measured"} for n in ctrl.probe_nodes)
+        cm.step()
+        widths.append({n: ctrl._specs[n].measured_bits for n in ctrl.probe_nodes})
+    assert widths[0] == widths[1] and all(widths[0].values()), widths
+
+
 def test_measured_op_keeps_its_input_from_before_an_in_place_op():
     """Hardswish(inplace=True) overwrites its input: the statistics must keep
     the input as it was (a BN output, below hardswish's minimum -0.375)."""
@@ -198,9 +228,12 @@ def test_measured_op_keeps_its_input_from_before_an_in_place_op():
     cm = fxcompress.compile(model, policy, example_inputs=x[:1])
     ctrl = cm.controllers["activations"]
     (node,) = [n for n in ctrl.probe_nodes if ctrl._specs[n].op == "Hardswish"]
-    F.cross_entropy(cm(x), y).backward()
-    kept = ctrl._specs[node].snapshot["args"][1]
+    out = cm(x)
+    from fxcompress.runtime.probe import _restore
+
+    kept = _restore(ctrl._specs[node].snapshot["args"][1])
     assert float(kept.min()) < -1.0
+    F.cross_entropy(out, y).backward()
     cm.step()
     assert ctrl._specs[node].measured_bits is not None
 
@@ -256,3 +289,98 @@ def test_c_widths_equal_the_numpy_reference(monkeypatch):
         monkeypatch.setenv("FXC_CPU_FAST", "0")
         ref = auto_bits(amax, signed, C, dx2, bn, 8, counts=counts)
         assert torch.equal(fast, ref), (trial, C, signed)
+
+
+def _small_auto_net():
+    """Conv, BatchNorm (its budget caches the C path's ctypes arrays), ReLU,
+    GELU (a measured width) and a linear head, under policies/acgc_auto.yaml."""
+    import os
+
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                      nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    policy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "policies", "acgc_auto.yaml")
+    return fxcompress.compile(m, policy, example_inputs=(torch.randn(2, 3, 16, 16),))
+
+
+def _train_step(cm, opt, x, y):
+    opt.zero_grad()
+    loss = F.cross_entropy(cm(x), y)
+    loss.backward()
+    opt.step()
+    cm.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_compiled_model_copies_and_pickles_at_any_step(steps):
+    """deepcopy and torch.save/load of a compiled `auto` model after `steps`
+    steps (after two, BatchNorm budgets hold the C path's ctypes arrays):
+    the copy trains, and its next steps match the original's bit for bit
+    (so the loaded copy still compresses: its backward is the original's)."""
+    import io
+
+    cm = _small_auto_net()
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+               for _ in range(steps + 2)]
+    for x, y in batches[:steps]:
+        _train_step(cm, opt, x, y)
+    buf = io.BytesIO()
+    torch.save(cm, buf)
+    buf.seek(0)
+    copies = [copy.deepcopy(cm), torch.load(buf, weights_only=False)]
+    rest = batches[steps:]
+    ref = [_train_step(cm, opt, x, y) for x, y in rest]
+    for c in copies:
+        # torch.load re-traces the graph module from its code: the
+        # compressed saves must stay calls, not be traced through
+        assert c.graph_module.code.count("fxc_save(") == cm.graph_module.code.count("fxc_save(") > 0
+        c_opt = torch.optim.SGD(c.parameters(), lr=0.05)
+        got = [_train_step(c, c_opt, x, y) for x, y in rest]
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), (steps, [float(v) for v in got], [float(v) for v in ref])
+        for (n, p), q in zip(cm.named_parameters(), c.parameters()):
+            assert torch.equal(p, q), n
+        assert c.controllers["activations"].steps == cm.controllers["activations"].steps
+
+
+def test_a_pack_belongs_to_one_forward():
+    """The same tensor object fed to a later forward is packed again: under
+    `auto` the step after the statistics step stores the first convolution's
+    input at its measured widths (not the 8 bits of step 0's pack), exactly
+    as a copy of the tensor would be; at fixed stochastic bits the draws are
+    new."""
+    cm = _small_auto_net()
+    opt = torch.optim.SGD(cm.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    ledger = cm.graph_module.fxc_act__0._ledger
+
+    def stored(node="_0"):
+        return ledger.nodes[node]["stored_bytes"]
+
+    _train_step(cm, opt, x, y)  # statistics step: the input is stored at the fallback bits
+    at_8 = stored()
+    _train_step(cm, opt, x, y)  # the same object again
+    again = stored()
+    _train_step(cm, opt, x.clone(), y)
+    assert again == stored() < at_8
+
+    torch.manual_seed(0)
+    import torch.nn as nn
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
+    policy = {"version": 1, "rules": [{"match": {"name": "*"}, "optional": True,
+                                       "activations": {"bits": 2, "rounding": "stochastic"}}]}
+    cm = fxcompress.compile(net, policy, example_inputs=(x[:1],))
+    spec = cm.graph_module.fxc_act__0
+    packs = []
+    for _ in range(2):
+        cm(x).sum().backward()
+        ptr = x.untyped_storage().data_ptr()
+        packs += [obj for key, obj in spec._ledger.registry.items() if key[0] == ptr]
+    assert len(packs) == 2 and packs[0] is not packs[1]
+    assert not torch.equal(spec.unpack(packs[0]), spec.unpack(packs[1]))  # new draws

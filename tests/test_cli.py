@@ -114,3 +114,19 @@ def test_plan_table_shows_every_treatment_the_real_width_one_row_per_call_in_gra
     assert conv1[1].strip().startswith("activations(") and conv1[1].rstrip().endswith(")")
     assert "scaled_grad(bits=2 lambda_s" in next(r for r in rows if r.startswith("conv2"))
     assert "bits=2 -> 8 (last layer)" in next(r for r in rows if r.startswith("fc"))
+
+
+def test_plan_json_in_graph_order_in_both_modes(tmp_path):
+    # the JSON plan after the passes listed rewritten nodes last (their
+    # entries are re-filed under the new node's name)
+    p = tmp_path / "two.yaml"
+    p.write_text("rules:\n  - match: {type: [Conv2d, Linear]}\n    scaled_grad: {bits: 2}\n"
+                 "  - match: {type: [Conv2d, ReLU]}\n    activations: {bits: 4}\n")
+    code, dry, err = run_cli(["transform", TWICE, "--policy", str(p), "--dry-run", "--json"])
+    assert code == 0, err
+    code, real, err = run_cli(["transform", TWICE, "--policy", str(p), "--json"])
+    assert code == 0, err
+    dry_q = [n["qualname"] for n in json.loads(dry)["plan"]]
+    real_q = [n["qualname"] for n in json.loads(real)["report"]["plan"]]
+    assert dry_q == real_q
+    assert [q for q in dry_q if q in ("conv1", "conv2", "fc")] == ["conv1", "conv2", "fc"]

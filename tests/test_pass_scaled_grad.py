@@ -258,10 +258,12 @@ def test_batched_scaling_equals_the_per_tensor_kernel_exactly():
     kernel's reference bit for bit, mixed widths, epsilon and grids included."""
     from fxcompress.kernels.scaled_grad import scaled_grad_reference
     from fxcompress.runtime.scaled_grad import ScaledGrad, scale_gradients
+    from fxcompress.runtime.scaled_grad_config import ScaledGradConfig as C
 
     gen = torch.Generator().manual_seed(9)
-    members = [ScaledGrad("a", 2, 150.0), ScaledGrad("b", 8, 0.37, 1e-3), ScaledGrad("c", 4, 150.0, grid="zero"),
-               ScaledGrad("d", 3, 1500.0), ScaledGrad("e", 4, 150.0)]
+    members = [ScaledGrad("a", C(bits=2)), ScaledGrad("b", C(bits=8, lambda_s=0.37, epsilon=1e-3)),
+               ScaledGrad("c", C(bits=4, grid="zero")), ScaledGrad("d", C(bits=3, lambda_s=1500.0)),
+               ScaledGrad("e", C(bits=4))]
     ws = [torch.randn(s, generator=gen) * 0.1 for s in ((4, 3, 3, 3), (17,), (5, 6), (8, 8), (3, 3))]
     gs = [torch.randn(w.shape, generator=gen) for w in ws]
     gs[4] = None  # a weight that got no gradient

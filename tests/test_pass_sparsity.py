@@ -124,8 +124,12 @@ def test_phase_boundaries_in_steps_and_exact_sparsity():
     seen = []
     for _ in range(11):
         train_steps(cm, opt, 1)
-        seen.append((c.steps, c.phase()))
-    assert [s for s, p in seen if p == "sparse"] == [3, 4, 9, 10, 11]
+        before = c.phase()  # the change waits for the next forward
+        c.flush()
+        seen.append((c.steps, before, c.phase()))
+    # after step s the model is in the phase that starts at s
+    assert [s for s, _, p in seen if p == "sparse"] == [3, 4, 9, 10, 11]
+    assert [s for s, b, p in seen if b != p] == [3, 5, 9]
     n = sum(p.numel() for p, _ in masked_params(cm).values())
     k = math.ceil(n * 0.1 - 1e-9)
     for entry in c.log:
@@ -157,8 +161,10 @@ def test_fresh_mask_each_compressed_phase_and_pruned_weights_restart_from_zero()
     opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
     cm.attach_optimizer(opt)
     train_steps(cm, opt, 2)  # -> first compressed phase
+    c.flush()  # (what the next forward would do first)
     first = {n: m.clone() for n, (_, m) in masked_params(cm).items()}
     train_steps(cm, opt, 2)  # -> dense
+    c.flush()
     assert c.phase() == "dense" and all(m.all() for _, m in masked_params(cm).values())
     w = c.params["conv2.weight"]
     pruned = (~first["conv2.weight"]).nonzero()[0].tolist()
@@ -168,6 +174,7 @@ def test_fresh_mask_each_compressed_phase_and_pruned_weights_restart_from_zero()
         w[tuple(pruned)] = 50.0   # ... and may grow back into the next mask
     ws = [c.params[mb.name].detach().clone() for mb in c.members]
     train_steps(cm, opt, 1)  # step 7 -> the final compressed phase, mask computed after this step
+    c.flush()
     assert c.phase() == "sparse"
     mask = c.masked["conv2.weight"].mask
     assert mask[tuple(pruned)]
@@ -187,11 +194,21 @@ def test_momentum_zeroed_at_decompression():
     train_steps(cm, opt, 1)
     bufs = {n: opt.state[p]["momentum_buffer"] for n, (p, _) in masked_params(cm).items()}
     assert all(b.abs().sum() > 0 for b in bufs.values())
-    train_steps(cm, opt, 1)  # step 2: decompression
+    train_steps(cm, opt, 1)  # step 2: decompression, made before the next forward
+    assert c.phase() == "sparse" and c.momentum_resets == 0
+    c.flush()
     assert c.phase() == "dense" and c.momentum_resets == 1
-    assert all(b.abs().sum() == 0 for b in bufs.values())
-    bias_buf = opt.state[cm.graph_module.conv1.bias]["momentum_buffer"]
-    assert bias_buf.abs().sum() > 0  # only the masked weights' momentum
+    # every buffer the optimizer holds, as the authors' SGD.reset_momentum_buffer:
+    # the masked weights', the biases' (never masked) too
+    everything = [opt.state[p]["momentum_buffer"] for p in cm.parameters()]
+    assert len(everything) > len(bufs) and all(b.abs().sum() == 0 for b in everything)
+    # so the first dense step's update is the plain gradient (+ weight decay 0)
+    x, y = data()
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(cm(x), y).backward()
+    grads = {p: p.grad.clone() for p in cm.parameters()}
+    opt.step()
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], g) for p, g in grads.items())
 
 
 # ------------------------------------------------------------------ masks
@@ -228,6 +245,36 @@ def test_uniform_keeps_first_and_last_dense():
     assert ms["conv1.weight"][1].all() and ms["fc.weight"][1].all()
     mask = ms["conv2.weight"][1]
     assert int(mask.sum()) == kept_count(mask.numel(), 0.75)
+
+
+def test_global_mask_that_empties_a_layer_warns_and_first_last_dense_prevents_it():
+    """One global threshold can remove a whole small layer (here conv1, its
+    weights scaled down): the controller warns and reports it; with the first
+    and last layers dense (the shipped global policy) it cannot."""
+    import warnings
+
+    for fl in (False, True):
+        cm = compiled({"unit": "step", "warmup": 0, "final": 0}, sparsity=0.9, first_last_dense=fl)
+        with torch.no_grad():
+            cm.graph_module.conv1.weight.mul_(1e-3)
+        c = cm.controllers["sparsity"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cm.attach_optimizer(torch.optim.SGD(cm.parameters(), lr=0.1))
+        said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert (len(said) == 1 and "conv1.weight" in said[0]) != fl
+        assert c.report()["emptied_layers"] == ([] if fl else ["conv1.weight"])
+        assert bool(c.masked["conv1.weight"].mask.all()) == fl
+
+
+def test_shipped_global_policy_keeps_first_and_last_dense():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "policies" / "acdc_90.yaml"
+    cm = fxcompress.compile(Net(), str(path), example_inputs=(torch.randn(2, 4, 8, 8),))
+    members = cm.controllers["sparsity"].members
+    assert {mb.kind for mb in members} == {"global"} and {mb.sparsity for mb in members} == {0.9}
+    assert [mb.name for mb in members if mb.dense] == ["conv1.weight", "fc.weight"]
 
 
 # ------------------------------------------------------------------ models
@@ -280,7 +327,8 @@ def test_vit_b_16_every_weight_masked():
 
 
 # ------------------------------------------------------------------ resume, export
-def test_resume_mid_phase_is_bitwise_equal():
+@pytest.mark.parametrize("at", [2, 4])  # 4: saved after the step that ends the phase, before the change
+def test_resume_mid_phase_is_bitwise_equal(at):
     sched = {"unit": "step", "warmup": 1, "compressed": 3, "decompressed": 2, "final": 8}
 
     def fresh():
@@ -290,13 +338,15 @@ def test_resume_mid_phase_is_bitwise_equal():
         return cm, opt
 
     cm, opt = fresh()
-    train_steps(cm, opt, 2)  # in the middle of the first compressed phase
+    train_steps(cm, opt, at)  # in the middle of the first compressed phase, or at its end
     saved = copy.deepcopy({"model": cm.state_dict(), "opt": opt.state_dict()})
+    assert cm.controllers["sparsity"].pending() == (at == 4)
     train_steps(cm, opt, 8, seed=1)
     cm2, opt2 = fresh()
     cm2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
-    assert cm2.controllers["sparsity"].steps == 2 and cm2.controllers["sparsity"].phase() == "sparse"
+    c2 = cm2.controllers["sparsity"]
+    assert c2.steps == at and c2.phase() == "sparse" and c2.pending() == (at == 4)
     train_steps(cm2, opt2, 8, seed=1)
     for (k, a), (_, b) in zip(cm.state_dict().items(), cm2.state_dict().items()):
         if isinstance(a, torch.Tensor):
@@ -344,6 +394,63 @@ def test_snapshot_labels_in_epochs():
         cm.on_epoch_end(epoch)
     got = [(e, lab) for e, lab in labels if lab]
     assert got == [(2, "dense"), (3, "sparse"), (4, "sparse")]
+
+
+def test_dense_snapshot_is_the_last_dense_step_in_steps():
+    """unit: step. The snapshot asked after the step that ends the last dense
+    phase holds that step's weights (not the step before), with all-ones
+    masks; the next forward already runs compressed."""
+    cm = compiled({"unit": "step", "warmup": 2, "compressed": 2, "decompressed": 2, "final": 6})
+    c = cm.controllers["sparsity"]
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
+    cm.attach_optimizer(opt)
+    x, y = data()
+    labels, after_opt, snap = [], {}, None
+    for _ in range(8):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(cm(x), y).backward()
+        opt.step()
+        after_opt = {n: p.detach().clone() for n, (p, _) in masked_params(cm).items()}
+        cm.step()
+        label = c.snapshot_due()
+        labels.append((c.steps, label))
+        if label == "dense":
+            snap = copy.deepcopy(cm.state_dict())
+            exact = after_opt
+    assert [(s, lab) for s, lab in labels if lab == "dense"] == [(6, "dense")]
+    masks = [v for k, v in snap.items() if k.endswith(".mask")]
+    assert masks and all(bool(m.all()) for m in masks)
+    for name, w in exact.items():
+        key = next(k for k in snap if k.replace("graph_module.", "", 1) == name)
+        assert torch.equal(snap[key], w), name  # the weights after step 6, dense
+    assert c.phase() == "sparse" and [e["step"] for e in c.log if e["phase"] == "sparse"][-1] == 6
+
+
+def test_dense_snapshot_is_the_last_dense_epoch_in_epochs():
+    cm = compiled({"warmup": 1, "compressed": 1, "decompressed": 1, "final": 3})
+    c = cm.controllers["sparsity"]
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
+    cm.attach_optimizer(opt)
+    x, y = data()
+    snap, exact = None, None
+    for epoch in range(4):
+        cm.on_epoch_start(epoch)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(cm(x), y).backward()
+            opt.step()
+            cm.step()
+            if c.snapshot_due() == "dense":
+                snap = copy.deepcopy(cm.state_dict())
+                exact = {n: p.detach().clone() for n, (p, _) in masked_params(cm).items()}
+                at = (epoch, c.steps_in_epoch)
+        cm.on_epoch_end(epoch)
+    assert at == (2, 3)  # the last step of epoch 2, the last dense epoch
+    for name, w in exact.items():
+        key = next(k for k in snap if k.replace("graph_module.", "", 1) == name)
+        assert torch.equal(snap[key], w), name
+    assert all(bool(v.all()) for k, v in snap.items() if k.endswith(".mask"))
+    assert c.phase() == "sparse" and all(not bool(v.all()) for k, v in cm.state_dict().items() if k.endswith(".mask"))
 
 
 def test_plot_written(tmp_path):
@@ -416,6 +523,36 @@ def test_masked_graph_compiles_without_graph_breaks():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     fn = torch.compile(cm.graph_module, backend="eager")
     torch.testing.assert_close(fn(x), cm.graph_module(x))
+
+
+def test_step_phase_changes_under_torch_compile_match_eager():
+    """unit: step with the forward compiled (hooks added after tracing are not
+    seen): the loop's snapshot_due()/figures() make each change before the next
+    forward, so compiled training equals eager training bitwise."""
+    import warnings
+
+    def run(use_compile):
+        cm = compiled({"unit": "step", "warmup": 2, "compressed": 2, "decompressed": 2, "final": 6})
+        opt = torch.optim.SGD(cm.parameters(), lr=0.05, momentum=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tiny fc may be emptied at 90 %
+            cm.attach_optimizer(opt)
+            fwd = torch.compile(cm.graph_module, backend="eager") if use_compile else cm.graph_module
+            x, y = data()
+            labels = []
+            for _ in range(8):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(fwd(x), y).backward()
+                opt.step()
+                cm.step()
+                labels.append(cm.snapshot_due())
+                cm.figures()
+        return [p.detach().clone() for p, _ in masked_params(cm).values()], labels
+
+    torch._dynamo.reset()
+    (a, la), (b, lb) = run(False), run(True)
+    assert la == lb and la[5] == ["dense"]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 def test_nm_keeps_a_layer_whose_inputs_are_not_groups_of_m_dense_and_says_so():

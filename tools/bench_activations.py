@@ -1,7 +1,8 @@
-"""Activation compression (issue 4): memory, peak RSS and step time.
+"""Activation compression (issues 4, 12): memory, peak RSS, step time, per-step peaks.
 
-    .venv/bin/python tools/bench_activations.py                 # everything
-    .venv/bin/python tools/bench_activations.py --only memory   # memory, speed, rss
+    .venv/bin/python tools/bench_activations.py                 # memory, rss, speed
+    .venv/bin/python tools/bench_activations.py --only memory   # one of memory, rss, speed
+    .venv/bin/python tools/bench_activations.py --peaks         # per-step peak memory (issue 12)
 
 memory: saved-activation bytes of one training forward, fp32 (what autograd
         keeps without compression, each storage counted once) vs stored
@@ -18,7 +19,17 @@ rss:    peak RSS a training step adds, after the same warm-up (ARCHITECTURE.md
         recipe: a separate process with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0,
         /proc/self/clear_refs reset, VmHWM after the step minus VmRSS before).
 speed:  resnet50 step time (forward, backward, SGD step), compressed over
-        uncompressed, modes alternated in one process, median of N steps.
+        uncompressed, modes alternated in one process, median of N steps:
+        wall time at the default thread count (torch.get_num_threads(), the
+        headline: what a user sees) and at 1 thread.
+peaks:  (--peaks) peak resident memory of each of the first 3 training steps
+        and of a later statistics step (--stats-step, default 10: AutoQuant
+        is made to take statistics there), per model and mode, each config
+        in its own process (the rss recipe: VmHWM after the step, reset by
+        /proc/self/clear_refs before it, freed memory returned to the system
+        between steps). `auto` must stay below `none` on every step.
+        Models: resnet50 batch 32 at 64x64, vit_b_16 batch 4 at 224
+        (--peak-models NAME:BATCH:SIZE ... for others).
 accuracy (only with --only accuracy: 15 trainings): the default model on
         digits (fxcompress.training.train, default settings), seeds 0..4:
         `auto` with its uncompressed baseline (same seed, same batches) and
@@ -27,6 +38,7 @@ accuracy (only with --only accuracy: 15 trainings): the default model on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,13 +61,18 @@ MODES = {
 MODELS = {"resnet50": (32, 64), "vit_b_16": (16, 64)}
 
 
-def build(name: str, mode: str, seed: int = 0):
+PEAK_MODELS = ["resnet50:32:64", "vit_b_16:4:224"]
+PEAK_STEPS = 3
+
+
+def build(name: str, mode: str, seed: int = 0, batch: int = 0, size: int = 0):
     import torchvision
 
     import fxcompress
 
     torch.manual_seed(seed)
-    batch, size = MODELS[name]
+    if not batch:
+        batch, size = MODELS[name]
     m = torchvision.models.vit_b_16(image_size=size) if name == "vit_b_16" else getattr(torchvision.models, name)()
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
@@ -108,6 +125,34 @@ def memory(name: str, mode: str):
     return out
 
 
+def _status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measured_step(m, opt, x, y) -> tuple:
+    """One training step: (VmRSS before it, VmHWM during it), in bytes."""
+    import gc
+
+    # the last step's gradients are freed by the next zero_grad: free them
+    # now, or the step would reuse their memory and hide its own peak
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    # the decode-buffer pool keeps the last step's blocks for reuse: drop
+    # them, or the step would reuse memory counted in `before` and hide its peak
+    from fxcompress.kernels import bufpool
+
+    bufpool.POOL.clear()
+    gc.collect()
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    train_step(m, opt, x, y)
+    return before, _status("VmHWM")
+
+
 def rss_child(name: str, mode: str) -> dict:
     """Runs in a fresh process (see --rss-child)."""
     torch.set_num_threads(1)
@@ -115,65 +160,95 @@ def rss_child(name: str, mode: str) -> dict:
     opt = warm_up(m, x, y)
     for group in opt.param_groups:
         group["lr"] = 0.0
+    before, peak = measured_step(m, opt, x, y)
+    return {"peak_added": peak - before}
 
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-        return 0
 
-    import gc
+def peaks_child(spec: str, mode: str, stats_step: int) -> dict:
+    """Runs in a fresh process (see --peaks-child): the peak RSS of steps
+    0..PEAK_STEPS-1 and of step `stats_step`, which is made a statistics
+    step (the controller's period set to it; the steps between are run
+    and not measured). lr 0.01, random batches."""
+    torch.set_num_threads(1)
+    name, batch, size = spec.split(":")
+    m, x, y = build(name, mode, batch=int(batch), size=int(size))
+    ctrl = m.controllers["activations"] if mode != "none" and "activations" in m.controllers else None
+    if ctrl is not None:
+        # statistics at step 0 and at stats_step (the policy's settings: section, here set directly)
+        ctrl.settings = dataclasses.replace(ctrl.settings, stats_every=stats_step)
+        ctrl._arm()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    out = {"steps": {}, "statistics": []}
+    for step in range(stats_step + 1):
+        xb, yb = torch.randn(x.shape, generator=gen), torch.randint(0, 1000, y.shape, generator=gen)
+        if ctrl is not None and any(s.collect for s in ctrl._specs.values()):
+            out["statistics"].append(step)
+        if step < PEAK_STEPS or step == stats_step:
+            before, peak = measured_step(m, opt, xb, yb)
+            out["steps"][str(step)] = {"peak": peak, "before": before}
+        else:
+            train_step(m, opt, xb, yb)
+    return out
 
-    # the last step's gradients are freed by the next zero_grad: free them
-    # now, or the step would reuse their memory and hide its own peak
-    opt.zero_grad(set_to_none=True)
-    gc.collect()
-    # the decode-buffer pool keeps the warm-up's blocks for reuse: drop them,
-    # or the step would reuse memory counted in `before` and hide its peak
-    from fxcompress.kernels import bufpool
 
-    bufpool.POOL.clear()
-    gc.collect()
-    before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    train_step(m, opt, x, y)
-    return {"peak_added": status("VmHWM") - before}
+def _child(args) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, __file__] + args, env=env, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def rss(name: str, mode: str) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, __file__, "--rss-child", name, mode], env=env, capture_output=True,
-                         text=True, timeout=1200)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_added"]
+    return _child(["--rss-child", name, mode])["peak_added"]
 
 
-def speed(name: str, modes, steps: int) -> dict:
-    """Median wall time and median thread CPU time per step, per mode.
+def peaks(specs, modes, stats_step: int) -> dict:
+    """Per model and mode: peak RSS (GiB) of the first steps and of the later
+    statistics step, each config in its own process."""
+    res = {}
+    for spec in specs:
+        name, batch, size = spec.split(":")
+        print(f"\n{name} batch {batch} at {size}x{size}: peak RSS per step, GiB (1 thread; * = statistics step)")
+        print(f"  {'mode':5} " + " ".join(f"{'step ' + str(s):>9}" for s in list(range(PEAK_STEPS)) + [stats_step]))
+        for mode in modes:
+            r = _child(["--peaks-child", spec, mode, str(stats_step)])
+            res.setdefault(spec, {})[mode] = r
+            cells = []
+            for s in list(range(PEAK_STEPS)) + [stats_step]:
+                mark = "*" if s in r["statistics"] else " "
+                cells.append(f"{r['steps'][str(s)]['peak'] / 2**30:8.2f}{mark}")
+            print(f"  {mode:5} " + " ".join(cells), flush=True)
+        if "none" in res[spec]:
+            base = res[spec]["none"]["steps"]
+            for mode, r in res[spec].items():
+                over = [s for s, v in r["steps"].items() if mode != "none" and v["peak"] >= base[s]["peak"]]
+                if over:
+                    print(f"  {mode}: at or above uncompressed at step(s) {', '.join(over)}")
+    return res
 
-    Thread CPU time does not count time the shared machine gives to other
-    processes, so its ratio is the steadier one here (1 intra-op thread, so
-    the step's work is this thread's work)."""
-    torch.set_num_threads(1)
+
+def speed(name: str, modes, steps: int, threads: int, batch: int, size: int) -> dict:
+    """Median wall time per step, per mode, at `threads` intra-op threads
+    (the whole step: the compression work runs on torch's threads too, so
+    thread CPU time would hide what does not scale)."""
+    torch.set_num_threads(threads)
     runs = {}
     for mode in modes:
-        m, x, y = build(name, mode)
+        m, x, y = build(name, mode, batch=batch, size=size)
         opt = torch.optim.SGD(m.parameters(), lr=0.0)
         train_step(m, opt, x, y)  # warm-up (and AutoQuant's statistics)
         runs[mode] = (m, opt, x, y)
     wall = {mode: [] for mode in modes}
-    cpu = {mode: [] for mode in modes}
     for _ in range(steps):  # alternate so that load from other work hits every mode alike
         for mode in modes:
             m, opt, x, y = runs[mode]
-            t, c = time.perf_counter(), time.thread_time()
+            t = time.perf_counter()
             train_step(m, opt, x, y)
             wall[mode].append(time.perf_counter() - t)
-            cpu[mode].append(time.thread_time() - c)
-    return {mode: (statistics.median(wall[mode]), statistics.median(cpu[mode])) for mode in modes}
+    return {mode: statistics.median(wall[mode]) for mode in modes}
 
 
 def accuracy(seeds, run_root: str) -> dict:
@@ -206,14 +281,27 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="*", default=["none", "2bit", "auto"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rss-child", nargs=2, metavar=("MODEL", "MODE"))
+    ap.add_argument("--speed-size", default="32:64", metavar="BATCH:SIZE", help="resnet50's batch and image size")
+    ap.add_argument("--peaks", action="store_true", help="only the per-step peak memory (issue 12)")
+    ap.add_argument("--peak-models", nargs="*", default=PEAK_MODELS, metavar="NAME:BATCH:SIZE")
+    ap.add_argument("--stats-step", type=int, default=10, help="the later statistics step measured by --peaks")
+    ap.add_argument("--peaks-child", nargs=3, metavar=("NAME:BATCH:SIZE", "MODE", "STATS_STEP"))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--run-root", default="runs/bench_activations")
     ap.add_argument("--json", metavar="PATH", help="also write every figure printed to this JSON file")
     args = ap.parse_args(argv)
-    report = {"args": vars(args), "memory": [], "speed": {}, "accuracy": {}}
+    report = {"args": vars(args), "memory": [], "speed": {}, "accuracy": {}, "peaks": {}}
     if args.rss_child:
         print(json.dumps(rss_child(*args.rss_child)))
         return 0
+    if args.peaks_child:
+        spec, mode, stats_step = args.peaks_child
+        print(json.dumps(peaks_child(spec, mode, int(stats_step))))
+        return 0
+    default_threads = torch.get_num_threads()
+    if args.peaks:
+        args.only = ["peaks"]
+        report["peaks"] = peaks(args.peak_models, args.modes, args.stats_step)
     torch.set_num_threads(1)
     if "memory" in args.only or "rss" in args.only:
         print(f"{'model':10} {'mode':5} {'fp32 MB':>9} {'stored MB':>10} {'ratio':>6} {'avg bits':>8} "
@@ -228,15 +316,18 @@ def main(argv=None):
                       f"{mem.get('avg_bits', 32.0):8.2f} {peak:12.1f} {mem.get('grad_err', 0.0):9.2e} "
                       f"{mem.get('grad_err_worst', 0.0):7.3f}", flush=True)
     if "speed" in args.only:
-        modes = [m for m in args.modes if m != "none"]
-        t = speed("resnet50", ["none"] + modes, args.steps)
-        report["speed"] = {mode: {"wall_s": w, "cpu_s": c, "ratio": w / t["none"][0], "cpu_ratio": c / t["none"][1]}
-                           for mode, (w, c) in t.items()}
-        print(f"\nresnet50 batch 32 64x64, 1 thread, median of {args.steps} alternated steps")
-        print(f"  {'mode':5} {'wall s':>7} {'ratio':>6} {'CPU s':>7} {'ratio':>6}")
-        for mode in ["none"] + modes:
-            w, c = t[mode]
-            print(f"  {mode:5} {w:7.3f} {w / t['none'][0]:6.2f} {c:7.3f} {c / t['none'][1]:6.2f}")
+        modes = ["none"] + [m for m in args.modes if m != "none"]
+        batch, size = (int(v) for v in args.speed_size.split(":"))
+        t = speed("resnet50", modes, args.steps, default_threads, batch, size)
+        t1 = speed("resnet50", modes, args.steps, 1, batch, size)
+        report["speed"] = {mode: {"threads": default_threads, "wall_s": t[mode], "ratio": t[mode] / t["none"],
+                                  "wall_s_1_thread": t1[mode], "ratio_1_thread": t1[mode] / t1["none"]}
+                           for mode in modes}
+        print(f"\nresnet50 batch {batch} {size}x{size}, wall time per step, median of {args.steps} alternated steps")
+        print(f"  {'mode':5} {f'{default_threads} threads s':>12} {'ratio':>6} {'1 thread s':>11} {'ratio':>6}")
+        for mode in modes:
+            print(f"  {mode:5} {t[mode]:12.3f} {t[mode] / t['none']:6.2f} {t1[mode]:11.3f} {t1[mode] / t1['none']:6.2f}")
+        torch.set_num_threads(1)
     if "accuracy" in args.only:
         acc = accuracy(range(args.seeds), args.run_root)
         base = statistics.mean(acc["baseline"])

@@ -19,6 +19,9 @@ import torch.nn as nn
 from ..config import check_bits
 from ..errors import BadInput
 from ..quantize import authors_first_last_bits, quantize_activations, quantize_weights
+from ..training import (BASELINE_DIR, MODELS_DIR, REPORT, TrainConfig, build_data, build_model, evaluate,
+                        model_channels, read_weights, resolve_device, snapshots, weights_path)
+from .common import print_json
 
 FP_BITS = 32  # "32" on the command line means "leave in full precision", as the authors' W4A32
 
@@ -58,8 +61,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def _locate(source: str, baseline: bool, label: Optional[str]) -> Tuple[str, str]:
     """(run directory, weights file) for RUN_DIR (its final model, else its
     checkpoint, or its snapshot `label`) or a .pt file inside one."""
-    from ..training import BASELINE_DIR, MODELS_DIR, REPORT, snapshots, weights_path
-
     if os.path.isdir(source):
         run_dir = os.path.join(source, BASELINE_DIR) if baseline else source
         if label is None:
@@ -81,8 +82,6 @@ def _locate(source: str, baseline: bool, label: Optional[str]) -> Tuple[str, str
 
 def load_run_model(run_dir: str, weights: str):
     """(model with the trained weights, data bundle, training config) of a run."""
-    from ..training import REPORT, TrainConfig, build_data, build_model, model_channels, read_weights
-
     report = os.path.join(run_dir, REPORT)
     if not os.path.isfile(report):
         raise BadInput(f"{run_dir}: no {REPORT} there, so the model and data of this checkpoint are unknown")
@@ -104,8 +103,6 @@ def evaluate_quantized(model: nn.Module, test_set, device, w_bits: int, a_bits: 
                        first_last_bits=None, keep_first_last: bool = False, last_bias: bool = False,
                        act_clip: float = 6.0, act_dynamic: bool = False, batch_size: int = 500) -> Dict[str, Any]:
     """Accuracy in full precision and at W{w_bits}A{a_bits}, as fractions."""
-    from ..training import evaluate
-
     model = model.to(device).eval()
     _, fp = evaluate(model, test_set, device, batch_size)
     q = model
@@ -123,8 +120,6 @@ def evaluate_quantized(model: nn.Module, test_set, device, w_bits: int, a_bits: 
 
 
 def run(args) -> int:
-    from ..training import resolve_device
-
     if args.w_bits != FP_BITS:
         check_bits("--w-bits", args.w_bits, 2, 8, "or 32: full precision")
     if args.a_bits != FP_BITS:
@@ -141,8 +136,6 @@ def run(args) -> int:
                              cfg.eval_batch_size)
     res = {"run_dir": run_dir, "weights": weights, "data": bundle.name, "test_images": len(bundle.test), **res}
     if args.json:
-        from .common import print_json
-
         print_json(res)
         return 0
     label = f"W{args.w_bits if args.w_bits != FP_BITS else 32}A{args.a_bits}"

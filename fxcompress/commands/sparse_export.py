@@ -14,6 +14,8 @@ import os
 import torch
 
 from ..errors import BadInput
+from ..sparse_export import compact, expand, nbytes, save_compact, sparsity_of
+from ..training.checkpoint import read_weights
 from .common import print_json
 
 
@@ -44,9 +46,6 @@ def _source(source: str, weights: str):
 
 
 def run(args) -> int:
-    from ..sparse_export import compact, expand, nbytes, save_compact, sparsity_of
-    from ..training.checkpoint import read_weights
-
     run_dir, path = _source(args.source, args.weights)
     state = read_weights(path, "weights file")
     out = args.out or os.path.join(run_dir, "export")

@@ -7,14 +7,16 @@ import os
 import sys
 from dataclasses import fields
 
+from .. import training
 from ..errors import BadInput
-from ..training import OPTIMIZERS, SCHEDULES, TrainConfig
+from ..training import OPTIMIZERS, SCHEDULES, TrainConfig, comparison_table
+from .common import print_json
 
 # Flags that define what a run computes; --resume refuses them, since a
 # resumed run must continue exactly as it was configured.
 CONFIG_FLAGS = ["model", "model_fn", "policy", "data", "upscale", "depth", "epochs", "batch_size", "lr",
                 "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "decay_epochs", "gamma",
-                "seed", "threads", "run_dir", "baseline", "train_limit", "test_limit", "nproc", "init"]
+                "seed", "threads", "compile", "run_dir", "baseline", "train_limit", "test_limit", "nproc", "init"]
 RESUME_FLAGS = ["device", "stop_after"]
 
 
@@ -58,6 +60,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, help=f"step schedule factor (default {d.gamma})")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the training step (default backend inductor; aot_eager, eager)")
     g.add_argument("--threads", type=int, help=f"CPU threads for torch, per worker (default {d.threads})")
     g.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel workers through torch.distributed (gloo on CPU, NCCL on GPU, one GPU "
@@ -88,8 +92,6 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run(args) -> int:
-    from .. import training
-
     # picklable, so that rank 0 of spawned data-parallel workers logs the same way
     log = training.StreamLog("stderr" if args.json else "stdout")
     if args.resume:
@@ -120,8 +122,6 @@ def run(args) -> int:
     if result is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     if args.json:
-        from .common import print_json
-
         print_json(result)
         return 0
     _print_summary(result, log)
@@ -129,8 +129,6 @@ def run(args) -> int:
 
 
 def _print_summary(result, log) -> None:
-    from ..training import comparison_table
-
     main = result["main"]
     if result["status"] != "done":
         log(f"stopped after epoch {len(main['epochs'])}; continue with: fxcompress train --resume {result['run_dir']}")

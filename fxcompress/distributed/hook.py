@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import BadInput, RunFailure
 from ..kernels import gradquant
@@ -229,8 +230,6 @@ def wrap(model: torch.nn.Module, config: Optional[CommunicationConfig] = None, d
     """DistributedDataParallel(model) with the policy's communication hook.
     Call after the process group is up (launch.init_from_env or inside
     run_data_parallel). Returns (ddp_model, state)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     if device is not None and torch.device(device).type == "cuda":
         model = model.to(device)
         ddp_kwargs.setdefault("device_ids", [torch.device(device).index or 0])

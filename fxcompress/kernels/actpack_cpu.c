@@ -53,6 +53,25 @@ static inline void grid(int bits, int is_signed, float *off, float *hi) {
     }
 }
 
+/* the offset alone, for the decoders */
+static inline float grid_offset(int bits, int is_signed) {
+    float off, hi;
+    grid(bits, is_signed, &off, &hi);
+    return off;
+}
+
+/* A decoder's step to the next element: position pos in its row of B
+ * elements, row c of C (rows cycle); returns the scale kinv[c] of the
+ * element it moved to (kv, unchanged, inside a row). */
+static inline float next_element(const float *kinv, int64_t B, int64_t C, int64_t *pos, int64_t *c, float kv) {
+    if (++*pos == B) {
+        *pos = 0;
+        if (++*c == C) *c = 0;
+        return kinv[*c];
+    }
+    return kv;
+}
+
 /* Quantize x (n floats, scale row c = (i / B) % C) and pack the slice
  * (code >> shift) & (2^width - 1), 8/width codes per byte, low bits first.
  * code = (int) clamp(x*k + r + off, 0, hi): adding the offset
@@ -119,10 +138,46 @@ static inline void quant_codes(const float *xs, float kc, int64_t run, int64_t i
         }
     }
 }
+
+/* Pack codes buf[0..m) as (code >> shift) & (2^width - 1), 8/width per byte,
+ * low bits first; a ragged last byte is zero-padded. */
+static inline void pack_buf(const uint16_t *buf, int64_t m, int width, int shift, uint8_t *o) {
+    const int per = 8 / width;
+    const uint32_t mask = (1u << width) - 1u;
+    const int64_t full = m / per;
+    /* constant strides per width, so the compiler can vectorise each case */
+#define S(j) ((((uint32_t)buf[b * per + (j)]) >> shift) & mask)
+    switch (per) {
+    case 1: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)S(0); break;
+    case 2: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 4); break;
+    case 4: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 2 | S(2) << 4 | S(3) << 6); break;
+    default:
+        for (int64_t b = 0; b < full; ++b)
+            o[b] = (uint8_t)(S(0) | S(1) << 1 | S(2) << 2 | S(3) << 3 | S(4) << 4 | S(5) << 5 | S(6) << 6 | S(7) << 7);
+    }
+#undef S
+    if (full * per < m) {
+        uint32_t acc = 0;
+        for (int64_t j = 0; full * per + j < m; ++j)
+            acc |= (((uint32_t)buf[full * per + j] >> shift) & mask) << (j * width);
+        o[full] = (uint8_t)acc;
+    }
+}
+
+/* buf[0..fill) into every slice q (width w[q], shift sh[q]) at op[q], which
+ * then moves past what was written (fill is CHUNK, a multiple of 8, except
+ * at the end of a stream). */
+static inline void pack_slices(const uint16_t *buf, int64_t fill, int nparts, const int *w, const int *sh,
+                               uint8_t **op) {
+    for (int q = 0; q < nparts; ++q) {
+        pack_buf(buf, fill, w[q], sh[q], op[q]);
+        op[q] += fill / (8 / w[q]);
+    }
+}
+
 static void quant_pack_range(const float *x, const float *k, int64_t n0, int64_t n, int64_t C, int64_t B,
                              int bits, int width, int shift, int is_signed, int stoch, uint32_t key, uint8_t *out) {
     const int per = 8 / width;
-    const uint32_t mask = (1u << width) - 1u;
     float off, hi;
     grid(bits, is_signed, &off, &hi);
     uint16_t buf[CHUNK];
@@ -145,25 +200,7 @@ static void quant_pack_range(const float *x, const float *k, int64_t n0, int64_t
             }
         }
         /* CHUNK is a multiple of 8, so only the last chunk has a ragged byte */
-        uint8_t *o = out + start / per;
-        const int64_t full = m / per;
-        /* constant strides per width, so the compiler can vectorise each case */
-#define S(j) ((((uint32_t)buf[b * per + (j)]) >> shift) & mask)
-        switch (per) {
-        case 1: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)S(0); break;
-        case 2: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 4); break;
-        case 4: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 2 | S(2) << 4 | S(3) << 6); break;
-        default:
-            for (int64_t b = 0; b < full; ++b)
-                o[b] = (uint8_t)(S(0) | S(1) << 1 | S(2) << 2 | S(3) << 3 | S(4) << 4 | S(5) << 5 | S(6) << 6 | S(7) << 7);
-        }
-#undef S
-        if (full * per < m) {
-            uint32_t acc = 0;
-            for (int64_t j = 0; full * per + j < m; ++j)
-                acc |= (((uint32_t)buf[full * per + j] >> shift) & mask) << (j * width);
-            o[full] = (uint8_t)acc;
-        }
+        pack_buf(buf, m, width, shift, out + start / per);
     }
 }
 
@@ -221,9 +258,7 @@ static void unpack_dequant_run(const uint8_t *in, const float *kinv, int64_t n, 
     const int width = bits;
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
-    float off, hi;
-    grid(bits, is_signed, &off, &hi);
-    (void)hi;
+    const float off = grid_offset(bits, is_signed);
     int64_t i = 0;
     float kv = kinv[c];
     const int64_t nbytes = (n + per - 1) / per;
@@ -232,11 +267,7 @@ static void unpack_dequant_run(const uint8_t *in, const float *kinv, int64_t n, 
         for (int j = 0; j < per && i < n; ++j, ++i) {
             float code = (float)((b >> (j * width)) & mask);
             out[i] = (code - off) * kv;
-            if (++pos == B) {
-                pos = 0;
-                if (++c == C) c = 0;
-                kv = kinv[c];
-            }
+            kv = next_element(kinv, B, C, &pos, &c, kv);
         }
     }
 }
@@ -250,17 +281,11 @@ void fxc_unpack_dequant(const uint8_t *in, const float *kinv, int64_t n, int64_t
 /* Multi-slice: codes already assembled in int32. */
 static void dequant_codes_run(const int32_t *codes, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
                               int is_signed, float *out, int64_t c, int64_t pos) {
-    float off, hi;
-    grid(bits, is_signed, &off, &hi);
-    (void)hi;
+    const float off = grid_offset(bits, is_signed);
     float kv = kinv[c];
     for (int64_t i = 0; i < n; ++i) {
         out[i] = ((float)codes[i] - off) * kv;
-        if (++pos == B) {
-            pos = 0;
-            if (++c == C) c = 0;
-            kv = kinv[c];
-        }
+        kv = next_element(kinv, B, C, &pos, &c, kv);
     }
 }
 
@@ -395,28 +420,6 @@ void fxc_unpack_mask_values(const uint8_t *in, int64_t n, float on, float off, f
     PIECES(n, fxc_unpack_mask_values_run(in + i0 / 8, i1 - i0, on, off, out + i0));
 }
 
-static void pack_buf(const uint16_t *buf, int64_t m, int width, int shift, uint8_t *o) {
-    const int per = 8 / width;
-    const uint32_t mask = (1u << width) - 1u;
-    const int64_t full = m / per;
-#define S(j) ((((uint32_t)buf[b * per + (j)]) >> shift) & mask)
-    switch (per) {
-    case 1: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)S(0); break;
-    case 2: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 4); break;
-    case 4: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 2 | S(2) << 4 | S(3) << 6); break;
-    default:
-        for (int64_t b = 0; b < full; ++b)
-            o[b] = (uint8_t)(S(0) | S(1) << 1 | S(2) << 2 | S(3) << 3 | S(4) << 4 | S(5) << 5 | S(6) << 6 | S(7) << 7);
-    }
-#undef S
-    if (full * per < m) {
-        uint32_t acc = 0;
-        for (int64_t j = 0; full * per + j < m; ++j)
-            acc |= (((uint32_t)buf[full * per + j] >> shift) & mask) << (j * width);
-        o[full] = (uint8_t)acc;
-    }
-}
-
 static void quant_pack_sel_range(const float *x, const float *k, int64_t C, int64_t B, const int64_t *idx,
                                  int64_t Csub, int bits, int nparts, const int *w, const int *sh, int is_signed,
                                  int stoch, uint32_t key, uint8_t *const *outs, int64_t e0, int64_t e1) {
@@ -437,15 +440,11 @@ static void quant_pack_sel_range(const float *x, const float *k, int64_t C, int6
         pos += run;
         if (pos == B) { pos = 0; ++row; }
         if (fill == CHUNK) {
-            for (int q = 0; q < nparts; ++q) {
-                pack_buf(buf, fill, w[q], sh[q], op[q]);
-                op[q] += CHUNK / (8 / w[q]);
-            }
+            pack_slices(buf, fill, nparts, w, sh, op);
             fill = 0;
         }
     }
-    if (fill)
-        for (int q = 0; q < nparts; ++q) pack_buf(buf, fill, w[q], sh[q], op[q]);
+    if (fill) pack_slices(buf, fill, nparts, w, sh, op);
 }
 
 /* fxc_quant_pack of the channel subset idx[0..Csub) of x (A, C, B), as if
@@ -606,16 +605,12 @@ static void zvc_pack_sel(const float *x, const float *k, int64_t A, int64_t C, i
                 done += run;
                 e += run;
                 if (fill == CHUNK) {
-                    for (int q = 0; q < nparts; ++q) {
-                        pack_buf(buf, fill, w[q], sh[q], op[q]);
-                        op[q] += CHUNK / (8 / w[q]);
-                    }
+                    pack_slices(buf, fill, nparts, w, sh, op);
                     fill = 0;
                 }
             }
         }
-    if (fill)
-        for (int q = 0; q < nparts; ++q) pack_buf(buf, fill, w[q], sh[q], op[q]);
+    if (fill) pack_slices(buf, fill, nparts, w, sh, op);
 }
 
 /* Inverse of zvc_pack_sel for all slices at once: elements whose bit is
@@ -728,63 +723,50 @@ static int64_t *widen(const int32_t *idx, int64_t n) {
     return o;
 }
 
-/* returns 0, or -1 when out of memory (nothing is half-written then: the
- * index copy is made before a group is packed, and groups are independent) */
+/* The loop over width groups of the four calls below: for each group g
+ * (not skipped by SKIP) the channel indices idx (csub of them, int64) and
+ * the offset s of its per-channel entries, then the call. Returns 0, or -1
+ * when out of memory (nothing is half-written then: the index copy is made
+ * before a group is packed, and groups are independent). */
+#define FOR_GROUPS(SKIP, ...)                                  \
+    do {                                                       \
+        for (int g = 0; g < G; ++g) {                          \
+            const int64_t s = start[g], csub = start[g + 1] - s; \
+            if (SKIP) continue;                                \
+            int64_t *idx = widen(order + s, csub);             \
+            if (!idx) return -1;                               \
+            __VA_ARGS__;                                       \
+            free(idx);                                         \
+        }                                                      \
+        return 0;                                              \
+    } while (0)
+
 int fxc_mixed_pack(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
                    const int64_t *start, const int *gbits, const int *gnp, const int *w, const int *sh,
                    int is_signed, int stoch, const uint32_t *keys, uint8_t *const *outs) {
-    for (int g = 0; g < G; ++g) {
-        const int64_t s = start[g], csub = start[g + 1] - s;
-        int64_t *idx = widen(order + s, csub);
-        if (!idx) return -1;
-        quant_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, is_signed, stoch,
-                           keys[g], outs + 5 * g);
-        free(idx);
-    }
-    return 0;
+    FOR_GROUPS(0, quant_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, is_signed,
+                                 stoch, keys[g], outs + 5 * g));
 }
 
 int fxc_mixed_unpack(const uint8_t *const *parts, const int *w, const int *sh, const int *gnp,
                      const float *const *kinv, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
                      const int64_t *start, const int *gbits, int is_signed, float *out) {
-    for (int g = 0; g < G; ++g) {
-        const int64_t s = start[g], csub = start[g + 1] - s;
-        int64_t *idx = widen(order + s, csub);
-        if (!idx) return -1;
-        unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C, gbits[g],
-                            is_signed, out);
-        free(idx);
-    }
-    return 0;
+    FOR_GROUPS(0, unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C,
+                                 gbits[g], is_signed, out));
 }
 
 int fxc_mixed_zvc_pack(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
                        const int64_t *start, const int64_t *gnnz, const int *gbits, const int *gnp, const int *w,
                        const int *sh, int stoch, const uint32_t *keys, uint8_t *const *outs) {
-    for (int g = 0; g < G; ++g) {
-        const int64_t s = start[g], csub = start[g + 1] - s;
-        if (!gnnz[g]) continue;
-        int64_t *idx = widen(order + s, csub);
-        if (!idx) return -1;
-        zvc_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, stoch, keys[g],
-                         outs + 5 * g);
-        free(idx);
-    }
-    return 0;
+    FOR_GROUPS(!gnnz[g], zvc_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, stoch,
+                                      keys[g], outs + 5 * g));
 }
 
 int fxc_mixed_zvc_unpack(const uint8_t *const *parts, const int *w, const int *sh, const int *gnp,
                          const float *const *kinv, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
                          const int64_t *start, const int64_t *gnnz, const uint8_t *mask, float *out) {
-    for (int g = 0; g < G; ++g) {
-        const int64_t s = start[g], csub = start[g + 1] - s;
-        int64_t *idx = widen(order + s, csub);
-        if (!idx) return -1;
-        zvc_unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C, gnnz[g],
-                               mask, out);
-        free(idx);
-    }
-    return 0;
+    FOR_GROUPS(0, zvc_unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C,
+                                     gnnz[g], mask, out));
 }
 
 /* ---- max-pool indices as window positions (runtime/activations.py,

@@ -7,6 +7,7 @@ every activation shape paid its own 10-60 s compile (see lib).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 from .cbuild import load_library, on_torch_threads
@@ -15,8 +16,6 @@ _SRC = os.path.join(os.path.dirname(__file__), "actpack_cpu.c")
 
 
 def _declare(lib) -> None:
-    import ctypes
-
     P, I64, I, U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
     lib.fxc_quant_pack.argtypes = [P, P, I64, I64, I64, I, I, I, I, I, U32, P]
     lib.fxc_pack_codes.argtypes = [P, I64, I, I, P]

@@ -5,6 +5,7 @@ pack and unpack all groups), bit for bit the per-group packing.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -69,8 +70,6 @@ _SLICE_ARRAYS: dict = {}
 def _slice_arrays(widths: Tuple[int, ...]):
     """(bits, nparts, slice widths, slice shifts) C arrays, stride 5 per
     group, for a tuple of group widths (cached: the same few recur)."""
-    import ctypes
-
     arr = _SLICE_ARRAYS.get(widths)
     if arr is None:
         G = len(widths)
@@ -118,8 +117,6 @@ class _Groups:
 def _alloc_parts(grp: _Groups, counts: Sequence[int]):
     """One byte buffer for every group's slices; per group its part views
     (counts: codes per group) and the out-pointer array (stride 5)."""
-    import ctypes
-
     sizes = [[-(-n // (8 // w)) for w, _ in sl] for sl, n in zip(grp.slices, counts)]
     buf = torch.empty(sum(map(sum, sizes)), dtype=torch.uint8)
     base, off = buf.data_ptr(), 0
@@ -138,8 +135,6 @@ def _alloc_parts(grp: _Groups, counts: Sequence[int]):
 def _unpack_args(grp: _Groups, outs):
     """What the one-call unpack needs, made once at pack time (the pointers
     stay valid while the packed object holds its parts and scales)."""
-    import ctypes
-
     kinv = grp.kinv.data_ptr()
     return (outs, grp.c_w, grp.c_sh, grp.c_np,
             (ctypes.c_void_p * grp.G)(*[kinv + 4 * int(grp.start[g]) for g in range(grp.G)]),
@@ -149,8 +144,6 @@ def _unpack_args(grp: _Groups, outs):
 def _mixed_pack_c(x3, bits_c, rounding, seed, amax, signed, shape) -> PackedMixed:
     """mixed_pack's C path: every width group in one call, bit for bit the
     per-group packing (same channel order, k, seeds)."""
-    import ctypes
-
     stoch = rounding == "stochastic"
     A, C, B = x3.shape
     grp = _Groups(bits_c, amax, signed)
@@ -176,8 +169,6 @@ def _mixed_pack_c(x3, bits_c, rounding, seed, amax, signed, shape) -> PackedMixe
 def _group_arrays(groups, order):
     """(order32, start, bits, nparts, widths, shifts, parts, kinv) C arrays
     for fxc_mixed_unpack / fxc_mixed_zvc_unpack from stored groups."""
-    import ctypes
-
     G = len(groups)
     if order is None:
         order = torch.cat([g[0] for g in groups]).to(torch.int32)

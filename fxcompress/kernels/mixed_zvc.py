@@ -5,6 +5,7 @@ per width group; the mask is shared, not stored again.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import numpy as np
@@ -76,8 +77,6 @@ def mixed_zvc_pack(x3: torch.Tensor, bits_c: torch.Tensor, mask: PackedMask, nnz
 def _mixed_zvc_pack_c(x3, bits_c, nnz_c, mask, stoch, seed, amax, shape) -> PackedMixedZVC:
     """mixed_zvc_pack's C path: every width group in one call, bit for bit
     the per-group packing (same channel order, k, seeds, nnz per group)."""
-    import ctypes
-
     A, C, B = x3.shape
     grp = _Groups(bits_c, amax, False, nnz_c)
     gnnz = grp.gnnz

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import BadInput
+
 DEPTHS = (20, 32, 44, 56, 110)
 
 
@@ -91,8 +93,6 @@ class ResNetCifar(nn.Module):
 def resnet_cifar(depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNetCifar:
     """ResNet-`depth` for CIFAR-sized images; depth is 6n+2 (20, 32, 44, 56, 110, ...).
     width multiplies the stage widths 16/32/64 (rounded; 1.0: the paper's model)."""
-    from ..errors import BadInput
-
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise BadInput(f"--depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110), got {depth!r}")
     if not isinstance(num_classes, int) or num_classes < 1:

@@ -5,8 +5,11 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan import Plan
@@ -88,3 +91,53 @@ def add_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
     assert name.startswith("fxc_"), "inserted submodules carry the fxc_ prefix"
     gm.add_submodule(name, module)
     return name
+
+
+# --- weights of conv/linear calls (passes that act on weights share these) ----
+
+#: conv/linear module classes and the functional call each becomes when a
+#: pass routes its weight through an inserted node
+MODULE_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.Linear: F.linear}
+#: functional calls whose second argument is a weight
+WEIGHT_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d)
+
+
+def param_of(gm: fx.GraphModule, target: str) -> Optional[nn.Parameter]:
+    """The parameter `target` names on gm, or None (no such name, or not a Parameter)."""
+    try:
+        p = gm.get_parameter(target)
+    except AttributeError:
+        return None
+    return p if isinstance(p, nn.Parameter) else None
+
+
+def weight_arg(node: fx.Node) -> Optional[fx.Node]:
+    """The weight argument of a functional conv/linear call, if it is a node."""
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return w if isinstance(w, fx.Node) else None
+
+
+def get_attr_before(gm: fx.GraphModule, target: str, value, anchor: fx.Node) -> fx.Node:
+    """A get_attr of `target` (whose tensor is `value`) inserted before `anchor`, with its tensor_meta."""
+    with gm.graph.inserting_before(anchor):
+        n = gm.graph.get_attr(target)
+    n.meta["tensor_meta"] = _extract_tensor_metadata(value)
+    return n
+
+
+def call_as_functional(gm: fx.GraphModule, plan: "Plan", node: fx.Node, m: nn.Module, weight: fx.Node,
+                       bias: Optional[fx.Node]) -> fx.Node:
+    """Replace call_module `node` of conv/linear `m` by its functional call
+    (MODULE_FN, with the module's own hyper-parameters) on the given weight
+    and bias nodes. The module stays in gm and owns its parameters, so the
+    state_dict keeps the model's names; the plan follows the new node."""
+    fn = next(f for c, f in MODULE_FN.items() if isinstance(m, c))
+    x = node.args[0] if node.args else node.kwargs["input"]
+    args = (x, weight, bias) if fn is F.linear else (x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(fn, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    plan.replace_node(node.name, new)
+    return new

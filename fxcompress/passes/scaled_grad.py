@@ -27,69 +27,18 @@ them out with a later rule (`scaled_grad: null`).
 """
 from __future__ import annotations
 
-import math
 import operator
-from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..config import ConfigError, check_bits
 from ..quantizers.dorefa import WeightQuant
-from ..quantize import FIRST_LAST_BITS, authors_first_last_bits
 from ..runtime.scaled_grad import ScaledGrad, ScaledGradController, ScaledGradGroup
-from .base import Pass, PassResult, add_submodule, fxc_name
-
-@dataclass
-class ScaledGradConfig:
-    #: target weight width b: the symmetric grid has 2^b - 1 levels
-    bits: int = 4
-    #: lambda_s of the paper: the scale is lambda_s * |w - Q(w)| (+ epsilon)
-    lambda_s: float = 150.0
-    #: added to the scale; 0 as in the authors' code (gradient exactly 0 on the grid)
-    epsilon: float = 0.0
-    #: optimizer steps (CompressedModel.step() calls) before scaling starts
-    start_step: int = 0
-    #: "uniform": the b-bit grid; "zero": the sparse variant (grid {0}, scale lambda_s*|w|)
-    grid: Literal["uniform", "zero"] = "uniform"
-    #: width of the first and last weight layers when bits < 4 (null: no special case)
-    first_last_bits: Optional[int] = FIRST_LAST_BITS
-    #: also scale the layer's bias (the authors do it for the last linear layer)
-    bias: bool = False
-
-    def check(self):
-        check_bits("bits", self.bits, 2, 8, "the symmetric grid needs 2^b - 1 >= 3 levels; PSGD targets 2..8 bits")
-        if not (math.isfinite(self.lambda_s) and self.lambda_s > 0):
-            raise ConfigError("lambda_s", f"must be a positive number, got {self.lambda_s}")
-        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
-            raise ConfigError("epsilon", f"must be a number >= 0, got {self.epsilon}")
-        if self.start_step < 0:
-            raise ConfigError("start_step", f"must be >= 0 optimizer steps, got {self.start_step}")
-        if self.first_last_bits is not None:
-            check_bits("first_last_bits", self.first_last_bits, 2, 8)
-
-
-_MODULE_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.Linear: F.linear}
-_WEIGHT_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d)
-
-
-def _param(gm: fx.GraphModule, target: str) -> Optional[nn.Parameter]:
-    try:
-        p = gm.get_parameter(target)
-    except AttributeError:
-        return None
-    return p if isinstance(p, nn.Parameter) else None
-
-
-def _weight_arg(node: fx.Node) -> Optional[fx.Node]:
-    """The weight argument of a functional conv/linear call, if it is a node."""
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    return w if isinstance(w, fx.Node) else None
-
+from ..runtime.scaled_grad_config import ScaledGradConfig
+from .base import (MODULE_FN, WEIGHT_FNS, Pass, PassResult, add_submodule, call_as_functional, fxc_name,
+                   get_attr_before, param_of, weight_arg)
 
 def weight_use(node: fx.Node, gm: fx.GraphModule) -> Optional[Tuple[fx.Node, fx.Node]]:
     """(consumer, get_attr) of the weight of functional conv/linear `node`:
@@ -97,12 +46,12 @@ def weight_use(node: fx.Node, gm: fx.GraphModule) -> Optional[Tuple[fx.Node, fx.
     itself or, when dual_precision ran first, the weight quantizer between
     them (`conv(x, quant(get_attr w))`): the scale then goes on the float
     weight, before the quantizer (README "Composing the methods")."""
-    consumer, w = node, _weight_arg(node)
+    consumer, w = node, weight_arg(node)
     for _ in range(4):
         if not isinstance(w, fx.Node):
             return None
         if w.op == "get_attr":
-            return (consumer, w) if _param(gm, w.target) is not None else None
+            return (consumer, w) if param_of(gm, w.target) is not None else None
         if w.op != "call_module" or not isinstance(gm.get_submodule(w.target), WeightQuant) or not w.args:
             return None
         consumer, w = w, w.args[0]
@@ -110,7 +59,7 @@ def weight_use(node: fx.Node, gm: fx.GraphModule) -> Optional[Tuple[fx.Node, fx.
 
 
 def _module_reason(m: nn.Module) -> Optional[str]:
-    base = next((c for c in _MODULE_FN if type(m) is c or (isinstance(m, c) and type(m).forward is c.forward)),
+    base = next((c for c in MODULE_FN if type(m) is c or (isinstance(m, c) and type(m).forward is c.forward)),
                 None)
     if base is None:
         return "scaled_grad acts on the weights of Conv1d/2d/3d and Linear (this module's forward is another)"
@@ -129,14 +78,6 @@ def _functional_reason(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
     return None
 
 
-def _bits_for(cfg: ScaledGradConfig, role: str) -> Tuple[int, str]:
-    """The width a weight really gets: quantize.authors_first_last_bits (the
-    one copy of the rule) for the first and last layer, else cfg.bits. The
-    pass and the plan table (`effective`) both ask here."""
-    width = authors_first_last_bits(cfg.bits, cfg.first_last_bits) if role else None
-    return (width, role) if width is not None else (cfg.bits, role)
-
-
 class ScaledGradPass(Pass):
     name = "scaled_grad"
     key = "scaled_grad"
@@ -148,12 +89,12 @@ class ScaledGradPass(Pass):
     def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
         if node.op == "call_module":
             return _module_reason(gm.get_submodule(node.target))
-        if node.op == "call_function" and node.target in _WEIGHT_FNS:
+        if node.op == "call_function" and node.target in WEIGHT_FNS:
             return _functional_reason(node, gm)
         if node.op == "get_attr":
-            if _param(gm, node.target) is None:
+            if param_of(gm, node.target) is None:
                 return "not a parameter"
-            if not any(u.op == "call_function" and u.target in _WEIGHT_FNS and _weight_arg(u) is node
+            if not any(u.op == "call_function" and u.target in WEIGHT_FNS and weight_arg(u) is node
                        for u in node.users):
                 return "this parameter is not the weight of a conv/linear call"
             return None
@@ -168,7 +109,7 @@ class ScaledGradPass(Pass):
         for n in gm.graph.nodes:
             if n.op == "call_module" and _module_reason(gm.get_submodule(n.target)) is None:
                 names.append(f"{n.target}.weight")
-            elif n.op == "call_function" and n.target in _WEIGHT_FNS and _functional_reason(n, gm) is None:
+            elif n.op == "call_function" and n.target in WEIGHT_FNS and _functional_reason(n, gm) is None:
                 names.append(str(weight_use(n, gm)[1].target))
         return names
 
@@ -189,7 +130,8 @@ class ScaledGradPass(Pass):
                 weight = str(weight_use(node, gm)[1].target)
             else:
                 weight = str(node.target)
-            bits, role = _bits_for(cfg, roles.get(weight, ""))
+            role = roles.get(weight, "")
+            bits = cfg.width(role)
             if bits != cfg.bits:
                 out[node.name] = {"bits": bits, "role": role}
         return out
@@ -211,7 +153,7 @@ class ScaledGradPass(Pass):
                 self._wrap_use(node, w, cfg, consumer)
             else:  # get_attr: every conv/linear use of it as a weight
                 for user in list(node.users):
-                    if user.op == "call_function" and user.target in _WEIGHT_FNS and _weight_arg(user) is node:
+                    if user.op == "call_function" and user.target in WEIGHT_FNS and weight_arg(user) is node:
                         self._wrap_use(user, node, cfg)
         fl = sorted({f"{n} ({m.bits} bits)" for n, m in self._modules.items() if m.role})
         if fl:
@@ -256,9 +198,6 @@ class ScaledGradPass(Pass):
                 if isinstance(old, fx.Node) and old.op == "get_attr" and not old.users:
                     gm.graph.erase_node(old)
 
-    def _bits(self, param_name: str, cfg: ScaledGradConfig) -> Tuple[int, str]:
-        return _bits_for(cfg, self._roles.get(param_name, ""))
-
     def _scaled(self, param_name: str, cfg: ScaledGradConfig, anchor: fx.Node, layer_weight: str) -> fx.Node:
         """A get_attr of the parameter followed by its ScaledGrad node, inserted
         before `anchor`. `layer_weight` names the layer's weight, which decides
@@ -266,14 +205,14 @@ class ScaledGradPass(Pass):
         gm = self._gm
         mod = self._modules.get(param_name)
         if mod is None:
-            bits, role = self._bits(layer_weight, cfg)
-            mod = ScaledGrad(param_name, bits, cfg.lambda_s, cfg.epsilon, cfg.grid, cfg.start_step, role)
+            # the module keeps the node's config; its width follows the role
+            mod = ScaledGrad(param_name, cfg, self._roles.get(layer_weight, ""))
             name = fxc_name(gm, self.name, param_name)
             add_submodule(gm, name, mod)
             self._names[param_name] = name
             self._result.inserted.append(name)
             self._modules[param_name] = mod
-            self._params[param_name] = _param(gm, param_name)
+            self._params[param_name] = param_of(gm, param_name)
         p = self._params[param_name]
         with gm.graph.inserting_before(anchor):
             w = gm.graph.get_attr(param_name)
@@ -287,7 +226,6 @@ class ScaledGradPass(Pass):
     def _rewrite_module(self, node: fx.Node, cfg: ScaledGradConfig) -> None:
         gm = self._gm
         m = gm.get_submodule(node.target)
-        fn = next(f for c, f in _MODULE_FN.items() if isinstance(m, c))
         wname = f"{node.target}.weight"
         weight = self._scaled(wname, cfg, node, wname)
         bias = None
@@ -295,20 +233,8 @@ class ScaledGradPass(Pass):
             if cfg.bias:
                 bias = self._scaled(f"{node.target}.bias", cfg, node, wname)
             else:
-                with gm.graph.inserting_before(node):
-                    bias = gm.graph.get_attr(f"{node.target}.bias")
-                    bias.meta["tensor_meta"] = _extract_tensor_metadata(m.bias)
-        x = node.args[0] if node.args else node.kwargs["input"]
-        if fn is F.linear:
-            args = (x, weight, bias)
-        else:
-            args = (x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(fn, args)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        self._plan.replace_node(node.name, new)
+                bias = get_attr_before(gm, f"{node.target}.bias", m.bias, node)
+        call_as_functional(gm, self._plan, node, m, weight, bias)
         self._result.modified = True
 
     def _wrap_use(self, user: fx.Node, w: fx.Node, cfg: ScaledGradConfig,
@@ -321,7 +247,7 @@ class ScaledGradPass(Pass):
         consumer.replace_input_with(w, s)
         if cfg.bias:
             b = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
-            if isinstance(b, fx.Node) and b.op == "get_attr" and _param(self._gm, b.target) is not None:
+            if isinstance(b, fx.Node) and b.op == "get_attr" and param_of(self._gm, b.target) is not None:
                 user.replace_input_with(b, self._scaled(str(b.target), cfg, user, param_name))
                 if not b.users:
                     self._gm.graph.erase_node(b)

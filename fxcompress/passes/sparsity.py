@@ -37,10 +37,10 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..config import ConfigError
 from ..runtime.sparsity import MaskedWeight, Member, SparsityController
-from .base import Pass, PassResult, add_submodule, fxc_name
 from ..quantizers.dorefa import WeightQuant
 from ..runtime.scaled_grad import ScaledGrad
-from .scaled_grad import _MODULE_FN, _WEIGHT_FNS, _param, _weight_arg
+from .base import (MODULE_FN, WEIGHT_FNS, Pass, PassResult, add_submodule, call_as_functional, fxc_name,
+                   get_attr_before, param_of, weight_arg)
 
 _MATMUL_FNS = (torch.matmul, operator.matmul, torch.mm, torch.bmm)
 
@@ -119,7 +119,7 @@ class SparsitySchedule:
 
 def _plain_layer(m: nn.Module) -> bool:
     """Conv/Linear with the stock forward (rewritten to the functional call)."""
-    return any(type(m) is c or (isinstance(m, c) and type(m).forward is c.forward) for c in _MODULE_FN)
+    return any(type(m) is c or (isinstance(m, c) and type(m).forward is c.forward) for c in MODULE_FN)
 
 
 def _module_reason(m: nn.Module) -> Optional[str]:
@@ -149,7 +149,7 @@ def _weight_param(w: Optional[fx.Node], gm: fx.GraphModule) -> Optional[str]:
         if not isinstance(w, fx.Node):
             return None
         if w.op == "get_attr":
-            return str(w.target) if _param(gm, w.target) is not None else None
+            return str(w.target) if param_of(gm, w.target) is not None else None
         if w.op != "call_module":
             return None
         m = gm.get_submodule(w.target)
@@ -165,8 +165,8 @@ def _matmul_weight(node: fx.Node, gm: fx.GraphModule) -> List[Tuple[fx.Node, int
     """(get_attr weight node, its input dimension) of a matmul-family call."""
     out = []
     for i, a in enumerate(node.args[:2]):
-        if isinstance(a, fx.Node) and a.op == "get_attr" and _param(gm, a.target) is not None \
-                and _param(gm, a.target).dim() >= 2:
+        if isinstance(a, fx.Node) and a.op == "get_attr" and param_of(gm, a.target) is not None \
+                and param_of(gm, a.target).dim() >= 2:
             out.append((a, -2 if i == 1 else -1))  # x @ W: W's rows are inputs; W @ x: its columns
     return out
 
@@ -177,7 +177,7 @@ def _weight_uses(node: fx.Node, gm: fx.GraphModule) -> List[Tuple[fx.Node, fx.No
     for u in node.users:
         if u.op != "call_function":
             continue
-        if u.target in _WEIGHT_FNS and _weight_arg(u) is node:
+        if u.target in WEIGHT_FNS and weight_arg(u) is node:
             out.append((u, node, 1))
         elif u.target in _MATMUL_FNS:
             out += [(u, w, d) for w, d in _matmul_weight(u, gm) if w is node]
@@ -195,14 +195,14 @@ class SparsityPass(Pass):
     def applies_to(self, node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
         if node.op == "call_module":
             return _module_reason(gm.get_submodule(node.target))
-        if node.op == "call_function" and node.target in _WEIGHT_FNS:
-            if _weight_param(_weight_arg(node), gm) is None:
+        if node.op == "call_function" and node.target in WEIGHT_FNS:
+            if _weight_param(weight_arg(node), gm) is None:
                 return "the weight of this call is not a parameter read by get_attr"
             return None
         if node.op == "call_function" and node.target in _MATMUL_FNS:
             return None if _matmul_weight(node, gm) else "no operand of this matmul is a parameter"
         if node.op == "get_attr":
-            p = _param(gm, node.target)
+            p = param_of(gm, node.target)
             if p is None or p.dim() < 2:
                 return "not a weight parameter (>= 2 dimensions)"
             return None if _weight_uses(node, gm) else "this parameter is not the weight of a conv/linear/matmul"
@@ -217,8 +217,8 @@ class SparsityPass(Pass):
                 m = gm.get_submodule(n.target)
                 names += [f"{n.target}.weight"] if _plain_layer(m) else \
                     [f"{n.target}.{w}" for w in _leaf_weights(m)]
-            elif n.op == "call_function" and n.target in _WEIGHT_FNS and self.applies_to(n, gm) is None:
-                names.append(_weight_param(_weight_arg(n), gm))
+            elif n.op == "call_function" and n.target in WEIGHT_FNS and self.applies_to(n, gm) is None:
+                names.append(_weight_param(weight_arg(n), gm))
             elif n.op == "call_function" and n.target in _MATMUL_FNS:
                 names += [str(w.target) for w, _ in _matmul_weight(n, gm)]
         return list(dict.fromkeys(names))
@@ -244,8 +244,8 @@ class SparsityPass(Pass):
                     self._rewrite_module(node, m, cfg)
                 else:
                     self._rewrite_leaf(node, m, cfg)
-            elif node.op == "call_function" and node.target in _WEIGHT_FNS:
-                w = _weight_arg(node)
+            elif node.op == "call_function" and node.target in WEIGHT_FNS:
+                w = weight_arg(node)
                 if w is not None and w.op == "get_attr":
                     self._wrap_use(node, w, cfg, 1)
                 elif w is not None and not (w.op == "call_module" and str(w.target) in self._names.values()):
@@ -265,7 +265,7 @@ class SparsityPass(Pass):
                     self._wrap_use(user, w, cfg, d)
         if self._members:
             members = [self._members[n] for n in self._names]
-            params = {n: _param(gm, n) for n in self._names}
+            params = {n: param_of(gm, n) for n in self._names}
             dense = sorted(mb.name for mb in members if mb.dense)
             if dense:
                 result.notes.append("kept dense (first/last layer): " + ", ".join(dense))
@@ -283,7 +283,7 @@ class SparsityPass(Pass):
         """The parameter's mask node before `anchor`, on a fresh get_attr of
         it, or on `src` (the weight as an earlier pass left it)."""
         gm = self._gm
-        p = _param(gm, param_name)
+        p = param_of(gm, param_name)
         if param_name not in self._modules:
             mod = MaskedWeight(param_name, p.shape, device=p.device)
             name = fxc_name(gm, self.name, param_name)
@@ -306,22 +306,9 @@ class SparsityPass(Pass):
 
     def _rewrite_module(self, node: fx.Node, m: nn.Module, cfg: SparsityConfig) -> None:
         gm = self._gm
-        fn = next(f for c, f in _MODULE_FN.items() if isinstance(m, c))
         weight = self._masked(f"{node.target}.weight", cfg, node, 1)
-        bias = None
-        if m.bias is not None:
-            with gm.graph.inserting_before(node):
-                bias = gm.graph.get_attr(f"{node.target}.bias")
-                bias.meta["tensor_meta"] = _extract_tensor_metadata(m.bias)
-        x = node.args[0] if node.args else node.kwargs["input"]
-        args = (x, weight, bias) if fn is torch.nn.functional.linear else \
-            (x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(fn, args)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        self._plan.replace_node(node.name, new)
+        bias = None if m.bias is None else get_attr_before(gm, f"{node.target}.bias", m.bias, node)
+        call_as_functional(gm, self._plan, node, m, weight, bias)
         self._result.modified = True
 
     def _rewrite_leaf(self, node: fx.Node, m: nn.Module, cfg: SparsityConfig) -> None:

@@ -34,7 +34,8 @@ A storage saved by several ops (a ReLU output that the next convolution and
 the downsample convolution both save) is packed once: packed objects are
 shared through a registry keyed by storage, view geometry and version, whose
 entries die with the source tensor (weakref.finalize), so a reused address
-can never hit a stale entry.
+can never hit a stale entry, and with the forward (Ledger.reset), so the
+same tensor object fed again is packed again.
 
 Around it: runtime/ledger.py (the registry and byte counts a graph's specs
 share), runtime/stored_forms.py (kept, shape-only, masks, window indices),
@@ -97,6 +98,16 @@ class SaveSpec(nn.Module):
         self.measured_bits: Optional[int] = None
         self._skip: set = set()
 
+    def __getstate__(self):
+        # deepcopy and pickle at any step: the width rule's caches inside
+        # bn_terms (numpy arrays, the C path's ctypes pointer arrays: not
+        # picklable) are dropped; widths.py rebuilds them on first use
+        state = super().__getstate__()
+        if state.get("bn_terms") is not None:
+            state["bn_terms"] = {k: v for k, v in state["bn_terms"].items() if not k.startswith("_")}
+        state["_skip"] = set()
+        return state
+
     def extra_repr(self) -> str:
         s = self.settings
         what = {"relu": "1-bit mask", "hardtanh": "1-bit range mask", "maxpool": "window index, input shape only",
@@ -135,8 +146,8 @@ class SaveSpec(nn.Module):
         form = self._form(t)
         rkey = key + (form,)
         hit = ledger.registry.get(rkey)
-        if hit is not None:  # already stored by another save of this storage
-            if id(hit) not in ledger.counted:  # (made in an earlier forward: count it in this one)
+        if hit is not None:  # already stored by another save of this storage in this forward
+            if id(hit) not in ledger.counted:
                 ledger.counted.add(id(hit))
                 st["stored_bytes"] += _nbytes(hit)
             return hit
@@ -278,6 +289,9 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     of gm.code: what this node stores, e.g. 'Conv2d: 2-bit per-channel')."""
     if not torch.is_grad_enabled():
         return spec.call(args, kwargs)  # evaluation: nothing is saved, the last figures stay
+    if torch.compiler.is_compiling() and getattr(spec, "compiled_hooks", False):
+        # the ambient compiled hooks store what it saves (runtime/compile_support.py)
+        return spec.call(args, kwargs)
     if spec.first:
         spec._ledger.reset()
     skip = set()

@@ -47,7 +47,7 @@ import torch.nn as nn
 from .activations_config import ActivationsSettings
 from .controller import Controller
 from .measure import saved_figures
-from .probe import measure_width
+from .probe import measure
 
 
 class AutoQuantController(Controller):
@@ -116,8 +116,7 @@ class AutoQuantController(Controller):
             self.snapshots.setdefault(n, deque(maxlen=self.settings.window)).append(rec)
         if self.probe_nodes:
             for n in self.probe_nodes:
-                spec = self._specs[n]
-                got = measure_width(spec, 2.0 ** -spec.settings.eps_bits, spec.settings.max_bits)
+                got = measure(self._specs[n])  # measured in the backward, as a rule
                 if got is not None:
                     self.snapshots.setdefault(n, deque(maxlen=self.settings.window)).append(got)
         for s in self._specs.values():

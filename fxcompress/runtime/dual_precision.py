@@ -32,6 +32,7 @@ cross-entropy (the authors' code broadcast gives every sample the batch mean).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -173,6 +174,50 @@ class DualBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"block={self.block!r}, mode={self.mode}, pre_gate={self.pre_gate}"
+
+    def fxc_constructor(self):
+        """How fxcompress.export rebuilds this block: plain values only; the
+        weights file carries the gate, the low-path norms (running stats
+        included), PACT clips and the usage counters."""
+        gate = {"channels": self.gate.conv.in_channels, "hidden": self.gate.conv.out_channels,
+                "bits": self.gate.bits, "signed": self.gate.signed}
+        return rebuild_dual_block, (self.block, self.mode, self.pre_gate, gate), {
+            "low_norms": {k: (type(m), _init_args(m)) for k, m in self.low_norms.items()},
+            "quant": {k: (type(m), _init_args(m)) for k, m in self.quant.items()},
+            "norm_sources": dict(self._norm_sources),
+            "routed": (self.route_high.routed, self.route_low.routed, self.merge.routed), "force": self.force}
+
+
+def _init_args(m: nn.Module) -> Dict[str, Any]:
+    """The constructor arguments a torch norm or a quantizer keeps as
+    same-named attributes; tensors (PACT's alpha) come from the weights file,
+    and `bias`/`affine`-style flags stored as a Parameter or None become bools."""
+    out = {}
+    for p in list(inspect.signature(type(m).__init__).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not hasattr(m, p.name):
+            continue
+        value = getattr(m, p.name)
+        if isinstance(p.default, bool) and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None
+        if not isinstance(value, torch.Tensor):
+            out[p.name] = value
+    return out
+
+
+def rebuild_dual_block(block: str, mode: str, pre_gate: bool, gate: Dict[str, Any],
+                       low_norms: Dict[str, Any], quant: Dict[str, Any], norm_sources: Dict[str, str],
+                       routed=(True, True, True), force: Optional[float] = None) -> DualBlock:
+    """A DualBlock from what `DualBlock.fxc_constructor` returns (the
+    exported module.py calls it; values are loaded after)."""
+    b = DualBlock(block, Gate(**gate), mode, pre_gate)
+    for key, (cls, kwargs) in low_norms.items():
+        b.low_norms[key] = cls(**kwargs)
+    for key, (cls, kwargs) in quant.items():
+        b.quant[key] = cls(**kwargs)
+    b._norm_sources = dict(norm_sources)
+    b.route_high.routed, b.route_low.routed, b.merge.routed = routed
+    b.force = force
+    return b
 
 
 def fill_low_norms(root: nn.Module, state_dict, prefix, *args) -> None:

@@ -15,7 +15,13 @@ import torch
 
 class Ledger:
     """Per compiled graph: the shared-storage registry and the byte counts of
-    the current forward (reset by the first save node of each forward)."""
+    the current forward (reset by the first save node of each forward).
+
+    A pack belongs to one forward: the registry is emptied with the counts,
+    so a tensor object fed again (a fixed batch) is packed again, with new
+    stochastic draws and the widths of now, not found from an earlier
+    forward. (The finalizers of earlier entries pop from the dict they were
+    registered with, never from this forward's.)"""
 
     def __init__(self):
         self.registry: Dict[tuple, Any] = {}
@@ -26,10 +32,20 @@ class Ledger:
         self.fxc_key: Optional[str] = None  # set once the graph is exported (export_key)
 
     def reset(self) -> None:
+        self.registry = {}
         self.seen = set()
         self.counted = set()
         self.nodes = {}
         self.forwards += 1
+
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) keeps the last forward's figures; the
+        # registry and the counted sets are keyed by the addresses of this
+        # process's live tensors, so they start empty (the next forward
+        # fills them)
+        state = dict(self.__dict__)
+        state.update(registry={}, seen=set(), counted=set())
+        return state
 
     def export_key(self) -> str:
         """The key every exported spec of this graph names its ledger by

@@ -43,6 +43,7 @@ import torch.nn as nn
 from ..kernels.dispatch import use_triton
 from ..kernels.scaled_grad import CpuBatch, levels_for, quantize_reference, scaled_grad
 from .controller import Controller
+from .scaled_grad_config import ScaledGradConfig
 
 MOMENTUM = 0.1  # the authors' EMA momentum for the weight range
 # delta is clamped away from 0 so an all-zero tensor gives Q = 0, not NaN
@@ -86,43 +87,69 @@ class _Clock:
 class ScaledGrad(nn.Module):
     """Identity on a weight whose gradient gets PSGD's position-based scale.
 
-    bits: grid width b (2L + 1 = 2^b - 1 levels); lambda_s, epsilon: the scale
-    lambda*|w - Q(w)| + epsilon; grid: "uniform" or "zero" (sparse variant,
-    Q = 0); start_step: before this many optimizer steps (counted by the
-    controller) the gradient passes unchanged.
+    config: the node's ScaledGradConfig as the policy loaded it (ranges
+    checked there), kept as it is: lambda_s, epsilon (the scale
+    lambda*|w - Q(w)| + epsilon), grid ("uniform", or "zero": the sparse
+    variant, Q = 0) and start_step (before this many optimizer steps, counted
+    by the controller, the gradient passes unchanged) are read from it.
+    role: "first", "last" or "" (the first/last-layer rule); `bits`, the grid
+    width b (2L + 1 = 2^b - 1 levels), is config.width(role).
     """
 
-    def __init__(self, param_name: str, bits: int = 4, lambda_s: float = 150.0, epsilon: float = 0.0,
-                 grid: str = "uniform", start_step: int = 0, role: str = ""):
+    def __init__(self, param_name: str, config: Optional[ScaledGradConfig] = None, role: str = ""):
         super().__init__()
         self.param_name = param_name
-        self.bits = int(bits)
+        self.config = ScaledGradConfig() if config is None else config
+        self.bits = self.config.width(role)
         self.levels = levels_for(self.bits)
-        self.lambda_s = float(lambda_s)
-        self.epsilon = float(epsilon)
-        self.grid = grid
-        self.start_step = int(start_step)
         self.role = role  # "first", "last" or "": shown in reports
         self._clock = _Clock()  # the controller hands every member one shared clock
-        self.initialized = False
+        self._initialized = False
         self.grouped = False  # set by ScaledGradGroup: forward is then the identity
         self._batches = BatchCache()
         # [-r_min, r_max] (both >= 0, so one clamp serves both); persistent=False:
         # see the module docstring
         self.register_buffer("range", torch.zeros(2), persistent=False)
+        # The same two flags as tensors, for the compiled path (compile_support):
+        # a Python value read there would be a guard, and a guard that changes
+        # is a recompile. `started` mirrors `initialized`; `active_t` mirrors
+        # `active` and is kept by the controller only when start_step > 0.
+        self.register_buffer("started", torch.zeros(1), persistent=False)
+        self.register_buffer("active_t", torch.ones(1) if self.start_step == 0 else torch.zeros(1),
+                             persistent=False)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the EMA range has started. The compiled path sets only the
+        `started` tensor; it is read here only while the flag is still False."""
+        if not self._initialized and bool(self._buffers["started"]):
+            self._initialized = True
+        return self._initialized
+
+    @initialized.setter
+    def initialized(self, value: bool) -> None:
+        self._initialized = bool(value)
+        self._buffers["started"].fill_(1.0 if value else 0.0)
+
+    def sync_active(self) -> None:
+        """active_t <- active (the controller calls it when the step count moves
+        past or back over start_step)."""
+        self._buffers["active_t"].fill_(1.0 if self.active else 0.0)
 
     @property
     def step_count(self) -> int:
-        """Optimizer steps counted by the controller."""
+        """Optimizer steps counted by the controller (set there: `steps`)."""
         return self._clock.steps
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self._clock.steps = int(value)
 
     @property
     def active(self) -> bool:
         return self._clock.steps >= self.start_step
+
+    # the config's values, read where they are kept (no copies to drift)
+    lambda_s = property(lambda self: self.config.lambda_s)
+    epsilon = property(lambda self: self.config.epsilon)
+    grid = property(lambda self: self.config.grid)
+    start_step = property(lambda self: self.config.start_step)
 
     def ema_range(self):
         """(r_min, r_max) as floats."""
@@ -152,14 +179,16 @@ class ScaledGrad(nn.Module):
             return w
         if not (self.training and torch.is_grad_enabled() and w.requires_grad):
             return w
+        if torch.compiler.is_compiling():
+            return scaled_grad_compiled([self], [w])[0]
         return _ScaledGradFn.apply(w, self)
 
     def fxc_constructor(self):
-        """For fxcompress.export: the settings. The step clock is the
-        controller's, which is not exported (an exported module starts its own
-        at 0); the EMA range travels in the weights file."""
-        return (ScaledGrad, (self.param_name,), {"bits": self.bits, "lambda_s": self.lambda_s, "epsilon": self.epsilon,
-                                                 "grid": self.grid, "start_step": self.start_step, "role": self.role})
+        """For fxcompress.export: the config (written as a ScaledGradConfig
+        call) and the role. The step clock is the controller's, which is not
+        exported (an exported module starts its own at 0); the EMA range
+        travels in the weights file."""
+        return (ScaledGrad, (self.param_name, self.config), {"role": self.role})
 
     def extra_repr(self) -> str:
         return (f"{self.param_name}, bits={self.bits}, lambda_s={self.lambda_s}, epsilon={self.epsilon}, "
@@ -383,7 +412,10 @@ class ScaledGradGroup(nn.Module):
                 return ws
         sub = ws if idx is self._all else [ws[i] for i in idx]
         members = self._members if idx is self._all else [self._members[i] for i in idx]
-        out = _GroupFn.apply(self, idx, _cpu_batch(self._batches, idx, members, sub), *sub)
+        if torch.compiler.is_compiling():
+            out = scaled_grad_compiled(members, sub)
+        else:
+            out = _GroupFn.apply(self, idx, _cpu_batch(self._batches, idx, members, sub), *sub)
         if idx is self._all:
             return out
         full = list(ws)
@@ -398,6 +430,70 @@ class ScaledGradGroup(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(m.param_name for m in self._members)
+
+
+class _CompiledScaleFn(torch.autograd.Function):
+    """The compiled path's autograd node: identity on the weights; backward
+    scales each gradient by lambda * |w - Q(w)| (+ eps) with the grid step the
+    forward computed, as scaled_grad_reference does, op for op, in tensor code
+    that dynamo traces and inductor fuses. `consts` per weight: (levels,
+    lambda_s, epsilon, zero_grid, gated); gated weights (start_step > 0) take
+    their 0/1 `active_t` tensor and pass the gradient unscaled while it is 0."""
+
+    @staticmethod
+    def forward(ctx, consts, *tensors):
+        n = len(consts)
+        ws = tensors[2 * n:]
+        ctx.consts = consts
+        ctx.save_for_backward(*tensors)
+        return tuple(w.view_as(w) for w in ws)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        consts = ctx.consts
+        n = len(consts)
+        saved = ctx.saved_tensors
+        deltas, acts, ws = saved[:n], saved[n:2 * n], saved[2 * n:]
+        out = []
+        for (levels, lam, eps, zero, gated), d, a, w, g in zip(consts, deltas, acts, ws, gs):
+            if g is None:
+                out.append(None)
+                continue
+            wf = w.to(torch.float32)
+            if zero:
+                s = wf.abs()
+            else:
+                q = torch.round(torch.clamp(wf / d, -float(levels), float(levels))) * d
+                s = (wf - q).abs()
+            s = s * lam
+            if eps:
+                s = s + eps
+            r = (s * g.to(torch.float32)).to(g.dtype)
+            if gated:
+                r = torch.where(a > 0, r, g)
+            out.append(r)
+        return (None, *([None] * (2 * n)), *out)
+
+
+def scaled_grad_compiled(members: Sequence[ScaledGrad], ws: Sequence[torch.Tensor]):
+    """PSGD for `ws` as plain tensor code, for torch.compile (fullgraph, no
+    recompiles): each member's EMA range is updated here in forward (from the
+    same weights the eager path reads in backward: in a training loop the
+    same numbers), from tensor state only (`range`, `started`, `active_t`);
+    nothing here reads a Python value that changes between steps."""
+    deltas, acts, consts = [], [], []
+    with torch.no_grad():
+        for m, w in zip(members, ws):
+            lo, hi = torch.aminmax(w.detach())
+            new = torch.stack((lo.neg(), hi)).to(torch.float32).clamp(min=0.0)
+            r, started = m._buffers["range"], m._buffers["started"]
+            upd = torch.where(started > 0, torch.lerp(r, new, MOMENTUM), new)
+            r.copy_(upd)
+            started.fill_(1.0)
+            deltas.append((upd.amax(0, keepdim=True) / m.levels).clamp(min=TINY))
+            acts.append(m._buffers["active_t"])
+            consts.append((m.levels, m.lambda_s, m.epsilon, m.grid == "zero", m.start_step > 0))
+    return _CompiledScaleFn.apply(tuple(consts), *deltas, *acts, *ws)
 
 
 def grid_figures(w: torch.Tensor, bits: int, zero_grid: bool = False) -> Dict[str, float]:
@@ -434,6 +530,8 @@ class ScaledGradController(Controller):
         self._clock = _Clock()
         for m in self._layers.values():
             m._clock = self._clock
+        # steps at which some layer starts scaling: its active_t flips then
+        self._starts = frozenset(m.start_step for m in self._layers.values() if m.start_step > 0)
 
     @property
     def layers(self) -> Dict[str, ScaledGrad]:
@@ -446,9 +544,17 @@ class ScaledGradController(Controller):
     @steps.setter
     def steps(self, value: int) -> None:
         self._clock.steps = int(value)
+        self._sync_active()
 
     def step(self) -> None:
         self._clock.steps += 1
+        if self._clock.steps in self._starts:
+            self._sync_active()
+
+    def _sync_active(self) -> None:
+        for m in self._layers.values():
+            if m.start_step > 0:
+                m.sync_active()
 
     def layer_figures(self) -> Dict[str, Dict[str, Any]]:
         out = {}
@@ -479,6 +585,7 @@ class ScaledGradController(Controller):
 
     def load_state(self, state: Dict[str, Any]) -> None:
         self._clock.steps = int(state.get("steps", 0))
+        self._sync_active()
         for name, s in state.get("layers", {}).items():
             m = self._layers.get(name)
             if m is None:

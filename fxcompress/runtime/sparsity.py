@@ -10,15 +10,25 @@ anything inside it. The multiply also masks the gradient: d(w*m)/dw = m.
 fixed at its start (fresh, by magnitude) and the weights are multiplied by
 them after every optimizer step (weight decay and momentum would otherwise
 move pruned weights off zero). At decompression the masks become all ones;
-the pruned weights are 0 then and train again from 0, and the momentum
-buffers of the masked weights are zeroed, so the first dense step starts
-from no momentum (the authors' --reset_momentum_after_recycling).
+the pruned weights are 0 then and train again from 0, and every momentum
+buffer of the optimizer is zeroed, so the first dense step starts from no
+momentum (the authors' --reset_momentum_after_recycling: their SGD zeroes the
+momentum of all its parameters, biases and BatchNorm included, on the first
+step of each decompressed phase).
 
-Phases are counted in epochs (set at `on_epoch_start`) or in optimizer steps
-(after each `step()`), as the policy's schedule says.
+Phases are counted in epochs (changed at `on_epoch_start`) or in optimizer
+steps. In steps, the step that ends a phase is counted in `step()` and the
+change is made by the loop's next hook: `snapshot_due()` right after it,
+except when it answers "dense" (the loop saves the model first: the "dense"
+snapshot is the model after the last step of the last dense phase, exactly
+as in epochs); then `figures()`, which the loop asks next, or the next
+`step()`/epoch hook. A one-shot forward pre-hook on the masked-weight modules
+also makes it before the next forward of a loop that asks neither (eager
+mode: torch.compile does not see hooks added after it traced).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.masks import kept_count, magnitude_scores, nm_mask, topk_masks
+from ..plots_sparsity import plot_sparsity
 from .controller import Controller
 
 SPARSE, DENSE = "sparse", "dense"
@@ -41,6 +52,10 @@ class MaskedWeight(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask
+
+    def fxc_constructor(self):
+        """For fxcompress.export: name and shape; the mask travels in the weights file."""
+        return (MaskedWeight, (self.param_name, tuple(self.mask.shape)), {})
 
     def extra_repr(self) -> str:
         return f"{self.param_name}, shape={tuple(self.mask.shape)}"
@@ -96,6 +111,8 @@ class SparsityController(Controller):
         self.momentum_resets = 0
         self.log: List[Dict[str, Any]] = []  # one entry per phase entered
         self._sparsity = 0.0
+        self.emptied: List[str] = []  # layers a mask ever removed completely
+        self._hooks: List[Any] = []  # the pending phase change's forward pre-hooks (step units)
 
     # --------------------------------------------------------------- schedule
     def position(self) -> int:
@@ -150,6 +167,15 @@ class SparsityController(Controller):
             self.masked[name].mask.copy_(mask)
         self.apply_masks()
         self._sparsity = self._mask_sparsity()
+        emptied = [mb.name for mb in self.members if not mb.dense and not bool(self.masked[mb.name].mask.any())]
+        fresh = [n for n in emptied if n not in self.emptied]
+        if fresh:
+            # one global threshold can take a whole small layer (a stem conv, the
+            # classifier): the network then cannot learn; say so once per layer
+            warnings.warn(f"AC/DC: the mask removed every weight of {', '.join(fresh)} "
+                          f"(step {self.steps}); keep them dense with first_last_dense: true or a rule "
+                          f"that leaves them out", RuntimeWarning, stacklevel=1)
+            self.emptied += fresh
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -166,16 +192,18 @@ class SparsityController(Controller):
 
     @torch.no_grad()
     def reset_momentum(self) -> None:
-        """Zero the masked weights' momentum (SGD's momentum_buffer, Adam's
-        first moment): the first dense step then starts without the history
-        of the sparse phase."""
+        """Zero the momentum of every parameter the optimizer holds (SGD's
+        momentum_buffer, Adam's first moment), as the authors' SGD does: the
+        first dense step then starts without the history of the sparse
+        phase, for the restored weights and for the rest of the network."""
         if self.optimizer is None:
             return
-        for mb in self.members:
-            st = self.optimizer.state.get(self.params[mb.name], {})
-            for key in ("momentum_buffer", "exp_avg"):
-                if isinstance(st.get(key), torch.Tensor):
-                    st[key].zero_()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state.get(p, {})
+                for key in ("momentum_buffer", "exp_avg"):
+                    if isinstance(st.get(key), torch.Tensor):
+                        st[key].zero_()
         self.momentum_resets += 1
 
     def _mask_sparsity(self) -> float:
@@ -208,19 +236,43 @@ class SparsityController(Controller):
         self._sync()
 
     def on_epoch_start(self, epoch: int) -> None:
+        self.flush()
         self.epoch = epoch
         self.steps_in_epoch = 0
         self._sync()
 
     def step(self) -> None:
+        self.flush()
         self.steps += 1
         self.steps_in_epoch += 1
         if self.phase() == SPARSE:
             self.apply_masks()
         if self.unit == "step":
+            self._defer()
+
+    def _defer(self) -> None:
+        """The phase ends here: change it at the loop's next hook (module doc).
+        (Never in state(): state_dict() reads the masks first.)"""
+        if self.index_at(self.steps) != self.phase_index and not self._hooks:
+            self._hooks = [m.register_forward_pre_hook(self._pre_forward) for m in self.masked.values()]
+
+    def pending(self) -> bool:
+        """A phase change counted in steps and not made yet (see the module doc)."""
+        return bool(self._hooks)
+
+    def flush(self) -> None:
+        """Make a pending phase change now."""
+        if self._hooks:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
             self._sync()
 
+    def _pre_forward(self, module, args):
+        self.flush()  # the first masked weight of the forward: every mask is updated before any is used
+
     def on_epoch_end(self, epoch: int) -> None:
+        self.flush()
         if self.steps_per_epoch is None and self.steps_in_epoch:
             self.steps_per_epoch = self.steps_in_epoch
 
@@ -233,15 +285,23 @@ class SparsityController(Controller):
         end of every epoch of the final compressed phase (the file then holds
         the sparse model at the end of training).
 
-        In epochs the dense one is exact: its last step is the last of the
-        epoch before the final phase (steps per epoch as counted in the first
-        epoch). In steps the phase changes inside `step()`, before the loop
-        asks, so the dense model is the one a step before its phase ends."""
+        Both are the model after the last step of their phase. In epochs
+        that step is the last of the epoch before the final phase (steps per
+        epoch as counted in the first epoch); in steps it is the step whose
+        count reaches the final phase's start (the change waits until the
+        loop has saved it, so the weights saved are still dense). Any other
+        answer makes a pending change now."""
+        label = self._due()
+        if label != DENSE:
+            self.flush()
+        return label
+
+    def _due(self) -> Optional[str]:
         nxt = self._next_boundary()
         at_epoch_end = self.steps_per_epoch is not None and self.steps_in_epoch == self.steps_per_epoch
         final_next = nxt is not None and nxt is self.phases[-1] and nxt[1] == SPARSE and self.phase() == DENSE
         if final_next:
-            if self.unit == "step" and self.steps == nxt[0] - 1:
+            if self.unit == "step" and self.steps == nxt[0]:
                 return DENSE
             if self.unit == "epoch" and at_epoch_end and self.epoch + 1 == nxt[0]:
                 return DENSE
@@ -251,25 +311,26 @@ class SparsityController(Controller):
 
     # --------------------------------------------------------------- figures
     def figures(self) -> Dict[str, float]:
+        self.flush()  # asked after the snapshots were saved: the phase in effect from here
         return {"sparse": 1.0 if self.phase() == SPARSE else 0.0, "sparsity": self._sparsity}
 
     def report(self) -> Dict[str, Any]:
         return {"phase": self.phase(), "sparsity": self.measured_sparsity(), "unit": self.unit,
                 "schedule": [list(p) for p in self.phases], "phases": list(self.log),
-                "momentum_resets": self.momentum_resets, "layers": self.layer_table(),
+                "momentum_resets": self.momentum_resets, "emptied_layers": list(self.emptied),
+                "layers": self.layer_table(),
                 # {layer: number}: the run's layers.png draws it as a bar chart
                 "layer_sparsity": {r["weight"]: r["sparsity"] for r in self.layer_table()}}
 
     def plots(self, history, out_dir: str) -> List[str]:
-        from ..plots_sparsity import plot_sparsity
-
         return [plot_sparsity(history, self.phases, self.unit, out_dir)]
 
     # --------------------------------------------------------------- state
     def state(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "steps": self.steps, "steps_in_epoch": self.steps_in_epoch,
                 "steps_per_epoch": self.steps_per_epoch, "phase_index": self.phase_index,
-                "momentum_resets": self.momentum_resets, "log": list(self.log), "mask_sparsity": self._sparsity}
+                "momentum_resets": self.momentum_resets, "log": list(self.log), "mask_sparsity": self._sparsity,
+                "emptied": list(self.emptied)}
 
     def load_state(self, state: Dict[str, Any]) -> None:
         if not state:
@@ -278,4 +339,7 @@ class SparsityController(Controller):
         self.steps_in_epoch, self.steps_per_epoch = state["steps_in_epoch"], state["steps_per_epoch"]
         self.phase_index, self.momentum_resets = state["phase_index"], state["momentum_resets"]
         self.log, self._sparsity = list(state["log"]), state["mask_sparsity"]
+        self.emptied = list(state.get("emptied", []))
+        if self.unit == "step":
+            self._defer()  # saved between a phase's last step and the next forward
 

@@ -11,8 +11,15 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Subset
 
+from ..compiled import compile as fx_compile
+from ..data import load_data, parse_spec
+from ..distributed import CommunicationConfig
+from ..distributed.hook import wrap
 from ..errors import BadInput
+from ..loading import build_torchvision, load_model
+from ..models import default_model
 from ..passes import resolve_passes
+from ..policy import load_policy
 from .checkpoint import CHECKPOINT, load_init, weights_path
 from .config import DIGITS_DEFAULT_UPSCALE, TrainConfig, resolve_device
 from .hooks import hook
@@ -21,8 +28,6 @@ from .seeds import derived_seed, seed_everything
 
 
 def build_data(cfg: TrainConfig, channels: Optional[int] = None):
-    from ..data import load_data, parse_spec
-
     kind, _ = parse_spec(cfg.data)
     upscale = cfg.upscale
     if upscale is None and kind == "digits":
@@ -40,8 +45,6 @@ def _limit(ds, n: int):
 
 
 def _torchvision_model(name: str, num_classes: int) -> nn.Module:
-    from ..loading import build_torchvision
-
     return build_torchvision(name, num_classes=num_classes)[0]
 
 
@@ -52,15 +55,11 @@ def model_channels(cfg: TrainConfig) -> Optional[int]:
 
 def build_model(cfg: TrainConfig, bundle) -> Tuple[nn.Module, Dict[str, Any]]:
     if cfg.model is None:
-        from ..models import default_model
-
         return default_model(bundle, cfg.depth), {"kind": "builtin", "name": f"resnet{cfg.depth}_cifar",
                                                   "depth": cfg.depth}
     if cfg.model.startswith("torchvision:"):
         name = cfg.model.split(":", 1)[1]
         return _torchvision_model(name, bundle.num_classes), {"kind": "torchvision", "name": name}
-    from ..loading import load_model
-
     loaded = load_model(cfg.model, cfg.model_fn)
     return loaded.model, loaded.source
 
@@ -135,21 +134,21 @@ def prepare_run(cfg: TrainConfig, run_dir: str, label: str, use_policy: bool, bu
         init, init_line = load_init(model, init_path, compiled=False)
     compile_report = None
     if compressed:
-        from ..compiled import compile as fx_compile
-
         model = fx_compile(model, cfg.policy, (example,), passes=passes)
         compile_report = hook(model, "report")
         if init_path:  # ... and after, for what the passes keep under the same names
             init, init_line = load_init(model, init_path, compiled=True)
     model = model.to(device)
+    if cfg.compile:
+        if compressed:
+            model.compile_with(cfg.compile)
+        else:
+            model.compile(backend=cfg.compile, dynamic=False)  # in place: state_dict names unchanged
     optimizer = make_optimizer(cfg, model.parameters())
     hook(model, "attach_optimizer", optimizer)
     run = Run(cfg, label, run_dir, model, optimizer, bundle, device, source, compressed,
               compile_report=jsonable(compile_report), init=init, init_line=init_line)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from ..distributed import CommunicationConfig
-        from ..distributed.hook import wrap
-
         comm = communication(cfg, passes) if use_policy else None
         # the baseline, and a policy without a communication: section, all-reduce in fp32
         comm = comm or CommunicationConfig(method="fp32")
@@ -165,6 +164,4 @@ def communication(cfg: TrainConfig, passes: Optional[Tuple[type, ...]] = None):
     """The policy's `communication:` section, or None."""
     if not cfg.policy:
         return None
-    from ..policy import load_policy
-
     return load_policy(cfg.policy, resolve_passes(passes)).section("communication")

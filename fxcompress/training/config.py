@@ -44,6 +44,9 @@ class TrainConfig:
     # config because the thread count changes float summation order, and a
     # resumed run must match bitwise.
     threads: int = 1
+    # torch.compile backend for the training forward/backward (inductor,
+    # aot_eager, eager); None: eager (runtime/compile_support.py)
+    compile: Optional[str] = None
     run_dir: Optional[str] = None
     baseline: bool = False
     progress: bool = True

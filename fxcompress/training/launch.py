@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
+from ..distributed.launch import default_backend, init_from_env, run_data_parallel, under_torchrun
 from ..errors import BadInput
 from ..passes import resolve_passes
 from .build import build_data, communication, model_channels, prepare_run
@@ -81,8 +82,6 @@ class StreamLog:
 
 def _launch(cfg: TrainConfig, extra: Dict[str, Any], log, passes: Tuple[type, ...]) -> Dict[str, Any]:
     """One process, N spawned workers (cfg.nproc > 1), or this process's rank under torchrun."""
-    from ..distributed.launch import default_backend, init_from_env, run_data_parallel, under_torchrun
-
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         world = int(os.environ["WORLD_SIZE"])
         if cfg.nproc not in (1, world):

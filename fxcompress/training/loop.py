@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 from ..errors import RunFailure
 from .checkpoint import save_checkpoint, save_snapshot
@@ -205,8 +206,6 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> Dict[str, Any]:
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 

@@ -2,6 +2,7 @@
 side-by-side table of a run and its baseline."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -9,6 +10,8 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..errors import BadInput
+from ..plots import write_plots
+from ..table import format_table
 from .checkpoint import CHECKPOINT, FINAL_MODEL, save_weights, snapshots
 from .hooks import controller_reports, hook
 
@@ -55,8 +58,6 @@ def summarise(history: List[Dict[str, Any]]) -> Dict[str, Any]:
 def file_digest(path: Optional[str]) -> Optional[str]:
     if not isinstance(path, str) or not os.path.isfile(path):
         return None
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -139,8 +140,6 @@ def job_report(main: Run, status: str, result: Dict[str, Any]) -> Dict[str, Any]
 
 
 def run_plots(main: Run, base: Optional[Run]) -> List[str]:
-    from ..plots import write_plots
-
     reports = jsonable(controller_reports(main.model)) or {}
     title = f"{main.source.get('name', 'model')} on {main.bundle.name}"
     written = write_plots(main.run_dir, main.history, reports, base.history if base else None, title)
@@ -179,6 +178,4 @@ def comparison_rows(main: Dict[str, Any], base: Dict[str, Any]) -> List[List[Any
 
 
 def comparison_table(rows: List[List[Any]]) -> str:
-    from ..table import format_table
-
     return format_table(["", "compressed", "baseline", "difference"], rows)

@@ -1,0 +1,269 @@
+"""torch.compile support: what a compiled CompressedModel runs.
+
+Two parts.
+
+Activations. In eager mode every `fxc_save` node runs its op inside Python
+`saved_tensors_hooks` (runtime/activations.py). Dynamo cannot trace Python
+hooks: each such node would be a graph break, and the packs would run as
+Python between compiled pieces. This torch version inlines *ambient* hooks
+given as `torch.fx.GraphModule`s (pytorch PR 150032): AOT autograd traces the
+pack hook once per saved intermediate of the compiled graph into the
+forward's epilogue and the unpack hook into the backward's prologue, so what
+the forward hands to the backward is the packed tensors. `ActivationHooks`
+are such hooks, written as plain tensor code (per-channel fixed-point codes
+packed several to a byte, bool masks 8 to a byte), so inductor generates and
+fuses the pack and unpack kernels. `CompressedModel.forward` enters them
+around the compiled call when the model was built with a `backend`.
+
+What they cover, and why it differs from eager:
+- they apply to every intermediate the compiled graph saves for backward
+  (AOT's "donated" buffers: never parameters, inputs or outputs), which is
+  the set inductor's partitioner chose (it may recompute cheap ops instead
+  of saving them), not the per-node set of the eager graph; so they need one
+  setting for all compressed nodes (checked: `uniform_settings`);
+- bool tensors (the ReLU masks inductor saves itself) are stored at 1 bit;
+  float tensors of >= 2 dims and `min_numel` elements at `bits` per element
+  (widths that do not divide 8 are stored in the next that does: 3 -> 4);
+  integers (max-pool offsets) and small tensors as they are;
+- zero-value compression and AutoQuant need sizes or widths that depend on
+  the data (Python-side statistics); they stay on the eager per-node hooks,
+  one graph break per compressed node (tools/bench_compile.py names them).
+
+PSGD. `ScaledGradGroup.forward` takes `scaled_grad_compiled` under
+compile: plain tensor code, guard-free (runtime/scaled_grad.py says what).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..kernels import actpack
+
+
+def _channel_view(x: torch.Tensor) -> torch.Tensor:
+    """x (float32, contiguous) as (A, C, B), one scale per C: channel dim 1 for
+    >= 3 dims (N, C, ...), the last dim for 2-D (tokens, features), as eager."""
+    if x.dim() >= 3:
+        return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(1, -1, x.shape[-1]).transpose(1, 2)
+
+
+def _pack_slices(codes: torch.Tensor, bits: int) -> list:
+    """int32 codes < 2^bits as actpack stores them: one uint8 tensor per
+    power-of-two slice of the code (actpack.slices), 8 // width per byte."""
+    flat = codes.reshape(-1)
+    out = []
+    for w, sh in actpack.slices(bits):
+        per = 8 // w
+        part = (flat >> sh) & ((1 << w) - 1)
+        pad = (-part.numel()) % per
+        if pad:
+            part = torch.cat([part, part.new_zeros(pad)])
+        shifts = torch.arange(per, dtype=torch.int32, device=flat.device) * w
+        out.append((part.view(-1, per) << shifts).sum(1, dtype=torch.int32).to(torch.uint8))
+    return out
+
+
+def _unpack_slices(parts, bits: int, n: int) -> torch.Tensor:
+    codes = None
+    for (w, sh), p in zip(actpack.slices(bits), parts):
+        shifts = torch.arange(8 // w, dtype=torch.int32, device=p.device) * w
+        c = ((p.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << w) - 1)).reshape(-1)[:n] << sh
+        codes = c if codes is None else codes | c
+    return codes
+
+
+def pack_tensor(x: torch.Tensor, bits: int, stochastic: bool, min_numel: int):
+    """The pack hook's body: plain tensor code, traced once per saved tensor.
+
+    Floating tensors: eager's fixed-width arithmetic (kernels/actpack: per
+    channel k_c = 2^b / (max|x_c| + EPS), 2^(b-1) when the tensor has a
+    negative value, code = trunc(clamp(x k_c + r + offset)), r = 0.5 or a
+    uniform draw), with the sign test as a tensor instead of a Python branch.
+    Stochastic draws: actpack's counter-based hash of the element index,
+    keyed by a hash of the tensor's own bits (a random op cannot sit in the
+    inlined hook: inductor's RNG handling does not reach it), so every step
+    gets new draws without RNG state in the graph."""
+    if x.dtype == torch.bool:
+        return ("mask", _pack_slices(x.to(torch.int32), 1), tuple(x.shape))
+    if not x.is_floating_point() or x.dim() < 2 or x.numel() < min_numel:
+        return x
+    xf = x.detach().to(torch.float32).contiguous()
+    x3 = _channel_view(xf)
+    amax = x3.abs().amax(dim=(0, 2))
+    signed = xf.amin() < 0
+    half = float(1 << (bits - 1))
+    levels = torch.where(signed, half, float(1 << bits))
+    k = (levels / (amax + actpack.EPS)).view(1, -1, 1)
+    v = x3 * k
+    if stochastic:
+        idx = torch.arange(x3.numel(), dtype=torch.int64, device=x.device).view(x3.shape)
+        key = xf.view(torch.int32).to(torch.int64).sum() & 0xFFFFFFFF
+        v = v + actpack.uniform_reference(idx, key)
+    else:
+        v = v + 0.5
+    off = torch.where(signed, half, 0.0)
+    codes = (v + off).clamp(0.0, float((1 << bits) - 1)).to(torch.int32)
+    # A ReLU's output: its backward reads x > 0, which a small positive value
+    # rounded to code 0 would lose; as eager stores the ReLU's 1-bit mask,
+    # the mask is stored beside the codes and restores the sign on unpack.
+    mask = _pack_slices((x3 > 0).to(torch.int32), 1) if _is_relu_output(x) else None
+    return ("quant", _pack_slices(codes, bits), 1.0 / k, off, tuple(x.shape), tuple(x3.shape), bits, x.dtype, mask)
+
+
+def _is_relu_output(x: torch.Tensor) -> bool:
+    """Whether the saved tensor is a ReLU's result. Inside AOT autograd's
+    inlining the saved node is known (its target); a hook called at run time
+    (backend "eager") sees the data instead: no negative value."""
+    try:
+        from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
+
+        ctx = _get_saved_tensor_hook_context()
+    except ImportError:  # another torch: no node information; the codes alone
+        return False
+    if ctx is None:
+        return not torch.compiler.is_compiling() and bool(x.min() >= 0)
+    node = ctx.get("_node")
+    aten = torch.ops.aten
+    # ReLU's backward saves its result through a detach (or alias) of it
+    while getattr(node, "target", None) in (aten.detach.default, aten.alias.default) and node.args:
+        node = node.args[0]
+    return getattr(node, "target", None) in (aten.relu.default, aten.relu_.default)
+
+
+def unpack_tensor(obj):
+    """The unpack hook's body."""
+    if torch.is_tensor(obj):
+        return obj
+    if obj[0] == "mask":
+        _, parts, shape = obj
+        n = 1
+        for s in shape:
+            n *= s
+        return _unpack_slices(parts, 1, n).to(torch.bool).view(shape)
+    _, parts, kinv, off, shape, shape3, bits, dtype, mask = obj
+    n = shape3[0] * shape3[1] * shape3[2]
+    codes = _unpack_slices(parts, bits, n)
+    v = (codes.to(torch.float32) - off).view(shape3) * kinv
+    if mask is not None:  # a positive value decoded as 0 becomes the smallest positive float
+        pos = _unpack_slices(mask, 1, n).view(shape3) > 0
+        v = torch.where(pos, v.clamp(min=torch.finfo(torch.float32).tiny), v)
+    if len(shape) < 3:
+        v = v.transpose(1, 2)
+    return v.reshape(shape).to(dtype)
+
+
+def _hook_graph_module(fn) -> fx.GraphModule:
+    """A GraphModule whose call runs `fn` (its own graph is a placeholder):
+    AOT autograd re-traces the hook for each saved tensor, so Python branches
+    on the tensor's dtype and shape in `fn` become a specialised graph each."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(x)
+    gm = fx.GraphModule(nn.Module(), g)
+    gm.forward = fn  # instance attribute: what nn.Module.__call__ runs
+    return gm
+
+
+class ActivationHooks:
+    """The pack/unpack GraphModule pair for one fixed-bit setting (see the
+    module docstring). `enter()` returns the saved_tensors_hooks context;
+    the same two objects every step, so dynamo's guard on them holds."""
+
+    def __init__(self, bits: int, stochastic: bool, min_numel: int):
+        self.bits, self.stochastic, self.min_numel = int(bits), bool(stochastic), int(min_numel)
+
+        def pack(x):
+            if not torch.compiler.is_compiling() and x.requires_grad and x.is_leaf:
+                return x  # eager backend: parameters reach the hook too; never packed
+            return pack_tensor(x, self.bits, self.stochastic, self.min_numel)
+
+        self.pack = _hook_graph_module(pack)
+        self.unpack = _hook_graph_module(unpack_tensor)
+
+    def enter(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def __repr__(self) -> str:
+        return (f"ActivationHooks(bits={self.bits}, rounding={'stochastic' if self.stochastic else 'nearest'}, "
+                f"min_numel={self.min_numel})")
+
+
+def uniform_settings(specs: Sequence[Any]) -> Tuple[Optional[Any], str]:
+    """(settings, "") when every compressed node has one fixed-bit setting the
+    compiled hooks can apply, else (None, why not)."""
+    if not specs:
+        return None, "no activation node is compressed"
+    keyset = {(s.settings.mode, s.settings.bits, s.settings.zvc, s.settings.rounding, s.settings.min_numel)
+              for s in specs}
+    if len(keyset) != 1:
+        return None, "the compressed nodes have different activation settings (compiled hooks take one)"
+    st = specs[0].settings
+    if st.mode == "auto":
+        return None, "AutoQuant picks widths from Python-side statistics"
+    if st.zvc:
+        return None, "zero-value compression stores a data-dependent number of codes"
+    return st, ""
+
+
+def activation_hooks_for(gm: nn.Module) -> Tuple[Optional[ActivationHooks], str]:
+    """The compiled hooks for a rewritten graph module, or (None, reason)
+    when its activation nodes must keep the eager per-node hooks."""
+    from .activations import SaveSpec
+
+    specs = [m for m in gm.modules() if isinstance(m, SaveSpec)]
+    if not specs:
+        return None, ""
+    st, why = uniform_settings(specs)
+    if st is None:
+        return None, why
+    return ActivationHooks(st.bits, st.rounding == "stochastic", st.min_numel), ""
+
+
+def compiled_save_ok(spec) -> bool:
+    """fxc_save under dynamo: True when the op may run plain (the ambient
+    compiled hooks store what it saves); False keeps the eager per-node hooks
+    (a graph break)."""
+    return getattr(spec, "compiled_hooks", False)
+
+
+class CompiledCall:
+    """What a compiled CompressedModel calls: torch.compile of the rewritten
+    graph module, entered under the activation hooks when it trains.
+
+    `dynamic=False` by default: every batch shape gets its own graph (a last
+    smaller batch is one more compile, not dynamic shapes everywhere).
+    A plain object, not a Module: the compiled wrapper must not add entries
+    to the model's state_dict."""
+
+    def __init__(self, gm: nn.Module, backend: str = "inductor", fullgraph: bool = False,
+                 dynamic: Optional[bool] = False, mode: Optional[str] = None):
+        from .activations import SaveSpec
+
+        self.gm, self.backend = gm, backend
+        self.hooks, self.eager_reason = activation_hooks_for(gm)
+        for m in gm.modules():
+            if isinstance(m, SaveSpec):
+                m.compiled_hooks = self.hooks is not None
+        # Nodes on the eager per-node hooks (graph breaks): inductor's layout
+        # optimisation would make a compiled piece's outputs channels-last,
+        # while the gradient coming back through the eager node between the
+        # pieces is contiguous; the backward piece then fails its input
+        # stride check (AssertionError "expected ... stride", first backward).
+        # So those models compile without it.
+        self.eager_nodes = self.hooks is None and any(isinstance(m, SaveSpec) for m in gm.modules())
+        self.fn = torch.compile(gm, backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+
+    def __call__(self, *args, **kwargs):
+        if self.eager_nodes:
+            from torch._inductor import config as inductor_config
+
+            with inductor_config.patch(layout_optimization=False):
+                return self.fn(*args, **kwargs)
+        if self.hooks is not None and self.gm.training and torch.is_grad_enabled():
+            with self.hooks.enter():
+                return self.fn(*args, **kwargs)
+        return self.fn(*args, **kwargs)
