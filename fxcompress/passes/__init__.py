@@ -6,9 +6,11 @@ Nothing below this package reads DEFAULT_PASSES, so `compile(passes=[...])`
 runs exactly the passes it is given, a test's own pass included.
 
 Order matters and is declared by the passes themselves (`after`/`before`,
-checked by manager.check_passes): passes that change how weights reach their
-ops (scaled gradients, masks, dual precision) run before the activation
-pass, which wraps the final ops whose saved tensors it compresses.
+checked by manager.check_passes): dual precision first (it copies each
+block into two paths, handing the copies its plan entries, so the passes
+after it treat both paths), then scaled gradients and masks on the weights
+(of both paths), then the activation pass, which wraps the final ops whose
+saved tensors it compresses. README "Composing the methods" has the rules.
 
 New passes import from `fxcompress.passes.base`, not from this package.
 """
@@ -21,7 +23,7 @@ from .manager import check_passes, run_passes  # noqa: F401
 from .scaled_grad import ScaledGradPass
 from .sparsity import SparsityPass
 
-DEFAULT_PASSES: Tuple[type, ...] = (ScaledGradPass, SparsityPass, DualPrecisionPass, ActivationsPass)
+DEFAULT_PASSES: Tuple[type, ...] = (DualPrecisionPass, ScaledGradPass, SparsityPass, ActivationsPass)
 
 
 def resolve_passes(passes: Optional[Sequence[type]] = None) -> Tuple[type, ...]:

@@ -58,6 +58,7 @@ fxcompress/bops.py; quantizers: fxcompress/quantizers/.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -290,7 +291,10 @@ class DualPrecisionPass(Pass):
     key = "dual_precision"
     config = DualPrecisionConfig
     settings_config = DualPrecisionSettings
-    before = ("activations",)  # activations wraps the final ops, these paths included
+    # first: both paths' copies of a layer then carry its plan entry, and the
+    # weight passes put their nodes on each path's weight (README "Composing
+    # the methods"); activations wraps the final ops, these paths included
+    before = ("scaled_grad", "sparsity", "activations")
 
     def __init__(self):
         self._cache: Optional[Tuple[int, Dict[str, Region], Dict[str, str], set]] = None
@@ -436,7 +440,26 @@ class DualPrecisionPass(Pass):
         new = g.create_node("call_function", fn, args, name=name)
         new.meta = dict(node.meta)
         self._result.inserted += [qa.name, qw.name, new.name]
+        # the input quantizer keeps its float input for the clamp's backward:
+        # compressed like the layer's own saved input
+        self._inherit(node, qa, keys=("activations",))
         return new
+
+    def _inherit(self, src: fx.Node, new: fx.Node, keys: Optional[Tuple[str, ...]] = None) -> None:
+        """`new`, a copy of `src` in a path (or a node of src's block), takes
+        src's plan entry less this pass's treatment (only `keys` if given), so
+        the passes after this one (scaled_grad, sparsity, activations) treat
+        both paths as they would have treated src. README "Composing the
+        methods" lists what each does with a copy."""
+        e = self._plan.entries.get(src.name)
+        if e is None:
+            return
+        kept = {k: v for k, v in e.treatments.items() if k != self.key and (keys is None or k in keys)}
+        if not kept:
+            return
+        self._plan.entries[new.name] = dataclasses.replace(
+            e, name=new.name, rules=list(e.rules), treatments=kept, skipped=dict(e.skipped),
+            effective={k: dict(v) for k, v in e.effective.items() if k in kept})
 
     def _quantize_layer(self, node: fx.Node, cfg: DualPrecisionConfig) -> None:
         gm = self._gm
@@ -469,6 +492,7 @@ class DualPrecisionPass(Pass):
                 key = f"{path}_a_{_key(n.target)}"
                 block.quant[key] = self._act_quant(cfg, bits, not self._nonneg(src))
                 env[n] = self._layer_call(n, env.get(src, src), f"{bname}.quant.{key}", f"{bname}.quant.{wq}", name)
+                self._inherit(n, env[n])
                 continue
             target = n.target
             m = _module(gm, n)
@@ -483,6 +507,7 @@ class DualPrecisionPass(Pass):
             new = g.create_node(n.op, target, args, kwargs, name=name, type_expr=n.type)
             new.meta = dict(n.meta)
             env[n] = new
+            self._inherit(n, new)
             self._result.inserted.append(new.name)
         return env[r.end]
 
@@ -513,6 +538,13 @@ class DualPrecisionPass(Pass):
             out = g.create_node("call_module", f"{bname}.merge", (low, high, m), name=f"{bname}_merge")
         out.meta = dict(r.end.meta)
         self._result.inserted += [probs.name, m.name, xh.name, out.name] + ([xl.name] if st.pre_gate else [])
+        # the gate and the merge save activations too (the gate its input, the
+        # merge both paths' outputs): compressed as the block's own nodes are
+        src = next((n for n in [r.end, *reversed(r.nodes)]
+                    if "activations" in getattr(self._plan.entries.get(n.name), "treatments", {})), None)
+        if src is not None:
+            self._inherit(src, probs, keys=("activations",))
+            self._inherit(src, out, keys=("activations",))
         if self._nonneg(r.end):
             self._nonneg_nodes.add(out.name)
         r.end.replace_all_uses_with(out)

@@ -28,16 +28,35 @@ them out with a later rule (`scaled_grad: null`).
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from ..quantizers.dorefa import WeightQuant
 from ..runtime.scaled_grad import ScaledGrad, ScaledGradController, ScaledGradGroup
 from ..runtime.scaled_grad_config import ScaledGradConfig
 from .base import (MODULE_FN, WEIGHT_FNS, Pass, PassResult, add_submodule, call_as_functional, fxc_name,
                    get_attr_before, param_of, weight_arg)
+
+def weight_use(node: fx.Node, gm: fx.GraphModule) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """(consumer, get_attr) of the weight of functional conv/linear `node`:
+    the get_attr of a parameter and the node that reads it, which is `node`
+    itself or, when dual_precision ran first, the weight quantizer between
+    them (`conv(x, quant(get_attr w))`): the scale then goes on the float
+    weight, before the quantizer (README "Composing the methods")."""
+    consumer, w = node, weight_arg(node)
+    for _ in range(4):
+        if not isinstance(w, fx.Node):
+            return None
+        if w.op == "get_attr":
+            return (consumer, w) if param_of(gm, w.target) is not None else None
+        if w.op != "call_module" or not isinstance(gm.get_submodule(w.target), WeightQuant) or not w.args:
+            return None
+        consumer, w = w, w.args[0]
+    return None
+
 
 def _module_reason(m: nn.Module) -> Optional[str]:
     base = next((c for c in MODULE_FN if type(m) is c or (isinstance(m, c) and type(m).forward is c.forward)),
@@ -54,8 +73,7 @@ def _module_reason(m: nn.Module) -> Optional[str]:
 
 
 def _functional_reason(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
-    w = weight_arg(node)
-    if w is None or w.op != "get_attr" or param_of(gm, w.target) is None:
+    if weight_use(node, gm) is None:
         return "the weight of this call is not a parameter read by get_attr"
     return None
 
@@ -92,7 +110,7 @@ class ScaledGradPass(Pass):
             if n.op == "call_module" and _module_reason(gm.get_submodule(n.target)) is None:
                 names.append(f"{n.target}.weight")
             elif n.op == "call_function" and n.target in WEIGHT_FNS and _functional_reason(n, gm) is None:
-                names.append(str(weight_arg(n).target))
+                names.append(str(weight_use(n, gm)[1].target))
         return names
 
     @classmethod
@@ -109,7 +127,7 @@ class ScaledGradPass(Pass):
             if node.op == "call_module":
                 weight = f"{node.target}.weight"
             elif node.op == "call_function":
-                weight = str(weight_arg(node).target)
+                weight = str(weight_use(node, gm)[1].target)
             else:
                 weight = str(node.target)
             role = roles.get(weight, "")
@@ -131,8 +149,8 @@ class ScaledGradPass(Pass):
             if node.op == "call_module":
                 self._rewrite_module(node, cfg)
             elif node.op == "call_function":
-                w = weight_arg(node)
-                self._wrap_use(node, w, cfg)
+                consumer, w = weight_use(node, gm)
+                self._wrap_use(node, w, cfg, consumer)
             else:  # get_attr: every conv/linear use of it as a weight
                 for user in list(node.users):
                     if user.op == "call_function" and user.target in WEIGHT_FNS and weight_arg(user) is node:
@@ -219,10 +237,14 @@ class ScaledGradPass(Pass):
         call_as_functional(gm, self._plan, node, m, weight, bias)
         self._result.modified = True
 
-    def _wrap_use(self, user: fx.Node, w: fx.Node, cfg: ScaledGradConfig) -> None:
+    def _wrap_use(self, user: fx.Node, w: fx.Node, cfg: ScaledGradConfig,
+                  consumer: Optional[fx.Node] = None) -> None:
+        """The conv/linear `user`'s weight `w` (a get_attr) read through the
+        scale; `consumer` is the node reading w (user, or a weight quantizer)."""
+        consumer = consumer or user
         param_name = str(w.target)
-        s = self._scaled(param_name, cfg, user, param_name)
-        user.replace_input_with(w, s)
+        s = self._scaled(param_name, cfg, consumer, param_name)
+        consumer.replace_input_with(w, s)
         if cfg.bias:
             b = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
             if isinstance(b, fx.Node) and b.op == "get_attr" and param_of(self._gm, b.target) is not None:

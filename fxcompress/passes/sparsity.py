@@ -37,6 +37,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..config import ConfigError
 from ..runtime.sparsity import MaskedWeight, Member, SparsityController
+from ..quantizers.dorefa import WeightQuant
+from ..runtime.scaled_grad import ScaledGrad
 from .base import (MODULE_FN, WEIGHT_FNS, Pass, PassResult, add_submodule, call_as_functional, fxc_name,
                    get_attr_before, param_of, weight_arg)
 
@@ -137,6 +139,28 @@ def _leaf_weights(m: nn.Module) -> List[str]:
     return [n for n, p in m.named_parameters() if p.dim() >= 2 and "bias" not in n.rsplit(".", 1)[-1]]
 
 
+def _weight_param(w: Optional[fx.Node], gm: fx.GraphModule) -> Optional[str]:
+    """The parameter a conv/linear weight argument reads: a get_attr, or the
+    nodes the passes before this one put on it (dual_precision's weight
+    quantizer, scaled_grad's node). The mask then goes last, right before
+    the op, so a pruned weight is exactly 0 after the quantizer too (DoReFa's
+    grid has no 0) and its gradient is 0 before anything scales it."""
+    for _ in range(4):
+        if not isinstance(w, fx.Node):
+            return None
+        if w.op == "get_attr":
+            return str(w.target) if param_of(gm, w.target) is not None else None
+        if w.op != "call_module":
+            return None
+        m = gm.get_submodule(w.target)
+        if isinstance(m, ScaledGrad):
+            return m.param_name
+        if not isinstance(m, WeightQuant) or not w.args:
+            return None
+        w = w.args[0]
+    return None
+
+
 def _matmul_weight(node: fx.Node, gm: fx.GraphModule) -> List[Tuple[fx.Node, int]]:
     """(get_attr weight node, its input dimension) of a matmul-family call."""
     out = []
@@ -172,8 +196,7 @@ class SparsityPass(Pass):
         if node.op == "call_module":
             return _module_reason(gm.get_submodule(node.target))
         if node.op == "call_function" and node.target in WEIGHT_FNS:
-            w = weight_arg(node)
-            if w is None or w.op != "get_attr" or param_of(gm, w.target) is None:
+            if _weight_param(weight_arg(node), gm) is None:
                 return "the weight of this call is not a parameter read by get_attr"
             return None
         if node.op == "call_function" and node.target in _MATMUL_FNS:
@@ -195,7 +218,7 @@ class SparsityPass(Pass):
                 names += [f"{n.target}.weight"] if _plain_layer(m) else \
                     [f"{n.target}.{w}" for w in _leaf_weights(m)]
             elif n.op == "call_function" and n.target in WEIGHT_FNS and self.applies_to(n, gm) is None:
-                names.append(str(weight_arg(n).target))
+                names.append(_weight_param(weight_arg(n), gm))
             elif n.op == "call_function" and n.target in _MATMUL_FNS:
                 names += [str(w.target) for w, _ in _matmul_weight(n, gm)]
         return list(dict.fromkeys(names))
@@ -226,8 +249,14 @@ class SparsityPass(Pass):
                 if w is not None and w.op == "get_attr":
                     self._wrap_use(node, w, cfg, 1)
                 elif w is not None and not (w.op == "call_module" and str(w.target) in self._names.values()):
-                    # an earlier pass (scaled_grad) put its own node on this weight
-                    result.notes.append(f"{node.name}: weight already passes through {w.name}; not masked")
+                    # the weight passes through an earlier pass's node (scaled
+                    # gradient, dual_precision's quantizer): mask its output
+                    pname = _weight_param(w, gm)
+                    if pname is None:  # not a node any pass before this one makes (a plan made elsewhere)
+                        result.notes.append(f"{node.name}: weight comes from {w.name}, not a parameter; not masked")
+                        continue
+                    node.replace_input_with(w, self._masked(pname, cfg, node, 1, src=w))
+                    result.modified = True
             elif node.op == "call_function":
                 for w, d in _matmul_weight(node, gm):
                     self._wrap_use(node, w, cfg, d)
@@ -249,7 +278,10 @@ class SparsityPass(Pass):
             result.controllers["sparsity"] = SparsityController(members, params, self._modules, sched)
         return result
 
-    def _masked(self, param_name: str, cfg: SparsityConfig, anchor: fx.Node, in_dim: int) -> fx.Node:
+    def _masked(self, param_name: str, cfg: SparsityConfig, anchor: fx.Node, in_dim: int,
+                src: Optional[fx.Node] = None) -> fx.Node:
+        """The parameter's mask node before `anchor`, on a fresh get_attr of
+        it, or on `src` (the weight as an earlier pass left it)."""
         gm = self._gm
         p = param_of(gm, param_name)
         if param_name not in self._modules:
@@ -263,10 +295,12 @@ class SparsityPass(Pass):
             self._members[param_name] = Member(param_name, cfg.kind, cfg.sparsity, cfg.n, cfg.m,
                                                in_dim % p.dim(), dense=fl and param_name in self._ends)
         with gm.graph.inserting_before(anchor):
-            w = gm.graph.get_attr(param_name)
-            w.meta["tensor_meta"] = _extract_tensor_metadata(p)
+            w = src
+            if w is None:
+                w = gm.graph.get_attr(param_name)
+                w.meta["tensor_meta"] = _extract_tensor_metadata(p)
             s = gm.graph.call_module(self._names[param_name], (w,))
-            s.meta["tensor_meta"] = w.meta["tensor_meta"]
+            s.meta["tensor_meta"] = _extract_tensor_metadata(p)
         self._result.inserted.append(s.name)
         return s
 

@@ -1,0 +1,108 @@
+"""All five methods on one model (policies/all.yaml) against the uncompressed
+baseline, on the embedded digits data with data-parallel workers (issue 16).
+
+Per seed, one `fxcompress train --policy policies/all.yaml --nproc N
+--baseline` (the baseline: same seed, same data order, no policy, fp32
+all-reduce) and, from the two run reports, one row: test accuracy of both,
+the difference, the saved-activation ratio (fp32 bytes of the tensors the
+compressed graph saves / the bytes it stores), the weight sparsity at the
+end, CAMP's relative energy on the test set (BOPs vs the all-4-bit network)
+and its high-path usage, and the bytes each worker puts on the wire per
+step (ALQ) against fp32.
+
+    .venv/bin/python tools/replicate_all.py --seeds 5                      # BENCHMARKS.md
+    .venv/bin/python tools/replicate_all.py --seeds 1 --epochs 1 --train-limit 256   # smoke run
+    .venv/bin/python tools/replicate_all.py --json all.json
+
+The policy's sparsity schedule is in epochs and written for 10 epochs
+(--epochs 10, the default here); other lengths keep its phases.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fxcompress.table import format_table  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--policy", default=os.path.join(ROOT, "policies", "all.yaml"))
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--depth", type=int, default=8, help="built-in ResNet depth 6n+2 (default 8)")
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "replicate_all"), help="run directories go here")
+    p.add_argument("--json", metavar="PATH", help="also write the rows and means as JSON")
+    return p.parse_args(argv)
+
+
+def train(args, seed: int) -> str:
+    run_dir = os.path.join(args.runs, f"seed{seed}")
+    cmd = [sys.executable, "-m", "fxcompress", "train", "--policy", args.policy, "--nproc", str(args.nproc),
+           "--seed", str(seed), "--epochs", str(args.epochs), "--depth", str(args.depth), "--lr", str(args.lr),
+           "--baseline", "--run-dir", run_dir, "--no-plots", "--no-progress"]
+    if args.train_limit:
+        cmd += ["--train-limit", str(args.train_limit)]
+    if args.test_limit:
+        cmd += ["--test-limit", str(args.test_limit)]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return run_dir
+
+
+def row(run_dir: str, seed: int) -> dict:
+    with open(os.path.join(run_dir, "report.json")) as f:
+        r = json.load(f)
+    with open(os.path.join(run_dir, "baseline", "report.json")) as f:
+        b = json.load(f)
+    c = r["controllers"]
+    act, dp, sp = c.get("activations", {}), c.get("dual_precision", {}), c.get("sparsity", {})
+    wire = (r.get("distributed") or {}).get("wire", {})
+    return {"seed": seed, "acc": r["final"]["test_acc"], "baseline_acc": b["final"]["test_acc"],
+            "diff_points": 100 * (r["final"]["test_acc"] - b["final"]["test_acc"]),
+            "activation_ratio": act.get("fp32_mb", 0) / max(act.get("saved_mb", 0), 1e-12) if act else None,
+            "sparsity": sp.get("sparsity"), "energy": dp.get("test_energy"), "high_usage": dp.get("test_usage"),
+            "wire_bytes_per_step": wire.get("comm.wire_bytes_per_step"),
+            "fp32_bytes_per_step": wire.get("comm.fp32_bytes_per_step")}
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        rows.append(row(train(args, seed), seed))
+        print(f"seed {seed} done", file=sys.stderr)
+    keys = ["acc", "baseline_acc", "diff_points", "activation_ratio", "sparsity", "energy", "high_usage",
+            "wire_bytes_per_step", "fp32_bytes_per_step"]
+    mean = {k: statistics.fmean([r[k] for r in rows if r[k] is not None]) if any(r[k] is not None for r in rows)
+            else None for k in keys}
+    table = [[str(r["seed"]), fmt(100 * r["acc"], ".2f"), fmt(100 * r["baseline_acc"], ".2f"),
+              fmt(r["diff_points"], "+.2f"), fmt(r["activation_ratio"], ".2f") + "x", fmt(r["sparsity"], ".3f"),
+              fmt(r["energy"], ".3f"), fmt(r["high_usage"], ".2f"),
+              f"{fmt(r['wire_bytes_per_step'], ',.0f')} / {fmt(r['fp32_bytes_per_step'], ',.0f')}"]
+             for r in rows + [dict(mean, seed="mean")]]
+    print(format_table(["seed", "all.yaml acc %", "baseline acc %", "diff (points)", "saved-act ratio",
+                        "sparsity", "rel. energy", "high-path use", "wire B/step (alq / fp32)"], table))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows, "mean": mean}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
