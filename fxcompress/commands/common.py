@@ -11,6 +11,15 @@ from ..loading import LoadedModel, example_inputs, load_model
 from ..policy import load_policy
 
 
+def add_device_arg(p, default=None) -> None:
+    p.add_argument("--device", default=default, help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def add_json_arg(p, note: str = "") -> None:
+    """The one `--json` flag every command has (machines read stdout)."""
+    p.add_argument("--json", action="store_true", help="print the result as JSON" + note)
+
+
 def add_model_args(p: argparse.ArgumentParser, policy_required: bool = True) -> None:
     p.add_argument("model", help="a model .py file, or torchvision:NAME")
     p.add_argument("--policy", "-p", required=policy_required, help="policy YAML file")

@@ -21,7 +21,7 @@ from ..errors import BadInput
 from ..quantize import authors_first_last_bits, quantize_activations, quantize_weights
 from ..training import (BASELINE_DIR, MODELS_DIR, REPORT, TrainConfig, build_data, build_model, evaluate,
                         model_channels, read_weights, resolve_device, snapshots, weights_path)
-from .common import print_json
+from .common import add_device_arg, add_json_arg, print_json
 
 FP_BITS = 32  # "32" on the command line means "leave in full precision", as the authors' W4A32
 
@@ -53,8 +53,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="LABEL",
                    help="evaluate the snapshot RUN_DIR/models/LABEL.pt a method saved during training "
                    "(default: the final model, else the last checkpoint)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_device_arg(p, "auto")
+    add_json_arg(p)
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .. import inspect as fxi
-from .common import add_model_args, compile_from_args, print_json
+from .common import add_json_arg, add_model_args, compile_from_args, print_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--diff", action="store_true", help="print a unified diff of the code")
     p.add_argument("--table", action="store_true", help="print the per-node table")
     p.add_argument("--graph", metavar="PATH", help="write PATH.dot, PATH.png (no Graphviz needed), and PATH.svg when Graphviz is installed")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(p)
     return p
 
 

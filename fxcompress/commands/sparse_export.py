@@ -16,7 +16,7 @@ import torch
 from ..errors import BadInput
 from ..sparse_export import compact, expand, nbytes, save_compact, sparsity_of
 from ..training.checkpoint import read_weights
-from .common import print_json
+from .common import add_json_arg, print_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", help="output directory (default RUN_DIR/export)")
     p.add_argument("--weights", default="sparse", help="which model of the run: sparse (default), final, or a "
                    "label the run saved under RUN_DIR/models/")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_arg(p)
     return p
 
 

@@ -10,7 +10,7 @@ from dataclasses import fields
 from .. import training
 from ..errors import BadInput
 from ..training import OPTIMIZERS, SCHEDULES, TrainConfig, comparison_table
-from .common import print_json
+from .common import add_device_arg, add_json_arg, print_json
 
 # Flags that define what a run computes; --resume refuses them, since a
 # resumed run must continue exactly as it was configured.
@@ -59,7 +59,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="epochs where the step schedule multiplies the rate by --gamma (default: 50%%, 75%%)")
     g.add_argument("--gamma", type=float, help=f"step schedule factor (default {d.gamma})")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_device_arg(g)
     g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile the training step (default backend inductor; aot_eager, eager)")
     g.add_argument("--threads", type=int, help=f"CPU threads for torch, per worker (default {d.threads})")
@@ -77,7 +77,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "checkpoint) or of a .pt state_dict; tensors it lacks keep their seeded initialisation")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     g.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs (resumable with --resume)")
-    g.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
+    add_json_arg(g, " (progress goes to stderr)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     return p

@@ -5,7 +5,7 @@ import argparse
 
 from ..export import export
 from ..report import plan_table, summary
-from .common import add_model_args, compile_from_args, print_json
+from .common import add_json_arg, add_model_args, compile_from_args, print_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -15,7 +15,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        "its weights, report.json and graph pictures.")
     add_model_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan only; rewrite nothing")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(p)
     p.add_argument("-o", "--output", metavar="DIR", help="write module.py, weights, report.json, graph.dot/png (and graph.svg with Graphviz)")
     return p
 

@@ -6,7 +6,7 @@ import argparse
 from ..compiled import compile
 from ..loading import example_inputs, load_model
 from ..policy import load_policy
-from .common import print_json
+from .common import add_json_arg, print_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model-fn", help="function or class in the file that builds the model")
     p.add_argument("--input-shape", action="append", metavar="SHAPE", help="example input shape, e.g. 1,3,32,32")
     p.add_argument("--input-dtype", default="float32")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(p)
     return p
 
 
