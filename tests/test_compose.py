@@ -13,16 +13,7 @@ from fxcompress.quantizers.dorefa import WeightQuant
 from fxcompress.runtime.activations import fxc_save
 from fxcompress.runtime.scaled_grad import ScaledGrad
 from fxcompress.runtime.sparsity import MaskedWeight
-
-
-class Residual(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
-                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
-
-    def forward(self, x):
-        return torch.relu(x + self.body(x))
+from tests.models.residual import Residual
 
 
 class Net(nn.Module):

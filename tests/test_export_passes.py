@@ -12,16 +12,7 @@ from fxcompress.export import export
 from fxcompress.runtime.dual_precision import DualBlock
 from fxcompress.runtime.sparsity import MaskedWeight
 from tests.test_export import import_exported
-
-
-class Residual(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
-                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
-
-    def forward(self, x):
-        return torch.relu(x + self.body(x))
+from tests.models.residual import Residual
 
 
 class ResNet(nn.Module):

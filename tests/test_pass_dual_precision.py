@@ -17,24 +17,13 @@ from fxcompress.quantizers.dorefa import quantize_activation, quantize_weight
 from fxcompress.quantizers.pact import PactQuant
 from fxcompress.runtime.dual_precision import rl_loss
 from fxcompress.tracing import trace
+from tests.models.residual import Residual
 
 
 def policy(mode="sp", pre_gate=False, **block):
     return {"settings": {"dual_precision": {"mode": mode, "pre_gate": pre_gate}},
             "rules": [{"match": {"type": ["Conv2d", "Linear"]}, "optional": True, "dual_precision": {}},
                       {"match": {"op": ["add", "iadd"]}, "optional": True, "dual_precision": dict(block)}]}
-
-
-class Residual(nn.Module):
-    """A user's own residual block: y = relu(x + body(x))."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
-                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
-
-    def forward(self, x):
-        return torch.relu(x + self.body(x))
 
 
 class UserNet(nn.Module):
