@@ -39,12 +39,21 @@ static inline float u01(int64_t i, uint32_t key) {
     return fxc_u24(fxc_mix32((uint32_t)((uint64_t)(i + (int64_t)key) & 0xFFFFFFFFu)));
 }
 
-/* rounding.py's grid: every code used, hi = 2^b - 1 the top code; off =
- * the offset that makes codes non-negative: 0 unsigned, hi / 2 signed (a
- * half-integer, exact: levels -m + k 2m/(2^b - 1)) */
+/* rounding.py's grid; is_signed is its grid kind: 0 unsigned, 1 signed
+ * with 0 on the grid (L = 2^(b-1) - 1 a side, 1/2 at 1 bit), 2 signed with
+ * all 2^b codes (L = (2^b - 1)/2, a half-integer, exact). off = the offset
+ * that makes codes non-negative (L signed, 0 unsigned), hi = the top code
+ * (2L signed, 2^b - 1 unsigned) */
 static inline void grid(int bits, int is_signed, float *off, float *hi) {
-    *hi = (float)((1 << bits) - 1);
-    *off = is_signed ? 0.5f * *hi : 0.0f;
+    if (!is_signed) {
+        *off = 0.0f;
+        *hi = (float)((1 << bits) - 1);
+    } else {
+        const float half = is_signed == 2 ? 0.5f * (float)((1 << bits) - 1)
+                                          : (bits > 1 ? (float)((1 << (bits - 1)) - 1) : 0.5f);
+        *off = half;
+        *hi = 2.0f * half;
+    }
 }
 
 /* the offset alone, for the decoders */

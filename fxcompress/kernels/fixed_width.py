@@ -28,7 +28,7 @@ from . import bufpool
 from .actpack_cpu import lib as _lib
 from .counter_hash import mix32_triton
 from .dispatch import backend_for
-from .rounding import ROUNDINGS, check_bits, codes_reference, mix_seed, grid, multipliers, slices
+from .rounding import ROUNDINGS, check_bits, codes_reference, grid, grid_kind, mix_seed, multipliers, slices
 
 # ---------------------------------------------------- torch reference (CPU)
 
@@ -324,8 +324,9 @@ def quant_pack(x3: torch.Tensor, bits: int, rounding: str = "nearest", seed: int
         a, mn = stats(x3)
         amax = a if amax is None else amax
         signed = bool(mn < 0) if signed is None else signed
-    k, kinv = multipliers(amax, bits, signed)
     stoch = rounding == "stochastic"
+    signed = grid_kind(signed, stoch)  # from here on the grid kind (rounding.py)
+    k, kinv = multipliers(amax, bits, signed)
     key = mix_seed(seed) if stoch else 0
     path = backend_for(x3, _lib)
     if path == "triton":

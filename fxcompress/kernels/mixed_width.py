@@ -15,7 +15,7 @@ from . import bufpool
 from .actpack_cpu import lib as _lib
 from .dispatch import backend_for
 from .fixed_width import Packed, quant_pack, stats, unpack
-from .rounding import EPS, mix_seed, slices
+from .rounding import EPS, grid_kind, mix_seed, slices
 
 class PackedMixed:
     """Channels grouped by bit width (AutoQuant): one Packed per width."""
@@ -45,6 +45,7 @@ def mixed_pack(x3: torch.Tensor, bits_c: torch.Tensor, rounding: str = "nearest"
         a, mn = stats(x3)
         amax = a if amax is None else amax
         signed = bool(mn < 0) if signed is None else signed
+    signed = grid_kind(signed, rounding == "stochastic")  # the grid kind (rounding.py)
     if x3.dtype == torch.float32 and x3.is_contiguous() and backend_for(x3, _lib) == "c":
         return _mixed_pack_c(x3, bits_c.detach(), rounding, seed, amax, signed, shape)
     # grouping in numpy: a few thousand channels, where torch's per-op

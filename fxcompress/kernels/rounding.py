@@ -2,30 +2,31 @@
 
 Per scale row c with m_c = max|x_c| + 1e-6, a uniform grid that contains the
 channel's extremes (so stochastic rounding is unbiased everywhere, the top
-cell included) and uses all 2^b codes:
-    unsigned  levels 0, m/L, 2m/L, ..., m             L = 2^b - 1
-    signed    levels -m + k 2m/(2^b - 1), k = 0..2^b-1  L = (2^b - 1)/2 a side
-              (symmetric; 0 is not a level: at 2 bits -m, -m/3, m/3, m)
-Decision (README "Decisions"), measured as the relative squared error of
-the weight gradients (runtime/gradient_check.py) against the grid with 0 on
-it (L = 2^(b-1) - 1 a side, 2^b - 1 codes: -m, 0, m at 2 bits), mean of 3
-seeds, 2 bits: resnet18 (64x64, batch 8) stochastic 1.25 vs 2.78, round to
-nearest 0.62 vs 1.04; a 4-layer ViT (32x32, batch 8) stochastic 0.46 vs
-0.78, nearest 0.28 vs 0.33. The extra level outweighs an exact 0 in both
-modes, so one grid serves both: stochastic rounding needs only the
-extremes on the grid to stay unbiased, and round to nearest's error per
-value stays within half a step, the bound AutoQuant's width rule assumes
-(the step is 2m/(2^b - 1), below the 0-on-grid step m/(2^(b-1) - 1), so the
-rule's widths stay correct bounds). An affine per-channel min/max grid
-(ActNN) was not taken: a second number per channel, and a symmetric grid
-already reaches a channel's extremes when its negative and positive
-extremes are alike.
+cell included). Three grids, named by an int the packers carry in their
+`signed` field (0 is falsy, 1 and 2 truthy, so `if signed` still reads):
+    UNSIGNED (0)     levels 0, m/L, 2m/L, ..., m    L = 2^b - 1 (all 2^b codes)
+    SIGNED_ZERO (1)  levels -m, ..., 0, ..., m      L = 2^(b-1) - 1 a side
+                     (2^b - 1 codes, 0 on the grid), {-m, m} at 1 bit (L = 1/2)
+    SIGNED_ALL (2)   levels -m + k 2m/(2^b - 1), k = 0..2^b - 1: L = (2^b - 1)/2
+                     a side (all 2^b codes, symmetric, 0 between two levels)
+`grid_kind(signed, stochastic)` picks one: signed stochastic rounding uses
+SIGNED_ALL, signed round-to-nearest SIGNED_ZERO (decision, README
+"Decisions"): stochastic rounding needs only the extremes on the grid to be
+unbiased, and the code SIGNED_ZERO leaves unused is a whole level at 2 bits
+(3 levels -> 4). Round to nearest is deterministic: without 0 on the grid
+every value near 0 rounds to +-m/(2^b - 1) the same way in every step, an
+error that does not average out; measured on a small ViT and resnet18 at 2
+and 4 bits (BENCHMARKS.md "Memory: saved activations") the nearest grids
+differ by less than their spread over seeds, so 0 stays exact there.
+Per-channel min/max (affine) grids were not taken: they need a second
+number per channel and the signed symmetric grid already holds both
+extremes of a channel whose negative and positive extremes are alike.
 k_c = L / m_c grid steps per unit of x. code = floor(x*k_c + off + r) with
 off = 0 (unsigned) or L (signed), r = 0.5 (round to nearest) or u in [0,1)
 (stochastic: up with probability equal to the fraction of the step, so
 E[decoded] = x); decoding is (code - off) / k_c. Computed as
-trunc(clamp(x*k + r + off, 0, hi)), see codes_reference. Signed L and off
-are half-integers, exact in float32.
+trunc(clamp(x*k + r + off, 0, hi)), see codes_reference. SIGNED_ALL's L
+and off are half-integers, exact in float32.
 
 Randomness: u comes from counter_hash.py's counter-based stream of
 (key, flat index), so no full-size random tensor is made and the torch
@@ -43,6 +44,7 @@ from .counter_hash import MASK32, mix32, mix32_tensor, to_uniform
 
 EPS = 1e-6
 ROUNDINGS = ("nearest", "stochastic")
+UNSIGNED, SIGNED_ZERO, SIGNED_ALL = 0, 1, 2
 
 
 # ----------------------------------------------------------------- helpers
@@ -74,14 +76,28 @@ def uniform_reference(idx: torch.Tensor, key: int) -> torch.Tensor:
     return to_uniform(mix32_tensor((idx + key) & MASK32))
 
 
-def grid(bits: int, signed: bool) -> Tuple[float, float, float]:
-    """(L, off, hi): grid steps from 0 to the channel maximum, the offset
-    that makes codes non-negative and the top code (2^b - 1 both ways); see
-    the module docstring."""
-    top = float((1 << bits) - 1)
+def grid_kind(signed, stoch: bool) -> int:
+    """The grid of a tensor (UNSIGNED, SIGNED_ZERO or SIGNED_ALL, see the
+    module docstring); `signed` may already be a kind (then only its
+    signedness is read)."""
     if not signed:
+        return UNSIGNED
+    return SIGNED_ALL if stoch else SIGNED_ZERO
+
+
+def grid(bits: int, signed) -> Tuple[float, float, float]:
+    """(L, off, hi): grid steps from 0 to the channel maximum, the offset
+    that makes codes non-negative (signed: the position of 0) and the top
+    code, for grid kind `signed` (False/0, True/1 or 2); see the module
+    docstring."""
+    if not signed:
+        top = float((1 << bits) - 1)
         return top, 0.0, top
-    return top / 2.0, top / 2.0, top
+    if int(signed) == SIGNED_ALL:
+        half = ((1 << bits) - 1) / 2.0
+    else:
+        half = float((1 << (bits - 1)) - 1) if bits > 1 else 0.5
+    return half, half, 2.0 * half
 
 
 def multipliers(amax: torch.Tensor, bits: int, signed: bool) -> Tuple[torch.Tensor, torch.Tensor]:

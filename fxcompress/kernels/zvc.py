@@ -10,7 +10,7 @@ import torch
 
 from .bitmask import pack_mask, unpack_mask
 from .fixed_width import pack_codes, stats, unpack_codes
-from .rounding import check_bits, codes_reference, mix_seed, grid, multipliers
+from .rounding import check_bits, codes_reference, grid, grid_kind, mix_seed, multipliers
 
 class PackedZVC:
     """Zero-value compression: 1 mask bit per element plus `bits` per non-zero."""
@@ -32,9 +32,10 @@ def zvc_pack(x3: torch.Tensor, bits: int, rounding: str = "nearest", seed: int =
         a, mn = stats(x3)
         amax = a if amax is None else amax
         signed = bool(mn < 0) if signed is None else signed
+    stoch = rounding == "stochastic"
+    signed = grid_kind(signed, stoch)  # from here on the grid kind (rounding.py)
     k, kinv = multipliers(amax, bits, signed)
     nz = x3 != 0
-    stoch = rounding == "stochastic"
     key = mix_seed(seed) if stoch else 0
     # Codes of every element, then only the non-zeros kept: the mask
     # restores the zeros exactly.

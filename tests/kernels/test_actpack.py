@@ -16,7 +16,7 @@ def _x(shape=(3, 5, 7, 9), seed=0):
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 12, 16])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("signed", [True, False, ap.SIGNED_ALL])
 def test_all_paths_bitwise_equal(monkeypatch, bits, rounding, signed):
     x = _x()
     if not signed:
@@ -72,7 +72,7 @@ def _draws_at_the_extremes(signed: bool, copies: int):
     return rows.unsqueeze(0).repeat(copies, 1, 1).permute(1, 0, 2).reshape(1, 2, -1).contiguous(), rows
 
 
-@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("signed", [ap.SIGNED_ALL, ap.SIGNED_ZERO, ap.UNSIGNED])
 @pytest.mark.parametrize("path", ["reference", "c", "triton"])
 def test_stochastic_rounding_is_unbiased_at_every_width(signed, path):
     """Mean of many stochastic draws == the input, at every width 1..8, on
@@ -104,26 +104,31 @@ def test_stochastic_rounding_is_unbiased_at_every_width(signed, path):
 
 
 @pytest.mark.parametrize("path", ["reference", "c", "triton"])
-def test_signed_grid_uses_every_code(monkeypatch, path):
-    """Signed codes use all 2^b levels (4 at 2 bits: -m, -m/3, m/3, m, the
-    old grid with 0 on it had 3), reaching the channel's extremes, in both
-    rounding modes, through the public packers."""
+def test_signed_grids_levels(monkeypatch, path):
+    """Signed stochastic rounding uses all 2^b codes (4 levels at 2 bits:
+    -m, -m/3, m/3, m), round to nearest keeps 0 on the grid (3 levels at 2
+    bits); both reach the channel's extremes. Through the public packers."""
     if path == "c" and actpack_cpu.lib() is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("FXC_CPU_FAST", "1" if path == "c" else "0")
     monkeypatch.setenv("FXC_FORCE_TRITON", "1" if path == "triton" else "0")
     x = torch.linspace(-1.0, 1.0, 4001).view(1, 1, -1) * 2.0
     m = 2.0 + ap.EPS
-    for bits, rounding in ((1, "stochastic"), (2, "stochastic"), (3, "stochastic"), (2, "nearest"), (3, "nearest")):
-        p = ap.quant_pack(x, bits, rounding, seed=5)
+    for bits in (1, 2, 3):
+        p = ap.quant_pack(x, bits, "stochastic", seed=5)
+        assert p.signed == ap.SIGNED_ALL
         lv = torch.unique(ap.unpack(p))
         want = -m + torch.arange(2 ** bits) * (2 * m / (2 ** bits - 1))
         assert lv.numel() == 2 ** bits and torch.allclose(lv, want, atol=1e-5), (bits, lv)
-        z = ap.zvc_pack(x, bits, rounding, seed=5)
-        assert torch.unique(ap.zvc_unpack(z)[x != 0]).numel() == 2 ** bits
-        mx = ap.mixed_pack(x.repeat(1, 2, 1), torch.tensor([bits, bits + 1]), rounding, seed=5)
+        z = ap.zvc_pack(x, bits, "stochastic", seed=5)
+        assert z.signed == ap.SIGNED_ALL and torch.unique(ap.zvc_unpack(z)[x != 0]).numel() == 2 ** bits
+        mx = ap.mixed_pack(x.repeat(1, 2, 1), torch.tensor([bits, bits + 1]), "stochastic", seed=5)
         assert torch.unique(ap.mixed_unpack(mx)[0, 0]).numel() == 2 ** bits
         assert torch.unique(ap.mixed_unpack(mx)[0, 1]).numel() == 2 ** (bits + 1)
+    n = ap.quant_pack(x, 2, "nearest")
+    assert n.signed == ap.SIGNED_ZERO
+    lv = torch.unique(ap.unpack(n))
+    assert lv.numel() == 3 and torch.allclose(lv, torch.tensor([-m, 0.0, m]), atol=1e-5)
 
 
 def test_stochastic_rounding_seed_changes_the_stream():
