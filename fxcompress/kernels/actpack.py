@@ -18,7 +18,7 @@ from .fixed_width import (Packed, pack_codes, quant_pack, stats, stats_nnz, unpa
                           view3)
 from .mixed_width import PackedMixed, mixed_pack, mixed_unpack  # noqa: F401
 from .mixed_zvc import PackedMixedZVC, mixed_zvc_pack, mixed_zvc_unpack  # noqa: F401
-from .rounding import (EPS, ROUNDINGS, SIGNED_ALL, SIGNED_ZERO, UNSIGNED, check_bits, grid_kind, mix_seed,  # noqa: F401
+from .rounding import (EPS, ROUNDINGS, SIGNED_ALL, SIGNED_ZERO, UNSIGNED, check_bits, grid, grid_kind, mix_seed,  # noqa: F401
                        multipliers, slices, uniform_reference)
 from .window_index import window_global, window_local  # noqa: F401
 from .zvc import PackedZVC, zvc_pack, zvc_unpack  # noqa: F401

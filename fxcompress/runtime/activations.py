@@ -295,7 +295,12 @@ def _sdpa_backend(spec: SaveSpec, args):
     probability by e^d): vit_b_16's gradients overflowed to NaN at 2 bits.
     The math backend saves the softmax output itself (in [0, 1], its error
     linear in the backward). Decided once per node: the SDPA function, or a
-    module that is or holds nn.MultiheadAttention or is not torch.nn's own."""
+    module that is or holds nn.MultiheadAttention or is not torch.nn's own;
+    fixed widths only: under `auto` the probe measures each attention's own
+    backward at each width (the fused one, amplification included) and
+    widens it until within e, and the math backend's extra saved softmax
+    measured a larger total error there (tests/test_autoquant.py's ViT: 1.0
+    and 1.8 e against 0.71 e)."""
     attends = getattr(spec, "_attends", None)  # (a spec pickled before this attribute)
     if attends is None:
         attends = spec._fn is torch.nn.functional.scaled_dot_product_attention
@@ -303,7 +308,7 @@ def _sdpa_backend(spec: SaveSpec, args):
             mod = args[0]
             attends = (not type(mod).__module__.startswith("torch.nn.")
                        or any(isinstance(m, nn.MultiheadAttention) for m in mod.modules()))
-        spec._attends = attends
+        spec._attends = attends = attends and spec.settings.mode != "auto"
     return torch.nn.attention.sdpa_kernel([SDPBackend.MATH]) if attends else contextlib.nullcontext()
 
 

@@ -79,9 +79,11 @@ def _unpack_slices(parts, bits: int, n: int) -> torch.Tensor:
 def pack_tensor(x: torch.Tensor, bits: int, stochastic: bool, min_numel: int):
     """The pack hook's body: plain tensor code, traced once per saved tensor.
 
-    Floating tensors: eager's fixed-width arithmetic (kernels/actpack: per
-    channel k_c = 2^b / (max|x_c| + EPS), 2^(b-1) when the tensor has a
-    negative value, code = trunc(clamp(x k_c + r + offset)), r = 0.5 or a
+    Floating tensors: eager's fixed-width arithmetic (kernels/rounding.py: per
+    channel k_c = L / (max|x_c| + EPS), L = 2^b - 1, and when the tensor has
+    a negative value L and offset 2^(b-1) - 1 (nearest, 0 on the grid) or
+    (2^b - 1)/2 (stochastic, all 2^b codes), so the grid holds the channel's
+    extremes; code = trunc(clamp(x k_c + r + offset)), r = 0.5 or a
     uniform draw), with the sign test as a tensor instead of a Python branch.
     Stochastic draws: actpack's counter-based hash of the element index,
     keyed by a hash of the tensor's own bits (a random op cannot sit in the
@@ -95,8 +97,9 @@ def pack_tensor(x: torch.Tensor, bits: int, stochastic: bool, min_numel: int):
     x3 = _channel_view(xf)
     amax = x3.abs().amax(dim=(0, 2))
     signed = xf.amin() < 0
-    half = float(1 << (bits - 1))
-    levels = torch.where(signed, half, float(1 << bits))
+    half, _, hi_signed = actpack.grid(bits, actpack.SIGNED_ALL if stochastic else actpack.SIGNED_ZERO)
+    top = float((1 << bits) - 1)
+    levels = torch.where(signed, half, top)
     k = (levels / (amax + actpack.EPS)).view(1, -1, 1)
     v = x3 * k
     if stochastic:
@@ -106,7 +109,7 @@ def pack_tensor(x: torch.Tensor, bits: int, stochastic: bool, min_numel: int):
     else:
         v = v + 0.5
     off = torch.where(signed, half, 0.0)
-    codes = (v + off).clamp(0.0, float((1 << bits) - 1)).to(torch.int32)
+    codes = (v + off).clamp(0.0, torch.where(signed, hi_signed, top)).to(torch.int32)
     # A ReLU's output: its backward reads x > 0, which a small positive value
     # rounded to code 0 would lose; as eager stores the ReLU's 1-bit mask,
     # the mask is stored beside the codes and restores the sign on unpack.

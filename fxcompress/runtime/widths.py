@@ -76,9 +76,9 @@ def spend_slack(bits: np.ndarray, a: np.ndarray, dx2: np.ndarray, n: np.ndarray,
     most of them well below it. err_c is channel c's squared rounding error
     at its width (half a grid step: (max|x_c|+eps) / (2^(b+1) - 2)
     unsigned, / (2^b - 2) signed (at least 1: max|x_c| + eps for signed 1
-    bit), the half step of the signed grid with 0 on it; kernels/rounding.py's
-    signed grid now uses all 2^b codes, half step / (2^b - 1), so this stays
-    an upper bound); the same worst case the SPEC rule assumes; the mean squared error of round-to-nearest is a third of the
+    bit), the half step of kernels/rounding.py's signed grid for round to
+    nearest (0 on it); stochastic rounding's signed grid uses all 2^b codes,
+    half step / (2^b - 1), so this stays an upper bound there); the same worst case the SPEC rule assumes; the mean squared error of round-to-nearest is a third of the
     half-step square, so the sum counted here stays above the real one in
     practice, which tests/test_autoquant.py measures). Each round takes one bit from the channels whose
     normalised error grows least per bit saved (it quadruples: an increase
