@@ -35,7 +35,7 @@ def _declare(lib) -> None:
     lib.fxc_window_local.restype = lib.fxc_window_global.restype = None
     for f, extra in (("fxc_mixed_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, I, I, P, P]),
                      ("fxc_mixed_unpack", [P, P, P, P, P, I64, I64, I64, P, I, P, P, I, P]),
-                     ("fxc_mixed_zvc_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, P, I, P, P]),
+                     ("fxc_mixed_zvc_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, P, I, P, P, P]),
                      ("fxc_mixed_zvc_unpack", [P, P, P, P, P, I64, I64, I64, P, I, P, P, P, P])):
         getattr(lib, f).argtypes = extra
         getattr(lib, f).restype = I

@@ -74,3 +74,41 @@ def test_psgd_scaling_equal_reference_at_1_2_3_threads():
             assert all(torch.equal(a, b) for a, b in zip(got, ref)), n
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_zero_value_streams_cut_per_thread_equal_reference(monkeypatch, rounding):
+    """AutoQuant's zero-value packing of a ReLU output cuts each width
+    group's stream into a piece per thread where the mask says a piece's
+    codes start on a byte: groups large enough to be cut (several 64 K
+    element pieces), rows of odd length (B = 61 * 59), whole channels and
+    long runs of zeros (a piece start must walk past them), 1..16-bit
+    widths; the same bytes and decoded values as the torch reference at 1,
+    2 and 3 threads."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, 61, 59, generator=gen).relu_()  # 2-bit group: 324 K elements
+    x[:, 5] = 0  # a whole channel of zeros
+    x[2:4, :, 3:50] = 0  # long zero runs across channels
+    x[:, 7] = x[:, 7].abs() + 0.1  # a dense channel
+    xr3 = ap.view3(x, "channel")
+    widths = [2, 3, 2, 16, 2, 5, 3, 2] * 5  # few groups: 2 and 3 bits hold most channels
+
+    def run():
+        a, _, nnz = ap.stats_nnz(xr3)
+        m = ap.pack_mask_gt(x, 0.0)
+        z = ap.mixed_zvc_pack(xr3, torch.tensor(widths), m, nnz, rounding, seed=9, amax=a)
+        return [q for _, g, _ in z.groups for q in g.parts] + [ap.mixed_zvc_unpack(z)]
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("FXC_CPU_FAST", "0")
+        ref = run()
+        monkeypatch.setenv("FXC_CPU_FAST", "1")
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = run()
+            assert len(got) == len(ref)
+            for i, (g, r) in enumerate(zip(got, ref)):
+                assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
+    finally:
+        torch.set_num_threads(before)
