@@ -252,22 +252,61 @@ void fxc_unpack_codes(const uint8_t *in, int64_t n, int width, int shift, int fi
     PIECES(n, fxc_unpack_codes_run(in + i0 / per, i1 - i0, width, shift, first, codes + i0));
 }
 
-/* Single-slice unpack and dequantize straight to float: x = (code - off) * kinv[c]. */
+/* Single-slice unpack and dequantize straight to float: x = (code - off) * kinv[c].
+ * In runs of one scale (a row of B elements): whole bytes through a table of
+ * the byte's `per` values (code - off), times the row's scale, which the
+ * compiler vectorises; the same two float operations per element as one
+ * code at a time (short rows), so the same bits. */
 static void unpack_dequant_run(const uint8_t *in, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
                                int is_signed, float *out, int64_t c, int64_t pos) {
     const int width = bits;
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
     const float off = grid_offset(bits, is_signed);
+    if (B < 64) { /* short rows: a run costs more than it saves */
+        int64_t i = 0;
+        float kv = kinv[c];
+        const int64_t nbytes = (n + per - 1) / per;
+        for (int64_t byte = 0; byte < nbytes; ++byte) {
+            uint32_t b = in[byte];
+            for (int j = 0; j < per && i < n; ++j, ++i) {
+                float code = (float)((b >> (j * width)) & mask);
+                out[i] = (code - off) * kv;
+                kv = next_element(kinv, B, C, &pos, &c, kv);
+            }
+        }
+        return;
+    }
+    float lut[256 * 8];
+    for (int v = 0; v < 256; ++v)
+        for (int j = 0; j < per; ++j) lut[v * per + j] = (float)((v >> (j * width)) & mask) - off;
     int64_t i = 0;
-    float kv = kinv[c];
-    const int64_t nbytes = (n + per - 1) / per;
-    for (int64_t byte = 0; byte < nbytes; ++byte) {
-        uint32_t b = in[byte];
-        for (int j = 0; j < per && i < n; ++j, ++i) {
-            float code = (float)((b >> (j * width)) & mask);
-            out[i] = (code - off) * kv;
-            kv = next_element(kinv, B, C, &pos, &c, kv);
+    while (i < n) {
+        int64_t run = B - pos;
+        if (run > n - i) run = n - i;
+        const float kv = kinv[c];
+        int64_t u = i, e = i + run;
+        for (; u < e && u % per; ++u) out[u] = lut[in[u / per] * per + u % per] * kv;
+        const int64_t b0 = u / per, b1 = e / per;
+        float *o = out + b0 * per;
+#define DQ(P)                                                                              \
+    for (int64_t b = b0; b < b1; ++b, o += P) {                                            \
+        const float *l = lut + in[b] * P;                                                  \
+        for (int j = 0; j < P; ++j) o[j] = l[j] * kv;                                      \
+    }
+        switch (per) {
+        case 1: DQ(1); break;
+        case 2: DQ(2); break;
+        case 4: DQ(4); break;
+        default: DQ(8);
+        }
+#undef DQ
+        for (u = b1 * per > u ? b1 * per : u; u < e; ++u) out[u] = lut[in[u / per] * per + u % per] * kv;
+        i = e;
+        pos += run;
+        if (pos == B) {
+            pos = 0;
+            if (++c == C) c = 0;
         }
     }
 }

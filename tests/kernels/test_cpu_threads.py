@@ -18,7 +18,7 @@ def _outputs(x):
     a, mn = ap.stats(x3)
     a2, mn2, nnz = ap.stats_nnz(xr3)
     out += [a, mn, a2, mn2, nnz]
-    for bits, signed in ((3, True), (8, False), (12, True), (1, False)):
+    for bits, signed in ((3, True), (8, False), (12, True), (1, False), (2, True), (4, False)):
         p = ap.quant_pack(x3 if signed else xr3, bits, "stochastic", seed=bits, signed=signed)
         out += list(p.parts) + [ap.unpack(p)]
     bits_c = torch.arange(x3.shape[1]) % 9 + 1
