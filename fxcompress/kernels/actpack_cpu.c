@@ -878,6 +878,54 @@ void fxc_pack_gt(const float *x, int64_t n, float thr, uint8_t *out) {
     PIECES(n, fxc_pack_gt_run(x + i0, i1 - i0, thr, out + i0 / 8));
 }
 
+/* A ReLU's result, read once for both saves of it: the 1-bit mask x > 0
+ * (what fxc_pack_gt writes) and the statistics the next op's quantized
+ * save needs (fxc_stats_nnz: per-row max|x|, the minimum, per-row count of
+ * x > 0). Rows r of B elements, scale row r % C. Each thread takes a run
+ * of rows that starts on a mask byte (a multiple of 8 rows) with its own
+ * accumulators, merged after (max, min and counts: any order gives the
+ * same result), and walks it 8 rows at a time, the mask of a block written
+ * while the block is still in cache. Returns -1 when out of memory. */
+int fxc_pack_gt_stats(const float *x, int64_t n, int64_t C, int64_t B, uint8_t *mask, float *amax, float *minv,
+                      int64_t *nnz) {
+    const int64_t rows = n / B, blocks = (rows + 7) / 8;
+    int T = npieces(n);
+    if (T > blocks) T = (int)blocks;
+    if (T < 1) T = 1;
+    float *ta = (float *)malloc((size_t)T * (size_t)C * sizeof(float));
+    float *tm = (float *)malloc((size_t)T * sizeof(float));
+    int64_t *tz = (int64_t *)calloc((size_t)T * (size_t)C, sizeof(int64_t));
+    if (!ta || !tm || !tz) {
+        free(ta); free(tm); free(tz);
+        return -1;
+    }
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t) {
+        for (int64_t c = 0; c < C; ++c) ta[t * C + c] = 0.0f;
+        tm[t] = INFINITY;
+        for (int64_t b = blocks * t / T; b < blocks * (t + 1) / T; ++b) {
+            const int64_t r0 = 8 * b, r1 = r0 + 8 < rows ? r0 + 8 : rows;
+            stats_rows(x, r0, r1, C, B, ta + t * C, tm + t, tz + t * C);
+            fxc_pack_gt_run(x + r0 * B, (r1 - r0) * B, 0.0f, mask + r0 * B / 8);
+        }
+    }
+    float mn = INFINITY;
+    for (int64_t c = 0; c < C; ++c) {
+        float a = 0.0f;
+        int64_t z = 0;
+        for (int t = 0; t < T; ++t) {
+            a = ta[t * C + c] > a ? ta[t * C + c] : a;
+            z += tz[t * C + c];
+        }
+        amax[c] = a;
+        nnz[c] = z;
+    }
+    for (int t = 0; t < T; ++t) mn = tm[t] < mn ? tm[t] : mn;
+    *minv = mn;
+    free(ta); free(tm); free(tz);
+    return 0;
+}
+
 /* ---- whole tensors at per-channel widths: one call for all width groups.
  * Group g holds the channels order[start[g] .. start[g+1]) (int32, the order
  * stored with the packed tensor), at gbits[g] bits in gnp[g] slices with

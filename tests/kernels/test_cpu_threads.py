@@ -112,3 +112,26 @@ def test_zero_value_streams_cut_per_thread_equal_reference(monkeypatch, rounding
                 assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
     finally:
         torch.set_num_threads(before)
+
+
+def test_relu_mask_with_statistics_equal_separate_passes():
+    """fxc_pack_gt_stats (a ReLU's mask and the next save's statistics in one
+    read, cut at multiples of 8 rows) gives pack_mask_gt's bytes and
+    stats_nnz's values at 1, 2 and 3 threads: rows of odd length, a row
+    count not a multiple of 8, negative values and NaN."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 13, 41, 37, generator=gen)  # 91 rows of 1517: 138 K elements
+    x[3, 2, 5, 7] = float("nan")
+    x[:, 4] = x[:, 4].relu()
+    x3 = ap.view3(x, "channel")
+    want = [ap.pack_mask_gt(x, 0.0).bits, *ap.stats_nnz(x3)]
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            m, amax, mn, nnz = ap.pack_mask_gt_stats(x3, x.shape)
+            assert m.shape == tuple(x.shape) and m.n == x.numel()
+            for i, (g, r) in enumerate(zip([m.bits, amax, mn, nnz], want)):
+                assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
+    finally:
+        torch.set_num_threads(before)
