@@ -368,17 +368,55 @@ void fxc_unpack_mask(const uint8_t *in, int64_t n, uint8_t *out) {
 
 /* Rows r0..r1 of x (row r has B elements, scale row r % C): max|x| into
  * amax, count of x > 0 into nnz (when given), minimum into *minv; the
- * accumulators start as the caller set them. */
+ * accumulators start as the caller set them. NaN is skipped (it fails
+ * every comparison here). With AVX2, 8 lanes of max/min/count per row
+ * (the compiler will not reorder a float max reduction itself), merged
+ * after: max and counts do not depend on the order, and the minimum only
+ * in the sign of a zero (its value, all the callers read, does not). */
 static void stats_rows(const float *x, int64_t r0, int64_t r1, int64_t C, int64_t B, float *amax, float *minv,
                        int64_t *nnz) {
     float mn = *minv;
     int64_t c = r0 % C;
+#ifdef __AVX2__
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), zero = _mm256_setzero_ps();
+#endif
     for (int64_t r = r0; r < r1; ++r) {
         const float *xs = x + r * B;
         float a = amax[c], m = mn;
-        int64_t z = 0;
+        int64_t z = 0, u = 0;
+#ifdef __AVX2__
+        if (B >= 16) {
+            /* a NaN in the first operand of max/min gives the second: skipped */
+            __m256 va = _mm256_set1_ps(a), vm = _mm256_set1_ps(m);
+            __m256i vz = _mm256_setzero_si256();
+            if (nnz) {
+                for (; u + 8 <= B; u += 8) {
+                    const __m256 v = _mm256_loadu_ps(xs + u);
+                    va = _mm256_max_ps(_mm256_and_ps(v, absm), va);
+                    vm = _mm256_min_ps(v, vm);
+                    vz = _mm256_sub_epi32(vz, _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)));
+                }
+            } else {
+                for (; u + 8 <= B; u += 8) {
+                    const __m256 v = _mm256_loadu_ps(xs + u);
+                    va = _mm256_max_ps(_mm256_and_ps(v, absm), va);
+                    vm = _mm256_min_ps(v, vm);
+                }
+            }
+            float la[8], lm[8];
+            int32_t lz[8];
+            _mm256_storeu_ps(la, va);
+            _mm256_storeu_ps(lm, vm);
+            _mm256_storeu_si256((__m256i *)lz, vz);
+            for (int q = 0; q < 8; ++q) {
+                a = la[q] > a ? la[q] : a;
+                m = lm[q] < m ? lm[q] : m;
+                z += lz[q];
+            }
+        }
+#endif
         if (nnz) {
-            for (int64_t u = 0; u < B; ++u) {
+            for (; u < B; ++u) {
                 const float v = xs[u];
                 const float av = fabsf(v);
                 a = av > a ? av : a;
@@ -387,7 +425,7 @@ static void stats_rows(const float *x, int64_t r0, int64_t r1, int64_t C, int64_
             }
             nnz[c] += z;
         } else {
-            for (int64_t u = 0; u < B; ++u) {
+            for (; u < B; ++u) {
                 const float v = xs[u];
                 const float av = fabsf(v);
                 a = av > a ? av : a;
@@ -447,7 +485,18 @@ int fxc_stats(const float *x, int64_t n, int64_t C, int64_t B, float *amax, floa
 /* 1-bit mask to values: out[i] = bit ? on : off (what a ReLU backward reads). */
 static void fxc_unpack_mask_values_run(const uint8_t *in, int64_t n, float on, float off, float *out) {
     const int64_t full = n / 8;
-    for (int64_t b = 0; b < full; ++b) {
+    int64_t b = 0;
+#ifdef __AVX2__
+    /* lane j of byte b: bit j set selects on, else off (the same values as below) */
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 von = _mm256_set1_ps(on), voff = _mm256_set1_ps(off);
+    for (; b < full; ++b) {
+        const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(in[b]), sel);
+        const __m256 set = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, sel));
+        _mm256_storeu_ps(out + 8 * b, _mm256_blendv_ps(voff, von, set));
+    }
+#endif
+    for (; b < full; ++b) {
         const uint32_t v = in[b];
         float *p = out + 8 * b;
         for (int j = 0; j < 8; ++j) p[j] = ((v >> j) & 1) ? on : off;
@@ -861,7 +910,14 @@ static void zvc_unpack_scatter(const uint8_t *const *parts, const int *w, const 
  * pass, no intermediate bool tensor. Same bits as fxc_pack_mask(x > thr). */
 static void fxc_pack_gt_run(const float *x, int64_t n, float thr, uint8_t *out) {
     const int64_t full = n / 8;
-    for (int64_t b = 0; b < full; ++b) {
+    int64_t b = 0;
+#ifdef __AVX2__
+    /* a byte is the sign mask of one 8-lane compare (NaN > thr: false, as below) */
+    const __m256 tv = _mm256_set1_ps(thr);
+    for (; b < full; ++b)
+        out[b] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8 * b), tv, _CMP_GT_OQ));
+#endif
+    for (; b < full; ++b) {
         const float *p = x + 8 * b;
         uint32_t acc = 0;
         for (int j = 0; j < 8; ++j) acc |= (uint32_t)(p[j] > thr) << j;
