@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "counter_hash.h"
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -145,14 +146,45 @@ static inline void pack_buf(const uint16_t *buf, int64_t m, int width, int shift
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
     const int64_t full = m / per;
+    int64_t b0 = 0; /* bytes already written by the AVX2 loops */
+#ifdef __AVX2__
+    /* 1- and 2-bit slices (what the compiler leaves scalar): the same bytes */
+    const __m128i shv = _mm_cvtsi32_si128(shift);
+    if (per == 8) {
+        /* 32 codes: slice bits to bytes (packus; the permute restores the
+         * order), bit 0 of each byte to its sign, movemask: 4 bytes */
+        const __m256i one = _mm256_set1_epi16(1);
+        for (; b0 + 4 <= full; b0 += 4) {
+            const __m256i a = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(buf + 8 * b0)), shv), one);
+            const __m256i c = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(buf + 8 * b0 + 16)), shv), one);
+            const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi16(a, c), 0xD8);
+            const uint32_t r = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(p, 7));
+            memcpy(o + b0, &r, 4);
+        }
+    } else if (per == 4) {
+        /* 16 codes: c0 | c1 << 2 in each 32-bit lane, then | (c2 | c3 << 2) << 4
+         * in the low byte of each 64-bit lane; those 4 bytes gathered */
+        const __m256i three = _mm256_set1_epi16(3);
+        const __m256i pick = _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                              0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+        for (; b0 + 4 <= full; b0 += 4) {
+            __m256i v = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(buf + 4 * b0)), shv), three);
+            v = _mm256_or_si256(v, _mm256_srli_epi32(v, 14));
+            v = _mm256_or_si256(v, _mm256_srli_epi64(v, 28));
+            v = _mm256_shuffle_epi8(v, pick);
+            const uint32_t r = (uint32_t)(uint16_t)_mm256_extract_epi16(v, 0) | (uint32_t)(uint16_t)_mm256_extract_epi16(v, 8) << 16;
+            memcpy(o + b0, &r, 4);
+        }
+    }
+#endif
     /* constant strides per width, so the compiler can vectorise each case */
 #define S(j) ((((uint32_t)buf[b * per + (j)]) >> shift) & mask)
     switch (per) {
-    case 1: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)S(0); break;
-    case 2: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 4); break;
-    case 4: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 2 | S(2) << 4 | S(3) << 6); break;
+    case 1: for (int64_t b = b0; b < full; ++b) o[b] = (uint8_t)S(0); break;
+    case 2: for (int64_t b = b0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 4); break;
+    case 4: for (int64_t b = b0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 2 | S(2) << 4 | S(3) << 6); break;
     default:
-        for (int64_t b = 0; b < full; ++b)
+        for (int64_t b = b0; b < full; ++b)
             o[b] = (uint8_t)(S(0) | S(1) << 1 | S(2) << 2 | S(3) << 3 | S(4) << 4 | S(5) << 5 | S(6) << 6 | S(7) << 7);
     }
 #undef S
