@@ -31,7 +31,9 @@ static void exp_init(void) {
             t += (m >> q) & 1;
         }
     }
-    exp_ready = 1;
+    /* release: a thread that reads exp_ready == 1 (acquire) sees the tables;
+     * the pieces of one call may race to fill them, with the same values */
+    __atomic_store_n(&exp_ready, 1, __ATOMIC_RELEASE);
 }
 #endif
 
@@ -750,7 +752,7 @@ static void zvc_pack_range(const float *x, const float *k, int64_t C, int64_t B,
     uint16_t buf[CHUNK + 8];
     int64_t fill = 0, e = e0;
 #ifdef __AVX2__
-    if (!exp_ready) exp_init();
+    if (!__atomic_load_n(&exp_ready, __ATOMIC_ACQUIRE)) exp_init();
 #endif
     while (e < e1) {
         const int64_t row = e / B, pos = e % B;
@@ -857,7 +859,7 @@ static void zvc_unpack_range(const uint8_t *const *parts, const int *w, const in
     int64_t used = 0;     /* consumed from buf */
     for (int i = 0; i < 64; ++i) buf[i] = 0;
 #ifdef __AVX2__
-    if (!exp_ready) exp_init();
+    if (!__atomic_load_n(&exp_ready, __ATOMIC_ACQUIRE)) exp_init();
 #endif
     int64_t e = e0;
     while (e < e1) {
