@@ -216,7 +216,7 @@ _SRC_CPU = os.path.join(os.path.dirname(__file__), "gradquant_cpu.c")
 def _declare(lib) -> None:
     P, I64, I, U32, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
     lib.fxc_gq_encode.argtypes = [P, I64, I64, P, P, I, I, U32, U32, F, P]
-    lib.fxc_gq_decode.argtypes = [P, I64, I64, I64, I64, I64, P, I, P]
+    lib.fxc_gq_decode.argtypes = [P, I64, I64, I64, I64, I64, P, I, I, P]
     lib.fxc_gq_set_threads.argtypes = [I]
     for f in (lib.fxc_gq_encode, lib.fxc_gq_decode, lib.fxc_gq_set_threads):
         f.restype = None
@@ -241,13 +241,25 @@ def _norms_like_reference(flat: torch.Tensor, bucket_size: int, norm: str) -> to
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def encode_c(x, levels, bits, bucket_size, norm="l2", seed=0) -> torch.Tensor:
+def _out_buffer(out, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """A caller's reusable output buffer, checked, or a fresh one. Reusing
+    one matters: a fresh large buffer is fresh pages, and the kernel's
+    first touch of each page costs more than its work."""
+    if out is None:
+        return torch.empty(numel, dtype=dtype)
+    if out.dtype != dtype or out.device.type != "cpu" or not out.is_contiguous() or out.numel() != numel:
+        raise BadInput(f"{what} buffer must be a contiguous CPU {dtype} tensor of {numel} elements, got "
+                       f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out.view(-1)
+
+
+def encode_c(x, levels, bits, bucket_size, norm="l2", seed=0, out=None) -> torch.Tensor:
     layout = Layout(x.numel(), bucket_size, bits)
     flat = x.reshape(-1)
     if flat.dtype != torch.float32 or not flat.is_contiguous():
         flat = flat.to(torch.float32).contiguous()
     lv = _levels32(levels).contiguous()
-    msg = torch.empty(layout.nbytes, dtype=torch.uint8)
+    msg = _out_buffer(out, layout.nbytes, torch.uint8, "message")
     norms, codes = split(msg, layout)
     norms.copy_(_norms_like_reference(flat, bucket_size, norm))
     msg[layout.norm_bytes + layout.code_bytes:].zero_()
@@ -257,16 +269,16 @@ def encode_c(x, levels, bits, bucket_size, norm="l2", seed=0) -> torch.Tensor:
     return msg
 
 
-def decode_c(messages, levels, bits, numel, bucket_size) -> torch.Tensor:
+def decode_c(messages, levels, bits, numel, bucket_size, out=None) -> torch.Tensor:
     layout = Layout(numel, bucket_size, bits)
     msgs = messages.reshape(-1, layout.nbytes)
     if not msgs.is_contiguous():
         msgs = msgs.contiguous()
     lv = _levels32(levels).contiguous()
-    out = torch.empty(numel, dtype=torch.float32)
+    res = _out_buffer(out, numel, torch.float32, "output")
     cpu_lib().fxc_gq_decode(msgs.data_ptr(), msgs.shape[0], layout.nbytes, layout.norm_bytes, numel, bucket_size,
-                            lv.data_ptr(), bits, out.data_ptr())
-    return out
+                            lv.data_ptr(), lv.numel(), bits, res.data_ptr())
+    return res
 
 
 # ---------------------------------------------------------------- public
