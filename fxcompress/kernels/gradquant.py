@@ -294,26 +294,36 @@ def _check(levels, bits, bucket_size, norm):
 
 
 def encode(x: torch.Tensor, levels, bits: int, bucket_size: int = 8192, norm: str = "l2",
-           seed: int = 0) -> torch.Tensor:
-    """Quantize flat gradient x to one wire message (uint8, `Layout.nbytes`)."""
+           seed: int = 0, out: torch.Tensor = None) -> torch.Tensor:
+    """Quantize flat gradient x to one wire message (uint8, `Layout.nbytes`),
+    written into `out` when given (reused across steps, it saves fresh
+    pages); returns the message."""
     _check(levels, bits, bucket_size, norm)
     path = backend_for(x, cpu_lib)
-    if path == "triton":
-        return encode_triton(x, levels, bits, bucket_size, norm, seed)
     if path == "c" and x.is_floating_point():
-        return encode_c(x, levels, bits, bucket_size, norm, seed)
-    return encode_reference(x, levels, bits, bucket_size, norm, seed)
+        return encode_c(x, levels, bits, bucket_size, norm, seed, out=out)
+    if path == "triton":
+        msg = encode_triton(x, levels, bits, bucket_size, norm, seed)
+    else:
+        msg = encode_reference(x, levels, bits, bucket_size, norm, seed)
+    return msg if out is None else out.copy_(msg.view(out.shape))
 
 
-def decode(messages: torch.Tensor, levels, bits: int, numel: int, bucket_size: int = 8192) -> torch.Tensor:
-    """Average of the gradients in `messages` (one row per rank) -> float32 (numel,)."""
+def decode(messages: torch.Tensor, levels, bits: int, numel: int, bucket_size: int = 8192,
+           out: torch.Tensor = None) -> torch.Tensor:
+    """Average of the gradients in `messages` (one row per rank) -> float32
+    (numel,), written into `out` when given (it must not overlap
+    `messages`); returns it."""
     _check(levels, bits, bucket_size, "l2")
     path = backend_for(messages, cpu_lib)
+    if path == "c" and (out is None or (out.dtype == torch.float32 and out.is_contiguous()
+                                        and out.device.type == "cpu")):
+        return decode_c(messages, levels, bits, numel, bucket_size, out=out)
     if path == "triton":
-        return decode_triton(messages, levels, bits, numel, bucket_size)
-    if path == "c":
-        return decode_c(messages, levels, bits, numel, bucket_size)
-    return decode_reference(messages, levels, bits, numel, bucket_size)
+        mean = decode_triton(messages, levels, bits, numel, bucket_size)
+    else:
+        mean = decode_reference(messages, levels, bits, numel, bucket_size)
+    return mean if out is None else out.copy_(mean.view(out.shape))
 
 
 __all__ = ["encode", "decode", "encode_reference", "decode_reference", "encode_triton", "decode_triton",

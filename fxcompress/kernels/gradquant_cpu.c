@@ -115,6 +115,7 @@ static inline void codes_fused(const float *x, int n, float d, int64_t s, const 
         r = r > 1.0f ? 1.0f : r;
         int32_t k = 0;
         float lo = lv[0], hi = lv[1];
+#pragma GCC unroll 16
         for (int j = 1; j < LC - 1; ++j) {
             const int ge = !(r < lv[j]);
             k += ge;
@@ -128,21 +129,33 @@ static inline void codes_fused(const float *x, int n, float d, int64_t s, const 
     }
 }
 
-/* 8 codes per group into BITS bytes, code q at bit BITS*q, little-endian */
+/* 8 codes per group into BITS bytes, code q at bit BITS*q, little-endian;
+ * a 32-bit word up to 4 bits (the compiler vectorises those, not 64-bit) */
 static inline void pack_groups(const int32_t *code, int64_t groups, int BITS, uint8_t *o) {
     for (int64_t g = 0; g < groups; ++g) {
-        uint64_t w = 0;
-        for (int q = 0; q < 8; ++q) w |= (uint64_t)(uint32_t)code[8 * g + q] << (BITS * q);
-        for (int b = 0; b < BITS; ++b) o[g * BITS + b] = (uint8_t)(w >> (8 * b));
+        if (BITS <= 4) {
+            uint32_t w = 0;
+            for (int q = 0; q < 8; ++q) w |= (uint32_t)code[8 * g + q] << (BITS * q);
+            for (int b = 0; b < BITS; ++b) o[g * BITS + b] = (uint8_t)(w >> (8 * b));
+        } else {
+            uint64_t w = 0;
+            for (int q = 0; q < 8; ++q) w |= (uint64_t)(uint32_t)code[8 * g + q] << (BITS * q);
+            for (int b = 0; b < BITS; ++b) o[g * BITS + b] = (uint8_t)(w >> (8 * b));
+        }
     }
 }
 
 static inline void unpack_groups(const uint8_t *c, int64_t groups, int BITS, int32_t *code) {
-    const uint64_t mask = (1u << BITS) - 1u;
     for (int64_t g = 0; g < groups; ++g) {
-        uint64_t w = 0;
-        for (int b = 0; b < BITS; ++b) w |= (uint64_t)c[g * BITS + b] << (8 * b);
-        for (int q = 0; q < 8; ++q) code[8 * g + q] = (int32_t)((w >> (BITS * q)) & mask);
+        if (BITS <= 4) {
+            uint32_t w = 0;
+            for (int b = 0; b < BITS; ++b) w |= (uint32_t)c[g * BITS + b] << (8 * b);
+            for (int q = 0; q < 8; ++q) code[8 * g + q] = (int32_t)((w >> (BITS * q)) & ((1u << BITS) - 1u));
+        } else {
+            uint64_t w = 0;
+            for (int b = 0; b < BITS; ++b) w |= (uint64_t)c[g * BITS + b] << (8 * b);
+            for (int q = 0; q < 8; ++q) code[8 * g + q] = (int32_t)((w >> (BITS * q)) & ((1u << BITS) - 1u));
+        }
     }
 }
 
@@ -169,12 +182,18 @@ static inline void encode_groups(const float *x, int64_t numel, int64_t bucket, 
 
 /* Mean over `world` rows of groups [g0, g1) into out; lv holds 2^BITS
  * levels (NaN past the real ones). Ranks are added in order, as the
- * reference sums them. */
+ * reference sums them; the mean divides by world, or multiplies by
+ * 1/world when that is a power of two (the same correctly rounded value,
+ * since 1/world is exact), which skips it for one rank. */
 static inline void decode_groups(const uint8_t *msgs, int64_t world, int64_t stride, int64_t code_off, int64_t numel,
-                                 int64_t bucket, const float *lv, int BITS, float *out, int64_t g0, int64_t g1) {
+                                 int64_t bucket, const float *levels, int BITS, float *out, int64_t g0, int64_t g1) {
     int32_t code[GQ_BLK];
     float acc[GQ_BLK], val[GQ_BLK];
+    float lv[256];
+    for (int j = 0; j < (1 << BITS); ++j) lv[j] = levels[j];
     const float fw = (float)world;
+    const int pow2 = (world & (world - 1)) == 0;
+    const float inv = 1.0f / fw;
     const int64_t end = min64(8 * g1, numel);
     for (int64_t i = 8 * g0; i < end;) {
         const int64_t b = i / bucket;
@@ -192,18 +211,20 @@ static inline void decode_groups(const uint8_t *msgs, int64_t world, int64_t str
                     const float l = lv[j];
                     for (int q = 0; q < n8; ++q) val[q] = code[q] == j ? l : val[q];
                 }
-                for (int q = 0; q < n8; ++q) {
-                    const float t = val[q] * nrm;
-                    acc[q] = acc[q] + t;
-                }
             } else {
-                for (int q = 0; q < n8; ++q) {
-                    const float t = lv[code[q]] * nrm;
-                    acc[q] = acc[q] + t;
-                }
+                for (int q = 0; q < n8; ++q) val[q] = lv[code[q]];
+            }
+            for (int q = 0; q < n8; ++q) {
+                const float t = val[q] * nrm;
+                acc[q] = acc[q] + t;
             }
         }
-        for (int q = 0; q < n; ++q) out[i + q] = acc[q] / fw;
+        if (pow2) {
+            if (world == 1) memcpy(out + i, acc, (size_t)n * sizeof(float));
+            else for (int q = 0; q < n; ++q) out[i + q] = acc[q] * inv;
+        } else {
+            for (int q = 0; q < n; ++q) out[i + q] = acc[q] / fw;
+        }
         i = stop;
     }
 }
@@ -218,7 +239,7 @@ static inline void decode_groups(const uint8_t *msgs, int64_t world, int64_t str
 #define GQ_DEC(B)                                                                                                  \
     static void decode_##B(const uint8_t *msgs, int64_t world, int64_t stride, int64_t code_off, int64_t numel,     \
                            int64_t bucket, const float *lv, float *out, int64_t g0, int64_t g1) {                  \
-        decode_groups(msgs, world, stride, code_off, numel, bucket, lv, B, out, g0, g1);                          \
+        decode_groups(msgs, world, stride, code_off, numel, bucket, lv, B, out, g0, g1);                           \
     }
 GQ_WIDTHS(GQ_ENC)
 GQ_WIDTHS(GQ_DEC)
