@@ -241,16 +241,21 @@ def _norms_like_reference(flat: torch.Tensor, bucket_size: int, norm: str) -> to
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _check_out(out, numel: int, dtype: torch.dtype, what: str, cpu: bool = False) -> None:
+    if out is not None and (out.dtype != dtype or out.numel() != numel
+                            or (cpu and (out.device.type != "cpu" or not out.is_contiguous()))):
+        raise BadInput(f"{what} buffer must be a {'contiguous CPU ' if cpu else ''}{dtype} tensor of {numel} "
+                       f"elements, got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
 def _out_buffer(out, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
     """A caller's reusable output buffer, checked, or a fresh one. Reusing
     one matters: a fresh large buffer is fresh pages, and the kernel's
     first touch of each page costs more than its work."""
     if out is None:
         return torch.empty(numel, dtype=dtype)
-    if out.dtype != dtype or out.device.type != "cpu" or not out.is_contiguous() or out.numel() != numel:
-        raise BadInput(f"{what} buffer must be a contiguous CPU {dtype} tensor of {numel} elements, got "
-                       f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    return out.view(-1)
+    _check_out(out, numel, dtype, what, cpu=True)
+    return out if out.dim() == 1 else out.view(-1)
 
 
 def encode_c(x, levels, bits, bucket_size, norm="l2", seed=0, out=None) -> torch.Tensor:
@@ -299,6 +304,7 @@ def encode(x: torch.Tensor, levels, bits: int, bucket_size: int = 8192, norm: st
     written into `out` when given (reused across steps, it saves fresh
     pages); returns the message."""
     _check(levels, bits, bucket_size, norm)
+    _check_out(out, Layout(x.numel(), bucket_size, bits).nbytes, torch.uint8, "message")
     path = backend_for(x, cpu_lib)
     if path == "c" and x.is_floating_point():
         return encode_c(x, levels, bits, bucket_size, norm, seed, out=out)
@@ -315,9 +321,9 @@ def decode(messages: torch.Tensor, levels, bits: int, numel: int, bucket_size: i
     (numel,), written into `out` when given (it must not overlap
     `messages`); returns it."""
     _check(levels, bits, bucket_size, "l2")
+    _check_out(out, numel, torch.float32, "output")
     path = backend_for(messages, cpu_lib)
-    if path == "c" and (out is None or (out.dtype == torch.float32 and out.is_contiguous()
-                                        and out.device.type == "cpu")):
+    if path == "c" and (out is None or (out.is_contiguous() and out.device.type == "cpu")):
         return decode_c(messages, levels, bits, numel, bucket_size, out=out)
     if path == "triton":
         mean = decode_triton(messages, levels, bits, numel, bucket_size)
