@@ -220,6 +220,8 @@ def _declare(lib) -> None:
     lib.fxc_gq_set_threads.argtypes = [I]
     for f in (lib.fxc_gq_encode, lib.fxc_gq_decode, lib.fxc_gq_set_threads):
         f.restype = None
+    lib.fxc_gq_simd.argtypes = [I]  # 0: the plain loops instead of the AVX2 ones (tests compare both)
+    lib.fxc_gq_simd.restype = I
 
 
 def cpu_lib():

@@ -1,6 +1,6 @@
 """Gradient quantization's C path (gradquant_cpu.c): the same message bytes
-and the same decoded mean as the torch reference (same random stream), at
-1, 2 and 3 threads, for ragged sizes and bucket tails, both norms, several
+and the same decoded mean as the torch reference (same random stream), for
+both loop families (AVX2 and plain) at 1, 2 and 3 threads, for ragged sizes and bucket tails, both norms, several
 widths, level sets that fill the codes and ones that do not (the loops
 differ), several world sizes, non-finite gradients, and reused buffers."""
 import pytest
@@ -28,19 +28,30 @@ LEVEL_SETS = [
 SIZES = [(5, 8), (77_777, 512), (3 * 8192, 8192), (8193, 8192), (600_001, 8192)]
 
 
-def _at_threads(fn, counts=(1, 2, 3)):
-    before = torch.get_num_threads()
+def _loop_families():
+    """Both C loop families: the AVX2 ones (up to 4 bits, where built) and
+    the plain ones the compiler vectorises (everything else, and CPUs
+    without AVX2); 1 and 0 for fxc_gq_simd."""
+    return (1, 0) if G.cpu_lib().fxc_gq_simd(1) else (0,)
+
+
+def _each_way(fn):
+    """fn() with each loop family at 1, 2 and 3 threads."""
+    lib, before = G.cpu_lib(), torch.get_num_threads()
     try:
         out = []
-        for n in counts:
-            torch.set_num_threads(n)
-            out.append(fn())
+        for simd in _loop_families():
+            lib.fxc_gq_simd(simd)
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                out.append(((simd, n), fn()))
         return out
     finally:
+        lib.fxc_gq_simd(1)
         torch.set_num_threads(before)
 
 
-def test_c_encode_decode_equal_reference_at_1_2_3_threads():
+def test_c_encode_decode_equal_reference_each_way():
     gen = torch.Generator().manual_seed(0)
     for numel, bucket in SIZES:
         for bits, levels in LEVEL_SETS:
@@ -51,14 +62,14 @@ def test_c_encode_decode_equal_reference_at_1_2_3_threads():
             seed = numel + bits
             for norm in ("l2", "linf"):
                 ref = G.encode_reference(x, levels, bits, bucket, norm, seed=seed)
-                for got in _at_threads(lambda: G.encode_c(x, levels, bits, bucket, norm, seed=seed)):
-                    assert torch.equal(got, ref), (numel, bucket, bits, len(levels), norm)
+                for way, got in _each_way(lambda: G.encode_c(x, levels, bits, bucket, norm, seed=seed)):
+                    assert torch.equal(got, ref), (way, numel, bucket, bits, len(levels), norm)
             for world in (1, 2, 3, 4):  # 2 and 4 multiply by 1/world, 3 divides
                 msgs = torch.stack([G.encode_reference(torch.randn(numel, generator=gen), levels, bits, bucket,
                                                        seed=s) for s in range(world)])
                 ref = G.decode_reference(msgs, levels, bits, numel, bucket)
-                for got in _at_threads(lambda: G.decode_c(msgs, levels, bits, numel, bucket)):
-                    assert torch.equal(got, ref), (numel, bucket, bits, len(levels), world)
+                for way, got in _each_way(lambda: G.decode_c(msgs, levels, bits, numel, bucket)):
+                    assert torch.equal(got, ref), (way, numel, bucket, bits, len(levels), world)
 
 
 def test_non_finite_gradients_encode_like_the_reference():
@@ -68,8 +79,9 @@ def test_non_finite_gradients_encode_like_the_reference():
     x[10], x[1500], x[2900] = float("nan"), float("inf"), -float("inf")
     for bits, levels in LEVEL_SETS:
         for norm in ("l2", "linf"):
-            assert torch.equal(G.encode_c(x, levels, bits, 64, norm, seed=3),
-                               G.encode_reference(x, levels, bits, 64, norm, seed=3)), (bits, len(levels), norm)
+            ref = G.encode_reference(x, levels, bits, 64, norm, seed=3)
+            for way, got in _each_way(lambda: G.encode_c(x, levels, bits, 64, norm, seed=3)):
+                assert torch.equal(got, ref), (way, bits, len(levels), norm)
 
 
 def test_reused_buffers_give_the_same_bytes():
