@@ -229,18 +229,21 @@ def cpu_lib():
     return on_torch_threads(load_library(_SRC_CPU, "gradquant", _declare), "fxc_gq_set_threads")
 
 
-def _norms_like_reference(flat: torch.Tensor, bucket_size: int, norm: str) -> torch.Tensor:
-    """bucket_norms(bucket_matrix(x)) without copying x: the full buckets as
-    a view, the ragged last one padded alone (the same rows the reference
-    reduces, so the same norms)."""
+def _norms_like_reference(flat: torch.Tensor, bucket_size: int, norm: str, out: torch.Tensor) -> torch.Tensor:
+    """bucket_norms(bucket_matrix(x)) into `out` without copying x: the full
+    buckets as a view, the ragged last one padded alone (the same rows the
+    reference reduces, so the same norms)."""
     n = flat.numel()
     full = n // bucket_size
-    parts = []
     if full:
-        parts.append(bucket_norms(flat[: full * bucket_size].view(full, bucket_size), norm))
+        rows = flat[: full * bucket_size].view(full, bucket_size)
+        if norm == "l2":  # straight into the message
+            torch.linalg.vector_norm(rows, dim=1, out=out[:full])
+        else:
+            out[:full] = bucket_norms(rows, norm)
     if n % bucket_size or not full:
-        parts.append(bucket_norms(bucket_matrix(flat[full * bucket_size:], bucket_size), norm))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out[full:] = bucket_norms(bucket_matrix(flat[full * bucket_size:], bucket_size), norm)
+    return out
 
 
 def _check_out(out, numel: int, dtype: torch.dtype, what: str, cpu: bool = False) -> None:
@@ -268,7 +271,7 @@ def encode_c(x, levels, bits, bucket_size, norm="l2", seed=0, out=None) -> torch
     lv = _levels32(levels).contiguous()
     msg = _out_buffer(out, layout.nbytes, torch.uint8, "message")
     norms, codes = split(msg, layout)
-    norms.copy_(_norms_like_reference(flat, bucket_size, norm))
+    _norms_like_reference(flat, bucket_size, norm, norms)
     msg[layout.norm_bytes + layout.code_bytes:].zero_()
     k1, k2 = stream_keys(seed)
     cpu_lib().fxc_gq_encode(flat.data_ptr(), flat.numel(), bucket_size, norms.data_ptr(), lv.data_ptr(), lv.numel(),
