@@ -220,6 +220,8 @@ def _declare(lib) -> None:
     lib.fxc_gq_set_threads.argtypes = [I]
     for f in (lib.fxc_gq_encode, lib.fxc_gq_decode, lib.fxc_gq_set_threads):
         f.restype = None
+    lib.fxc_gq_linf_norms.argtypes = [P, I64, I64, P]
+    lib.fxc_gq_linf_norms.restype = None
     lib.fxc_gq_simd.argtypes = [I]  # 0: the plain loops instead of the AVX2 ones (tests compare both)
     lib.fxc_gq_simd.restype = I
 
@@ -230,10 +232,13 @@ def cpu_lib():
 
 
 def _norms_like_reference(flat: torch.Tensor, bucket_size: int, norm: str, out: torch.Tensor) -> torch.Tensor:
-    """bucket_norms(bucket_matrix(x)) into `out` without copying x: the full
-    buckets as a view, the ragged last one padded alone (the same rows the
-    reference reduces, so the same norms)."""
+    """bucket_norms(bucket_matrix(x)) into `out` without copying x: l2 with
+    the full buckets as a view, the ragged last one padded alone (the same
+    rows the reference reduces, so the same norms); linf in C."""
     n = flat.numel()
+    if norm == "linf" and n:  # a max, exact in any order: C, without amax's full-size |x|
+        cpu_lib().fxc_gq_linf_norms(flat.data_ptr(), n, bucket_size, out.data_ptr())
+        return out
     full = n // bucket_size
     if full:
         rows = flat[: full * bucket_size].view(full, bucket_size)

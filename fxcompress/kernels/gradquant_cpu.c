@@ -394,6 +394,49 @@ static inline void decode_groups(const uint8_t *msgs, int64_t world, int64_t str
     }
 }
 
+/* The linf norms: the largest |x| of each bucket, for every bucket; a max
+ * is exact in any order, so these are torch's amax(abs(x)) without its
+ * full-size |x| temporary. A NaN in a bucket makes its norm that NaN, as
+ * amax propagates it. (The l2 norms are sums, whose order is torch's: torch
+ * computes those.) */
+void fxc_gq_linf_norms(const float *x, int64_t numel, int64_t bucket, float *norms) {
+    const int64_t nb = (numel + bucket - 1) / bucket;
+    const int T = gq_pieces((numel + 7) / 8);
+#pragma omp parallel for num_threads(T) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) {
+        const int64_t i0 = b * bucket, i1 = min64(i0 + bucket, numel);
+        /* 8 running maxima, lane by lane, then theirs: every |x| >= +0, so
+         * the order cannot matter */
+        float mm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int32_t nn[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = i0;
+        for (; i + 8 <= i1; i += 8)
+            for (int q = 0; q < 8; ++q) {
+                const float a = __builtin_fabsf(x[i + q]);
+                mm[q] = a > mm[q] ? a : mm[q];
+                nn[q] |= a != a;
+            }
+        for (; i < i1; ++i) {
+            const float a = __builtin_fabsf(x[i]);
+            mm[0] = a > mm[0] ? a : mm[0];
+            nn[0] |= a != a;
+        }
+        float m = 0.0f;
+        int nan = 0;
+        for (int q = 0; q < 8; ++q) {
+            m = mm[q] > m ? mm[q] : m;
+            nan |= nn[q];
+        }
+        if (nan)
+            for (int64_t i = i0; i < i1; ++i)
+                if (x[i] != x[i]) {
+                    m = __builtin_fabsf(x[i]);
+                    break;
+                }
+        norms[b] = m;
+    }
+}
+
 /* one copy of each loop per bit width, so BITS is a constant in it */
 #define GQ_WIDTHS(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
 #define GQ_ENC(B)                                                                                               \

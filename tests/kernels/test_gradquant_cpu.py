@@ -114,3 +114,10 @@ def test_public_encode_takes_the_c_path(monkeypatch):
     monkeypatch.setenv("FXC_CPU_FAST", "1")
     G.encode(x, lv, 3, 64, seed=1)
     assert calls
+
+
+def test_empty_gradient_is_one_zero_bucket_like_the_reference():
+    lv = torch.linspace(-1, 1, 8).tolist()
+    for norm in ("l2", "linf"):
+        empty = torch.zeros(0)
+        assert torch.equal(G.encode_c(empty, lv, 3, 64, norm), G.encode_reference(empty, lv, 3, 64, norm))
