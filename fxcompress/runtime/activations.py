@@ -48,14 +48,12 @@ of the packed tensors actually held.
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend
 
 from ..config import from_dict
 from ..kernels import actpack
@@ -63,6 +61,7 @@ from .activations_config import ActivationsConfig
 from .function_paths import _function_path, resolve_function
 from .ledger import Ledger, _node_stats, _storage_key, shared_ledger
 from .probe import keep_inputs, record_probe
+from .sdpa_backend import sdpa_backend
 from .statistics import record_statistics
 from .stored_forms import (_decode_window_index, _encode_window_index, _Kept, _Mask, _nbytes, _ShapeOnly,
                            _WindowIndex)
@@ -99,7 +98,7 @@ class SaveSpec(nn.Module):
         # AutoQuant, ops without a bound: the width measured by runtime/probe.py
         self.measured_bits: Optional[int] = None
         self._skip: set = set()
-        self._attends: Optional[bool] = None  # run SDPA's math backend (_sdpa_backend)
+        self._attends: Optional[bool] = None  # run SDPA's math backend (sdpa_backend.py)
 
     def __getstate__(self):
         # deepcopy and pickle at any step: the width rule's caches inside
@@ -298,31 +297,6 @@ class SaveSpec(nn.Module):
 
 # graph entry
 
-def _sdpa_backend(spec: SaveSpec, args):
-    """Attention under compressed saves runs scaled_dot_product_attention's
-    math backend: the fused (flash) backward recomputes the probabilities as
-    exp(q k^T - logsumexp) with the forward's exact logsumexp, and from
-    quantized q and k that is no longer a softmax (a score error d scales a
-    probability by e^d): vit_b_16's gradients overflowed to NaN at 2 bits.
-    The math backend saves the softmax output itself (in [0, 1], its error
-    linear in the backward). Decided once per node: the SDPA function, or a
-    module that is or holds nn.MultiheadAttention or is not torch.nn's own;
-    fixed widths only: under `auto` the probe measures each attention's own
-    backward at each width (the fused one, amplification included) and
-    widens it until within e, and the math backend's extra saved softmax
-    measured a larger total error there (tests/test_autoquant.py's ViT: 1.0
-    and 1.8 e against 0.71 e)."""
-    attends = getattr(spec, "_attends", None)  # (a spec pickled before this attribute)
-    if attends is None:
-        attends = spec._fn is torch.nn.functional.scaled_dot_product_attention
-        if spec._fn is None and spec._method is None and isinstance(args[0], nn.Module):
-            mod = args[0]
-            attends = (not type(mod).__module__.startswith("torch.nn.")
-                       or any(isinstance(m, nn.MultiheadAttention) for m in mod.modules()))
-        spec._attends = attends = attends and spec.settings.mode != "auto"
-    return torch.nn.attention.sdpa_kernel([SDPBackend.MATH]) if attends else contextlib.nullcontext()
-
-
 def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     """Run one op with its saved tensors stored packed (`how` is for readers
     of gm.code: what this node stores, e.g. 'Conv2d: 2-bit per-channel')."""
@@ -349,7 +323,7 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     kept = None
     if spec.collect and spec.rule == "quant":
         kept = keep_inputs(args)  # before the call: an in-place op overwrites its input
-    with torch.autograd.graph.saved_tensors_hooks(spec.pack, spec.unpack), _sdpa_backend(spec, args):
+    with torch.autograd.graph.saved_tensors_hooks(spec.pack, spec.unpack), sdpa_backend(spec, args):
         out = spec.call(args, kwargs)
     spec._skip = set()
     if kept is not None:

@@ -49,6 +49,7 @@ import torch.nn as nn
 
 from ..kernels import actpack
 from .statistics import _once
+from .sdpa_backend import sdpa_backend
 from .stored_forms import _Kept
 
 #: widths tried, smallest first (1-bit signed codes keep only the sign)
@@ -160,11 +161,9 @@ def _run(spec, snap, pack_bits: Optional[int], seed: int) -> List[Optional[torch
 
     hooks = (torch.autograd.graph.saved_tensors_hooks(pack, spec.unpack) if pack_bits is not None
              else contextlib.nullcontext())
-    from .activations import _sdpa_backend  # (activations imports this module)
-
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)  # the same dropout masks (and rounding draws) in every replay
-        with hooks, _sdpa_backend(spec, args):  # the attention backend training's saves run
+        with hooks, sdpa_backend(spec, args):  # the attention backend training's saves run
             out = spec.call(args, snap["kwargs"])
     outs = [t for t in _tensors(out) if t.requires_grad]
     pairs = [(o, g) for o, g in zip(outs, snap["gy"]) if g is not None]
