@@ -97,7 +97,7 @@ def pack_tensor(x: torch.Tensor, bits: int, stochastic: bool, min_numel: int):
     x3 = _channel_view(xf)
     amax = x3.abs().amax(dim=(0, 2))
     signed = xf.amin() < 0
-    half, _, hi_signed = actpack.grid(bits, actpack.SIGNED_ALL if stochastic else actpack.SIGNED_ZERO)
+    half = actpack.grid(bits, actpack.SIGNED_ALL if stochastic else actpack.SIGNED_ZERO)[0]
     top = float((1 << bits) - 1)
     levels = torch.where(signed, half, top)
     k = (levels / (amax + actpack.EPS)).view(1, -1, 1)
@@ -109,7 +109,9 @@ def pack_tensor(x: torch.Tensor, bits: int, stochastic: bool, min_numel: int):
     else:
         v = v + 0.5
     off = torch.where(signed, half, 0.0)
-    codes = (v + off).clamp(0.0, torch.where(signed, hi_signed, top)).to(torch.int32)
+    # signed round to nearest tops out at 2^b - 2 by itself (|x| k < L), so
+    # one float bound serves every grid (a tensor bound broke tracing)
+    codes = (v + off).clamp(0.0, top).to(torch.int32)
     # A ReLU's output: its backward reads x > 0, which a small positive value
     # rounded to code 0 would lose; as eager stores the ReLU's 1-bit mask,
     # the mask is stored beside the codes and restores the sign on unpack.
