@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--lr2", type=float, default=0.02, help="stage 2's initial learning rate (cosine)")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "replicate_all"), help="run directories go here")
     p.add_argument("--json", metavar="PATH", help="also write the rows and means as JSON")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: read the seeds' finished run directories under --runs (seeds run by "
+                        "several processes with --first-seed) and print the table")
     return p.parse_args(argv)
 
 
@@ -98,15 +101,26 @@ def train(args, seed: int):
     return s2, b2
 
 
+def _dirs(args, seed: int):
+    root = os.path.join(args.runs, f"seed{seed}")
+    return (root, os.path.join(root, "baseline")) if not args.init_epochs else \
+        (os.path.join(root, "all"), os.path.join(root, "baseline"))
+
+
 def row(run_dir: str, base_dir: str, seed: int) -> dict:
     with open(os.path.join(run_dir, "report.json")) as f:
         r = json.load(f)
     with open(os.path.join(base_dir, "report.json")) as f:
         b = json.load(f)
+    stage1 = os.path.join(os.path.dirname(run_dir), "stage1", "report.json")
+    w4 = None
+    if os.path.isfile(stage1):  # the all-4-bit network stage 2 started from
+        with open(stage1) as f:
+            w4 = json.load(f)["final"]["test_acc"]
     c = r["controllers"]
     act, dp, sp = c.get("activations", {}), c.get("dual_precision", {}), c.get("sparsity", {})
     wire = (r.get("distributed") or {}).get("wire", {})
-    return {"seed": seed, "acc": r["final"]["test_acc"], "baseline_acc": b["final"]["test_acc"],
+    return {"seed": seed, "acc": r["final"]["test_acc"], "baseline_acc": b["final"]["test_acc"], "w4_acc": w4,
             "diff_points": 100 * (r["final"]["test_acc"] - b["final"]["test_acc"]),
             "activation_ratio": act.get("fp32_mb", 0) / max(act.get("saved_mb", 0), 1e-12) if act else None,
             "sparsity": sp.get("sparsity"), "energy": dp.get("test_energy"), "high_usage": dp.get("test_usage"),
@@ -122,18 +136,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        rows.append(row(*train(args, seed), seed))
+        dirs = _dirs(args, seed) if args.collect else train(args, seed)
+        rows.append(row(*dirs, seed))
         print(f"seed {seed} done", file=sys.stderr)
-    keys = ["acc", "baseline_acc", "diff_points", "activation_ratio", "sparsity", "energy", "high_usage",
+    keys = ["acc", "baseline_acc", "w4_acc", "diff_points", "activation_ratio", "sparsity", "energy", "high_usage",
             "wire_bytes_per_step", "fp32_bytes_per_step"]
     mean = {k: statistics.fmean([r[k] for r in rows if r[k] is not None]) if any(r[k] is not None for r in rows)
             else None for k in keys}
     table = [[str(r["seed"]), fmt(100 * r["acc"], ".2f"), fmt(100 * r["baseline_acc"], ".2f"),
+              "-" if r["w4_acc"] is None else fmt(100 * r["w4_acc"], ".2f"),
               fmt(r["diff_points"], "+.2f"), fmt(r["activation_ratio"], ".2f") + "x", fmt(r["sparsity"], ".3f"),
               fmt(r["energy"], ".3f"), fmt(r["high_usage"], ".2f"),
               f"{fmt(r['wire_bytes_per_step'], ',.0f')} / {fmt(r['fp32_bytes_per_step'], ',.0f')}"]
              for r in rows + [dict(mean, seed="mean")]]
-    print(format_table(["seed", "all.yaml acc %", "baseline acc %", "diff (points)", "saved-act ratio",
+    print(format_table(["seed", "all.yaml acc %", "baseline acc %", "stage 1 (4-bit) %", "diff (points)", "saved-act ratio",
                         "sparsity", "rel. energy", "high-path use", "wire B/step (alq / fp32)"], table))
     if args.json:
         with open(args.json, "w") as f:
