@@ -93,6 +93,8 @@ def main(argv=None) -> int:
                 r = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:200]}
                 failed += 1
             results.append({"model": name, "policy": s, **r})
+            if args.json:  # one line per pair as it finishes: a long chunked run keeps what it did
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             row.append(f"ok {r['transform_s']:.2f}s" if r["status"] == "ok" else
                        "n/a" if r["status"] == "n/a" else r["reason"].split(":")[0])
         rows.append(row)
