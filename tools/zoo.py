@@ -24,12 +24,15 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from tqdm import tqdm
 
-import fxcompress
-from fxcompress.errors import BadInput, PolicyError, TraceError
-from fxcompress import load_policy
-from fxcompress.table import format_table
-
+# this checkout's fxcompress, not whichever one is installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fxcompress  # noqa: E402
+from fxcompress.errors import BadInput, PolicyError, TraceError  # noqa: E402
+from fxcompress import load_policy  # noqa: E402
+from fxcompress.table import format_table  # noqa: E402
+
 from identity_all import config_for  # noqa: E402  (same small inputs as the identity check)
 
 
