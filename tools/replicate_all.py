@@ -107,6 +107,14 @@ def _dirs(args, seed: int):
         (os.path.join(root, "all"), os.path.join(root, "baseline"))
 
 
+def _finished(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "report.json")) as f:
+            return json.load(f).get("status") == "done"
+    except (OSError, ValueError):
+        return False
+
+
 def row(run_dir: str, base_dir: str, seed: int) -> dict:
     with open(os.path.join(run_dir, "report.json")) as f:
         r = json.load(f)
@@ -137,6 +145,9 @@ def main(argv=None) -> int:
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         dirs = _dirs(args, seed) if args.collect else train(args, seed)
+        if args.collect and not all(_finished(d) for d in dirs):
+            print(f"seed {seed}: not finished, left out", file=sys.stderr)
+            continue
         rows.append(row(*dirs, seed))
         print(f"seed {seed} done", file=sys.stderr)
     keys = ["acc", "baseline_acc", "w4_acc", "diff_points", "activation_ratio", "sparsity", "energy", "high_usage",
