@@ -300,6 +300,51 @@ def test_rl_training_step_reaches_the_gates():
     assert cm.extra_loss(cm(x), y) is None
 
 
+@pytest.mark.parametrize("mode", ["rl", "sp"])
+def test_warmup_trains_both_paths_under_a_random_gate_then_the_gate(mode):
+    """settings warmup_epochs/warmup_high (a recipe option, off by default):
+    during the warm-up epochs each sample takes the high path with
+    probability warmup_high whatever the gate says, the gate gets no gradient
+    and RL adds no term; from the next epoch the method runs as the SPEC says."""
+    torch.manual_seed(0)
+    pol = policy(mode)
+    pol["settings"]["dual_precision"].update(warmup_epochs=1, warmup_high=0.25)
+    cm = fxcompress.compile(UserNet(blocks=2), pol, (torch.randn(2, 1, 8, 8),))
+    ctl = cm.controllers["dual_precision"]
+    x, y = torch.randn(512, 1, 8, 8), torch.randint(0, 3, (512,))
+    cm.train()
+    ctl.on_epoch_start(0)
+    out = cm(x)
+    assert cm.extra_loss(out, y) is None
+    F.cross_entropy(out, y).backward()
+    for b in ctl.blocks.values():
+        assert 0.15 < float(b.last_usage) < 0.35  # the gate alone would send every sample high (p = 0.73)
+        assert b.gate.fc.bias.grad is None or not b.gate.fc.bias.grad.any()
+        low = [p for n, p in b.low_norms.named_parameters()]
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in low)  # the 1-bit path trains
+    cm.zero_grad()
+    ctl.on_epoch_end(0)
+    ctl.on_epoch_start(1)
+    out = cm(x)
+    extra = cm.extra_loss(out, y)
+    assert (extra is not None) == (mode == "rl")
+    (F.cross_entropy(out, y) + (extra if extra is not None else 0)).backward()
+    for b in ctl.blocks.values():
+        assert b.warm is None and b.gate.fc.bias.grad.abs().sum() > 0
+    cm.eval()
+    with torch.no_grad():
+        ctl.on_epoch_start(0)  # eval ignores the warm-up: the gate decides
+        cm(x)
+    assert all(u == 1.0 for u in ctl.eval_usage().values())
+
+
+def test_warmup_settings_are_checked():
+    pol = policy("rl")
+    pol["settings"]["dual_precision"].update(warmup_high=1.5)
+    with pytest.raises(PolicyError, match="warmup_high"):
+        fxcompress.compile(UserNet(), pol, (torch.randn(2, 1, 8, 8),))
+
+
 def test_init_from_all_4bit_fills_low_norms():
     net = UserNet()
     x = torch.randn(2, 1, 8, 8)

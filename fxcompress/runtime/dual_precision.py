@@ -152,6 +152,10 @@ class DualBlock(nn.Module):
         self.action: Optional[torch.Tensor] = None
         #: tests and the timing tool: force every sample to one path (0 or 1)
         self.force: Optional[float] = None
+        #: warm-up (the controller sets it for the first `warmup_epochs`): in
+        #: training each sample takes the high path with this probability,
+        #: whatever the gate says, so both paths train before the gate does
+        self.warm: Optional[float] = None
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         p = probs[:, 1]
@@ -159,6 +163,9 @@ class DualBlock(nn.Module):
             m = torch.full_like(p, float(self.force))
         elif not self.training:
             m = _hard(p).to(p.dtype)
+        elif self.warm is not None:
+            # no gradient to the gate and no log pi: the RL term skips these steps
+            m = torch.bernoulli(torch.full_like(p.detach(), float(self.warm)))
         elif self.mode == "rl":
             a = torch.bernoulli(p.detach().clamp(_EPS, 1 - _EPS))
             self.action = a
@@ -263,11 +270,14 @@ class DualPrecisionController(Controller):
     kind = "dual_precision"
 
     def __init__(self, blocks: Dict[str, DualBlock], cost: CostModel, mode: str = "sp", alpha: float = 0.1,
-                 gamma: float = 1.0, w_rl: float = 0.01):
+                 gamma: float = 1.0, w_rl: float = 0.01, warmup_epochs: int = 0, warmup_high: float = 0.5):
         super().__init__()
         self._blocks: Dict[str, DualBlock] = dict(blocks)  # plain dict: the graph module owns them
         self.cost = cost
         self.mode, self.alpha, self.gamma, self.w_rl = mode, alpha, gamma, w_rl
+        #: the first warmup_epochs train both paths under a random gate
+        #: (high with probability warmup_high) and leave the gate as it is
+        self.warmup_epochs, self.warmup_high = warmup_epochs, warmup_high
         self.epochs: List[Dict[str, Any]] = []  # per epoch: train/test usage per block
 
     @property
@@ -301,7 +311,9 @@ class DualPrecisionController(Controller):
     def on_epoch_start(self, epoch: int) -> None:
         if epoch == 0:
             self.epochs = []  # a new run (weights from --init may carry an old history)
+        warm = self.warmup_high if epoch < self.warmup_epochs else None
         for b in self._blocks.values():
+            b.warm = warm
             b.train_sum.zero_()
             b.train_count.zero_()
 
