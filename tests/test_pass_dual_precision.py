@@ -255,6 +255,12 @@ def test_rl_credits_each_sample_with_its_own_reward():
     r = [alpha / 2 * (1 - a) for a in actions]
     torch.testing.assert_close(logp[1].grad, -w_rl * (r[1] + g * -ce) / 4)
     torch.testing.assert_close(logp[0].grad, -w_rl * (r[0] + g * r[1] + g ** 2 * -ce) / 4)
+    # rl_baseline (option, off by default): each gate's batch-mean return is subtracted
+    logp = [torch.zeros(4, requires_grad=True) for _ in range(2)]
+    rl_loss(outputs, targets, logp, actions, alpha, 1.0, w_rl, baseline=True).backward()
+    torch.testing.assert_close(logp[1].grad, -w_rl * (r2 - r2.mean()) / 4)
+    r1 = alpha / 2 * (1 - actions[0]) + r2
+    torch.testing.assert_close(logp[0].grad, -w_rl * (r1 - r1.mean()) / 4)
 
 
 def test_rl_gates_stay_undecided_after_a_step_and_actions_vary():

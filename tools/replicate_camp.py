@@ -79,6 +79,8 @@ def parse_args(argv=None):
                    "from the 4-bit weights this many epochs under a random gate (settings warmup_epochs); every "
                    "alpha starts from that warmed-up model")
     p.add_argument("--warmup-high", type=float, default=0.5, help="warm-up: probability of the high path per sample")
+    p.add_argument("--rl-baseline", action="store_true",
+                   help="recipe option (not in the SPEC): RL subtracts each gate's batch-mean return")
     p.add_argument("--val", type=float, default=0.0,
                    help="hold out this fraction of the training set and report on it instead of the test set "
                    "(for choosing alpha and epochs without looking at the test set)")
@@ -232,7 +234,8 @@ def run_seed(seed, data, args, alphas):
     res["rl"] = {}
     res["rl_train_usage"] = {}
     for a in alphas:
-        rl = fxcompress.compile(build(args, ch, seed), camp_policy("rl", alpha=a, w_rl=args.w_rl, pre_gate=args.pre_gate), ex)
+        rl = fxcompress.compile(build(args, ch, seed), camp_policy("rl", alpha=a, w_rl=args.w_rl, pre_gate=args.pre_gate,
+                                                                  rl_baseline=args.rl_baseline), ex)
         rl.load_state_dict(start, strict=False)
         rl = train(rl, data, args, seed, args.camp_epochs, args.camp_lr)
         res["rl_train_usage"][str(a)] = train_usage(rl)

@@ -140,6 +140,9 @@ class DualPrecisionSettings:
     #: before the gate weighs the two paths.
     warmup_epochs: int = 0
     warmup_high: float = 0.5
+    #: recipe option, not in the SPEC (false: the SPEC's loss): RL subtracts
+    #: each gate's batch-mean return from the returns (REINFORCE baseline)
+    rl_baseline: bool = False
 
     def check(self):
         check_range("warmup_epochs", self.warmup_epochs, 0, 100000)
@@ -405,7 +408,7 @@ class DualPrecisionPass(Pass):
         if result.modified:
             result.controllers["dual_precision"] = DualPrecisionController(
                 blocks, cost, settings.mode, settings.alpha, settings.gamma, settings.w_rl,
-                settings.warmup_epochs, settings.warmup_high)
+                settings.warmup_epochs, settings.warmup_high, settings.rl_baseline)
             if blocks:
                 result.notes.append(f"{len(blocks)} dual block(s) ({settings.mode}"
                                     f"{', pre-gate' if settings.pre_gate else ''}): {', '.join(blocks)}")

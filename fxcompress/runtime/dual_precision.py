@@ -29,6 +29,9 @@ r_i = alpha / N * (1 - a_i), terminal reward -CE_b, return
 R_i = sum_{j>=i} gamma^(j-i) r_j + gamma^(N-i) (-CE_b) (0-based i), loss =
 sum_i mean_b(-log pi_i,b * w_rl * R_i,b). Each sample is credited with its own
 cross-entropy (the authors' code broadcast gives every sample the batch mean).
+Option `rl_baseline` (settings; off by default, not in the SPEC): R_i,b -
+mean_b R_i,b in place of R_i,b, the usual REINFORCE baseline (same expected
+gradient up to the sample's own share of the mean, less variance).
 """
 from __future__ import annotations
 
@@ -270,7 +273,8 @@ class DualPrecisionController(Controller):
     kind = "dual_precision"
 
     def __init__(self, blocks: Dict[str, DualBlock], cost: CostModel, mode: str = "sp", alpha: float = 0.1,
-                 gamma: float = 1.0, w_rl: float = 0.01, warmup_epochs: int = 0, warmup_high: float = 0.5):
+                 gamma: float = 1.0, w_rl: float = 0.01, warmup_epochs: int = 0, warmup_high: float = 0.5,
+                 rl_baseline: bool = False):
         super().__init__()
         self._blocks: Dict[str, DualBlock] = dict(blocks)  # plain dict: the graph module owns them
         self.cost = cost
@@ -278,6 +282,7 @@ class DualPrecisionController(Controller):
         #: the first warmup_epochs train both paths under a random gate
         #: (high with probability warmup_high) and leave the gate as it is
         self.warmup_epochs, self.warmup_high = warmup_epochs, warmup_high
+        self.rl_baseline = rl_baseline
         self.epochs: List[Dict[str, Any]] = []  # per epoch: train/test usage per block
 
     @property
@@ -292,7 +297,7 @@ class DualPrecisionController(Controller):
         if any(b.log_prob is None for b in blocks):
             return None  # not a training forward
         return rl_loss(outputs, targets, [b.log_prob for b in blocks], [b.action for b in blocks],
-                       self.alpha, self.gamma, self.w_rl, self._clear)
+                       self.alpha, self.gamma, self.w_rl, self._clear, self.rl_baseline)
 
     def _clear(self) -> None:
         for b in self._blocks.values():
@@ -358,16 +363,18 @@ class DualPrecisionController(Controller):
 
 
 def rl_loss(outputs: torch.Tensor, targets: torch.Tensor, log_probs: List[torch.Tensor], actions: List[torch.Tensor],
-            alpha: float, gamma: float, w_rl: float, done=None) -> torch.Tensor:
+            alpha: float, gamma: float, w_rl: float, done=None, baseline: bool = False) -> torch.Tensor:
     """The REINFORCE term for N gates (forward order), each sample credited
-    with its own terminal reward -CE_b (module docstring)."""
+    with its own terminal reward -CE_b (module docstring); `baseline`
+    subtracts each gate's batch-mean return."""
     ce = F.cross_entropy(outputs.detach(), targets, reduction="none")  # (B,): per sample
     n = len(log_probs)
     ret = -ce
     loss = outputs.new_zeros(())
     for i in reversed(range(n)):
         ret = alpha / n * (1 - actions[i]) + gamma * ret
-        loss = loss + (-log_probs[i] * w_rl * ret).mean()
+        adv = ret - ret.mean() if baseline else ret
+        loss = loss + (-log_probs[i] * w_rl * adv).mean()
     if done is not None:
         done()
     return loss
