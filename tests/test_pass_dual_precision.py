@@ -344,6 +344,36 @@ def test_warmup_trains_both_paths_under_a_random_gate_then_the_gate(mode):
     assert all(u == 1.0 for u in ctl.eval_usage().values())
 
 
+def test_distill_option_trains_the_low_path_toward_the_high_path():
+    """settings distill (option, off by default): extra_loss adds
+    distill * sum_blocks mean((low - high.detach())^2) in training."""
+    torch.manual_seed(0)
+    _, plain = compiled(mode="sp")
+    plain.train()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    assert plain.extra_loss(plain(x), y) is None  # off by default: sp adds nothing
+    pol = policy("sp")
+    pol["settings"]["dual_precision"]["distill"] = 2.0
+    torch.manual_seed(0)
+    net = UserNet()
+    cm = fxcompress.compile(net, pol, (torch.randn(2, 1, 8, 8),))
+    block = cm.controllers["dual_precision"].blocks["blocks.0"]
+    pairs = []
+    h = block.merge.register_forward_hook(lambda m, i, o: pairs.append((i[0].detach(), i[1].detach())))
+    cm.train()
+    extra = cm.extra_loss(cm(x), y)
+    h.remove()
+    low, high = pairs[0]
+    torch.testing.assert_close(extra, 2.0 * F.mse_loss(low, high))
+    extra.backward()
+    assert block.low_norms["blocks_0_body_1"].weight.grad.abs().sum() > 0
+    assert net.blocks[0].body[1].weight.grad is None  # the high path's norm: the target, not trained by it
+    assert block.merge.pair is None  # consumed
+    cm.eval()
+    with torch.no_grad():
+        assert cm.extra_loss(cm(x), y) is None
+
+
 def test_warmup_settings_are_checked():
     pol = policy("rl")
     pol["settings"]["dual_precision"].update(warmup_high=1.5)

@@ -78,9 +78,13 @@ def parse_args(argv=None):
                    help="recipe option (not in the SPEC; 0 = off): before RL, train both paths of the CAMP model "
                    "from the 4-bit weights this many epochs under a random gate (settings warmup_epochs); every "
                    "alpha starts from that warmed-up model")
+    p.add_argument("--warmup-lr", type=float, help="warm-up learning rate (default: --camp-lr)")
     p.add_argument("--warmup-high", type=float, default=0.5, help="warm-up: probability of the high path per sample")
     p.add_argument("--rl-baseline", action="store_true",
                    help="recipe option (not in the SPEC): RL subtracts each gate's batch-mean return")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="recipe option (not in the SPEC; 0 = off): weight of the per-block low-to-high feature "
+                   "distillation, in the warm-up and the RL stage")
     p.add_argument("--val", type=float, default=0.0,
                    help="hold out this fraction of the training set and report on it instead of the test set "
                    "(for choosing alpha and epochs without looking at the test set)")
@@ -225,9 +229,10 @@ def run_seed(seed, data, args, alphas):
     start = sp.state_dict() if args.rl_from == "sp" else w4.state_dict()
     if args.warmup_epochs:
         warm = fxcompress.compile(build(args, ch, seed), camp_policy(
-            "rl", pre_gate=args.pre_gate, warmup_epochs=args.warmup_epochs, warmup_high=args.warmup_high), ex)
+            "rl", pre_gate=args.pre_gate, warmup_epochs=args.warmup_epochs, warmup_high=args.warmup_high,
+            distill=args.distill), ex)
         warm.load_state_dict(start, strict=False)
-        warm = train(warm, data, args, seed + 104729, args.warmup_epochs, args.camp_lr)
+        warm = train(warm, data, args, seed + 104729, args.warmup_epochs, args.warmup_lr or args.camp_lr)
         res["warm"] = evaluate(warm, data)  # the gates as they started: what warm-up alone gives
         res["warm_low"] = evaluate_forced(warm, data, 0.0)  # and its 1-bit paths alone
         start = warm.state_dict()
@@ -235,7 +240,8 @@ def run_seed(seed, data, args, alphas):
     res["rl_train_usage"] = {}
     for a in alphas:
         rl = fxcompress.compile(build(args, ch, seed), camp_policy("rl", alpha=a, w_rl=args.w_rl, pre_gate=args.pre_gate,
-                                                                  rl_baseline=args.rl_baseline), ex)
+                                                                  rl_baseline=args.rl_baseline,
+                                                                  distill=args.distill), ex)
         rl.load_state_dict(start, strict=False)
         rl = train(rl, data, args, seed, args.camp_epochs, args.camp_lr)
         res["rl_train_usage"][str(a)] = train_usage(rl)

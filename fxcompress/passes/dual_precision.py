@@ -143,11 +143,15 @@ class DualPrecisionSettings:
     #: recipe option, not in the SPEC (false: the SPEC's loss): RL subtracts
     #: each gate's batch-mean return from the returns (REINFORCE baseline)
     rl_baseline: bool = False
+    #: recipe option, not in the SPEC (0: off): weight of a per-block feature
+    #: distillation term, mean((low - high.detach())^2) summed over blocks, in
+    #: training (both paths run on every sample then)
+    distill: float = 0.0
 
     def check(self):
         check_range("warmup_epochs", self.warmup_epochs, 0, 100000)
         check_range("warmup_high", self.warmup_high, 0.0, 1.0)
-        for name in ("alpha", "w_rl"):
+        for name in ("alpha", "w_rl", "distill"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(name, f"must be a number >= 0, got {v}")
@@ -408,7 +412,8 @@ class DualPrecisionPass(Pass):
         if result.modified:
             result.controllers["dual_precision"] = DualPrecisionController(
                 blocks, cost, settings.mode, settings.alpha, settings.gamma, settings.w_rl,
-                settings.warmup_epochs, settings.warmup_high, settings.rl_baseline)
+                settings.warmup_epochs, settings.warmup_high, settings.rl_baseline,
+                settings.distill)
             if blocks:
                 result.notes.append(f"{len(blocks)} dual block(s) ({settings.mode}"
                                     f"{', pre-gate' if settings.pre_gate else ''}): {', '.join(blocks)}")

@@ -32,6 +32,10 @@ cross-entropy (the authors' code broadcast gives every sample the batch mean).
 Option `rl_baseline` (settings; off by default, not in the SPEC): R_i,b -
 mean_b R_i,b in place of R_i,b, the usual REINFORCE baseline (same expected
 gradient up to the sample's own share of the mean, less variance).
+Option `distill` (settings; 0 = off, not in the SPEC): in training both paths
+run on the whole batch, and distill * sum over blocks of
+mean((low - high.detach())^2) is added (through extra_loss), so the 1-bit
+path learns to give the next block what the 4-bit path gives it.
 """
 from __future__ import annotations
 
@@ -114,9 +118,14 @@ class Merge(nn.Module):
         super().__init__()
         self.pre_gate = pre_gate
         self.routed = True
+        #: the distill option: keep the latest training forward's path outputs
+        self.keep = False
+        self.pair: Optional[tuple] = None
 
     def forward(self, low: torch.Tensor, high: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         if self.training or not self.routed:
+            if self.training and self.keep:
+                self.pair = (low, high)
             m = m.reshape((-1,) + (1,) * (low.dim() - 1)).to(low.dtype)
             return low * (1 - m) + high * m
         hard = _hard(m)
@@ -274,7 +283,7 @@ class DualPrecisionController(Controller):
 
     def __init__(self, blocks: Dict[str, DualBlock], cost: CostModel, mode: str = "sp", alpha: float = 0.1,
                  gamma: float = 1.0, w_rl: float = 0.01, warmup_epochs: int = 0, warmup_high: float = 0.5,
-                 rl_baseline: bool = False):
+                 rl_baseline: bool = False, distill: float = 0.0):
         super().__init__()
         self._blocks: Dict[str, DualBlock] = dict(blocks)  # plain dict: the graph module owns them
         self.cost = cost
@@ -283,6 +292,11 @@ class DualPrecisionController(Controller):
         #: (high with probability warmup_high) and leave the gate as it is
         self.warmup_epochs, self.warmup_high = warmup_epochs, warmup_high
         self.rl_baseline = rl_baseline
+        #: option (not in the SPEC; 0 = off): weight of the per-block feature
+        #: distillation mean((low - high.detach())^2), summed over the blocks
+        self.distill = distill
+        for b in self._blocks.values():
+            b.merge.keep = distill > 0
         self.epochs: List[Dict[str, Any]] = []  # per epoch: train/test usage per block
 
     @property
@@ -291,13 +305,19 @@ class DualPrecisionController(Controller):
 
     # --- the RL term ---------------------------------------------------------
     def extra_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.mode != "rl" or not self._blocks:
-            return None
         blocks = list(self._blocks.values())
-        if any(b.log_prob is None for b in blocks):
-            return None  # not a training forward
-        return rl_loss(outputs, targets, [b.log_prob for b in blocks], [b.action for b in blocks],
-                       self.alpha, self.gamma, self.w_rl, self._clear, self.rl_baseline)
+        terms = []
+        if self.distill > 0 and blocks and all(b.merge.pair is not None for b in blocks):
+            # both paths ran on the whole batch (training): the 1-bit path
+            # learns the 4-bit path's block output for every sample
+            terms.append(self.distill * sum(F.mse_loss(low, high.detach()) for low, high in
+                                            (b.merge.pair for b in blocks)))
+        for b in blocks:
+            b.merge.pair = None
+        if self.mode == "rl" and blocks and not any(b.log_prob is None for b in blocks):
+            terms.append(rl_loss(outputs, targets, [b.log_prob for b in blocks], [b.action for b in blocks],
+                                 self.alpha, self.gamma, self.w_rl, self._clear, self.rl_baseline))
+        return sum(terms[1:], terms[0]) if terms else None
 
     def _clear(self) -> None:
         for b in self._blocks.values():
