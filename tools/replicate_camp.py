@@ -298,8 +298,15 @@ def plot(results, summary, path):
             continue  # 3-6x the 4-bit energy: off the scale of the figure; in the table
         ax.errorbar(r["energy"], r["acc"], xerr=r["energy_sd"], yerr=r["acc_sd"], fmt="o", color=f"C{i}",
                     label=r["name"], capsize=3)
-    fp = next(r for r in summary if r["name"] == "FP")
-    ax.axhline(fp["acc"], ls="--", color="grey", label=f"FP ({fp['energy']:.1f}x energy)")
+    fp = next((r for r in summary if r["name"] == "FP"), None)
+    if fp is not None:
+        ax.axhline(fp["acc"], ls="--", color="grey", label=f"FP ({fp['energy']:.1f}x energy)")
+    w4 = next(r for r in summary if r["name"] == "all 4-bit")
+    # the target: energy <= 0.7x at accuracy >= 4-bit - 0.5 points
+    lo, hi = ax.get_ylim()
+    ax.fill_between([ax.get_xlim()[0], 0.7], w4["acc"] - 0.5, max(hi, w4["acc"] + 0.5), color="green", alpha=0.08,
+                    label="target: <= 0.7x, >= 4-bit - 0.5")
+    ax.set_ylim(lo, hi)
     ax.set(xlabel="energy (BOPs) relative to the all-4-bit network", ylabel="test accuracy (%)",
            title=f"CAMP on digits ({len(results)} seeds)")
     ax.grid(alpha=0.3)
