@@ -276,8 +276,8 @@ def rows(results, alphas):
     return out
 
 
-def table(summary, n):
-    lines = [f"| network | test accuracy (%) | energy vs all-4-bit | high-path usage |", "|---|---|---|---|"]
+def table(summary, n, split="test"):
+    lines = [f"| network | {split} accuracy (%) | energy vs all-4-bit | high-path usage |", "|---|---|---|---|"]
     for r in summary:
         usage = "-" if r["usage"] is None else f"{r['usage']:.2f}"
         lines.append(f"| {r['name']} | {r['acc']:.2f} ± {r['acc_sd']:.2f} | {r['energy']:.3f} ± {r['energy_sd']:.3f} "
@@ -286,7 +286,7 @@ def table(summary, n):
     return "\n".join(lines)
 
 
-def plot(results, summary, path):
+def plot(results, summary, path, split="test"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,7 +307,7 @@ def plot(results, summary, path):
     ax.fill_between([ax.get_xlim()[0], 0.7], w4["acc"] - 0.5, max(hi, w4["acc"] + 0.5), color="green", alpha=0.08,
                     label="target: <= 0.7x, >= 4-bit - 0.5")
     ax.set_ylim(lo, hi)
-    ax.set(xlabel="energy (BOPs) relative to the all-4-bit network", ylabel="test accuracy (%)",
+    ax.set(xlabel="energy (BOPs) relative to the all-4-bit network", ylabel=f"{split} accuracy (%)",
            title=f"CAMP on digits ({len(results)} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -391,11 +391,12 @@ def main(argv=None):
         alphas = [float(a) for a in saved_args["alphas"].split(",") if a.strip()]
         print(f"{args.from_json}: seeds {[r['seed'] for r in results]} of a run with " +
               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved_args.items()
-                       if k in ("seeds", "depth", "upscale", "epochs", "camp_epochs", "alphas", "w_rl", "rl_from")))
+                       if k in ("seeds", "depth", "upscale", "epochs", "camp_epochs", "alphas", "w_rl", "rl_from", "warmup_epochs",
+                                "warmup_high", "warmup_lr", "rl_baseline", "distill", "val")))
         summary = rows(results, alphas)
-        print(table(summary, len(results)))
+        print(table(summary, len(results), "validation" if saved_args.get("val") else "test"))
         if args.png:
-            print("wrote", plot(results, summary, args.png))
+            print("wrote", plot(results, summary, args.png, "validation" if saved_args.get("val") else "test"))
         return 0
     alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     print(f"digits {len(data['ytr'])} train / {len(data['yte'])} {'validation' if args.val else 'test'} at {args.upscale}px; ResNet-{args.depth}; "
@@ -431,9 +432,9 @@ def main(argv=None):
         for seed in seeds:
             show(run_seed(seed, data, args, alphas))
     summary = rows(results, alphas)
-    print(table(summary, len(results)))
+    print(table(summary, len(results), "validation" if args.val else "test"))
     if args.png:
-        print("wrote", plot(results, summary, args.png))
+        print("wrote", plot(results, summary, args.png, "validation" if args.val else "test"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "seeds": results, "summary": summary}, f, indent=2)
