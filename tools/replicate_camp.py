@@ -21,7 +21,8 @@ path its gate chose; energy is the BOPs per sample at the test set's gate
 usage, relative to the all-4-bit network (fxcompress/bops.py).
 
     .venv/bin/python tools/replicate_camp.py --seeds 5 --jobs 5 --depth 14 --epochs 10 --camp-epochs 6 \
-        --alphas 1.5,2.5,4 --w-rl 1 --png docs/camp_energy.png --json camp.json   # BENCHMARKS.md
+        --warmup-epochs 6 --warmup-high 0.25 --warmup-lr 0.05 --alphas 1.25,1.5,2 --w-rl 1 \
+        --png docs/camp_energy.png --json docs/camp_energy.json   # BENCHMARKS.md, round 3
     .venv/bin/python tools/replicate_camp.py --seeds 1 --epochs 2 --camp-epochs 1 --alphas 0.1   # smoke run
     .venv/bin/python tools/replicate_camp.py --timing --timing-batch 256   # routed vs both paths, wall time
 
