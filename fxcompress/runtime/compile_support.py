@@ -176,13 +176,23 @@ def unpack_tensor(obj):
     return v.reshape(shape).to(dtype)
 
 
+def _python_hook_body(x):
+    """Stands in the hook GraphModule's graph (never run: `forward` is the hook)."""
+    return x
+
+
 def _hook_graph_module(fn) -> fx.GraphModule:
     """A GraphModule whose call runs `fn` (its own graph is a placeholder):
     AOT autograd re-traces the hook for each saved tensor, so Python branches
     on the tensor's dtype and shape in `fn` become a specialised graph each."""
     g = fx.Graph()
     x = g.placeholder("x")
-    g.output(x)
+    # AOT autograd's cache keys a graph by its hooks' *graphs*; ours are
+    # Python (bits, spec ids, the routing), invisible there: a cache hit
+    # could reuse another setting's packing. A call of a plain Python
+    # function makes AOT bypass its cache for these graphs (inductor's own
+    # cache still keys the inlined result).
+    g.output(g.call_function(_python_hook_body, (x,)))
     gm = fx.GraphModule(nn.Module(), g)
     gm.forward = fn  # instance attribute: what nn.Module.__call__ runs
     return gm
@@ -292,30 +302,40 @@ def _region(node) -> Optional[int]:
 _STORING_RULES = ("relu", "hardtanh", "maxpool", "shape")  # rules whose stored form is not values
 
 
-def specs_for(node) -> Tuple[Optional[Any], Optional[Any]]:
-    """(spec that stores the saved fx node, ReLU spec whose result it is),
-    as eager decides: the op that reads the tensor saves its input (a
-    convolution, BatchNorm, GELU...), else the op that made it saves its
-    result (a ReLU's mask, a softmax's output, an op's intermediate)."""
+def specs_for(node, bw_graph=None) -> Tuple[Optional[Any], Optional[Any]]:
+    """(spec that stores the saved fx node, ReLU spec whose result it is).
+
+    As eager decides: the nodes that save a tensor are those whose backward
+    reads it (the annotation reaches the backward graph's nodes too). A
+    node that needs its values (a convolution's input, BatchNorm's, a
+    softmax's output) stores it by its rule and settings; a ReLU whose
+    result it is adds its 1-bit mask (shared, as eager shares it). When
+    only mask-like rules read it (a ReLU result no convolution reads, a
+    max-pool's indices), that rule's form."""
     aten = torch.ops.aten
+    saved_name = node.name
     while getattr(node, "target", None) in (aten.detach.default, aten.alias.default) and node.args:
         node = node.args[0]
     made = _region(node)
-    readers = []
-    for u in node.users:
-        r = _region(u)
-        if r is not None and r != made and r in _SPECS and r not in readers:
-            readers.append(r)
-    value_readers = [r for r in readers if _SPECS[r].rule not in _STORING_RULES]
-    prod = _SPECS.get(made) if made is not None else None
-    relu = prod if (prod is not None and prod.rule == "relu" and prod.settings.masks) else None
-    if value_readers:
-        return _SPECS[min(value_readers)], relu
-    if prod is not None:
-        return prod, None
-    if readers:
-        return _SPECS[min(readers)], None
-    return None, None
+    savers = []
+    if bw_graph is not None:
+        for p in bw_graph.find_nodes(op="placeholder"):
+            if p.name == saved_name:
+                for u in p.users:
+                    r = _region(u)
+                    if r is not None and r in _SPECS and r not in savers:
+                        savers.append(r)
+    if not savers and made in _SPECS:
+        savers = [made]
+    if not savers:
+        return None, None
+    values = [r for r in savers if _SPECS[r].rule not in _STORING_RULES]
+    relu = None
+    if made in savers and _SPECS[made].rule == "relu" and _SPECS[made].settings.masks:
+        relu = _SPECS[made]
+    if values:
+        return _SPECS[min(values)], relu
+    return _SPECS[min(savers)], None
 
 
 class SpecHooks:
@@ -327,7 +347,7 @@ class SpecHooks:
             ctx = _hook_context()
             if ctx is None or not torch.is_tensor(x):
                 return x  # not inside AOT's inlining (a run-time call): nothing to name the node by
-            spec, relu = specs_for(ctx["_node"])
+            spec, relu = specs_for(ctx["_node"], ctx.get("_bw_graph"))
             if spec is None:
                 return x
             if spec.rule == "maxpool" and x.dtype == torch.int64:
