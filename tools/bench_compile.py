@@ -53,7 +53,9 @@ import yaml  # noqa: E402
 POLICIES = sorted(glob.glob(os.path.join(ROOT, "policies", "*.yaml")))
 # (batch, image size, classes); small inputs: the table is about graphs, not speed
 MODELS = {"resnet18": (4, 32, 10), "vit_b_16": (2, 32, 10), "tiny": (4, 16, 10)}
-LOSSY = ("acgc",)  # policy name prefixes whose gradients are approximate by design
+def lossy(pol: dict) -> bool:
+    """Activation compression: gradients approximate by design."""
+    return any("activations" in (r or {}) for r in pol.get("rules", []) or [])
 STATS_EVERY = 5
 
 
@@ -173,25 +175,42 @@ def one_grad(cm, x, y, seed):
     return out.detach(), grads(cm)
 
 
+def train(cm, x, y, steps: int):
+    """2 warm-up steps then `steps` counted ones (random batches of x's shape)."""
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    cm.attach_optimizer(opt)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(x.shape, generator=gen), torch.randint(0, 10, y.shape, generator=gen))
+               for _ in range(2 + steps)]
+    for xb, yb in batches[:2]:
+        step(cm, opt, xb, yb)
+    return opt, batches[2:]
+
+
+def twin(m, pol, x, trained):
+    """An eager CompressedModel in `trained`'s state: weights, buffers and
+    every controller's state (AutoQuant's budgets, PSGD's ranges)."""
+    e = compress(copy.deepcopy(m), pol, x)
+    e.load_state_dict(trained.state_dict(), strict=False)
+    for name, c in trained.controllers.items():
+        if name in e.controllers:
+            e.controllers[name].load_state(c.state())
+    return e
+
+
 def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
     name = os.path.splitext(os.path.basename(policy_path))[0]
     res = {"model": model, "policy": name, "backend": backend}
     pol = policy_dict(policy_path)
     m, x, y = build_model(model)
-    base = compress(copy.deepcopy(m), None, x)
-    eager = compress(copy.deepcopy(m), pol, x)
-    comp = compress(copy.deepcopy(m), pol, x)
-    # numerics on the untrained weights (first step: AutoQuant at its start width)
-    out_b, g_b = one_grad(base, x, y, 7)
-    out_e, g_e = one_grad(eager, x, y, 7)
     torch._dynamo.reset()
     counter = CountingBackend(backend)
+    comp = compress(copy.deepcopy(m), pol, x)
     t0 = time.perf_counter()
     try:
         comp.compile_with(counter, fullgraph=True)
-        out_c, g_c = one_grad(comp, x, y, 7)
-        res["fullgraph"] = True
-        res["breaks"] = []
+        opt, batches = train(comp, x, y, steps)
+        res["fullgraph"], res["breaks"] = True, []
     except Exception as e:  # noqa: BLE001 - the table reports why
         res["fullgraph"] = False
         res["fullgraph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
@@ -200,39 +219,42 @@ def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
         counter = CountingBackend(backend)
         comp = compress(copy.deepcopy(m), pol, x)
         comp.compile_with(counter)
-        out_c, g_c = one_grad(comp, x, y, 7)
+        opt, batches = train(comp, x, y, steps)
     res["first_compile_s"] = round(time.perf_counter() - t0, 1)
+    # recompiles over `steps` training steps after warm-up (statistics steps among them)
+    before = counter.calls
+    for xb, yb in batches:
+        step(comp, opt, xb, yb)
+    res["compiles_warmup"] = before
+    res["recompiles"] = counter.calls - before
+    call = comp.__dict__["_compiled"]
+    res["activation_hooks"] = repr(call.hooks) if call.hooks is not None else "-"
+    res["eager_statistics_steps"] = call.eager_calls
+    # numerics: the trained compiled model vs its eager twin (same weights,
+    # budgets, ranges; a step that is not a statistics step), same batch, seed
+    assert not any(s.collect for s in call.specs), "numerics step would be a statistics step"
+    eager = twin(m, pol, x, comp)
+    base = compress(copy.deepcopy(m), None, x)
+    base.load_state_dict(comp.state_dict(), strict=False)
+    out_b, g_b = one_grad(base, x, y, 7)
+    out_e, g_e = one_grad(eager, x, y, 7)
+    out_c, g_c = one_grad(comp, x, y, 7)
     scale = float(out_e.abs().max()) or 1.0
     res["out"] = float((out_c - out_e).abs().max()) / scale
-    if name.startswith(LOSSY):
+    if lossy(pol):
         res["grad"] = rel_total(g_c, g_b)
         res["grad_eager"] = rel_total(g_e, g_b)
         res["ok"] = res["out"] < 1e-4 and res["grad"] <= 2 * res["grad_eager"] + 1e-3
     else:
         res["grad"] = rel_worst(g_c, g_e)
         res["ok"] = res["out"] < 1e-4 and res["grad"] < 1e-4
-    # recompiles after warm-up over `steps` training steps
-    opt = torch.optim.SGD(comp.parameters(), lr=0.01)
-    if hasattr(comp, "attach_optimizer"):
-        comp.attach_optimizer(opt)
-    gen = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(x.shape, generator=gen), torch.randint(0, 10, y.shape, generator=gen))
-               for _ in range(2 + steps)]
-    for xb, yb in batches[:2]:
-        step(comp, opt, xb, yb)
-    before = counter.calls
-    for xb, yb in batches[2:]:
-        step(comp, opt, xb, yb)
-    res["compiles_warmup"] = before
-    res["recompiles"] = counter.calls - before
-    hooks = comp.__dict__["_compiled"].hooks
-    res["activation_hooks"] = repr(hooks) if hooks is not None else comp.__dict__["_compiled"].eager_reason
     torch._dynamo.reset()
     return res
 
 
-def print_table(rows):
-    print(f"{'model':9} {'policy':20} {'fullgraph':9} {'recomp':6} {'out':>8} {'grad':>8} {'grad_eag':>8} ok  breaks")
+def print_table(rows, header=True):
+    if header:
+        print(f"{'model':9} {'policy':20} {'fullgraph':9} {'recomp':6} {'out':>8} {'grad':>8} {'grad_eag':>8} ok  breaks")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:9} {r['policy']:20} ERROR {r['error']}")
@@ -243,7 +265,8 @@ def print_table(rows):
               f"{r['grad']:8.1e} {ge:>8} {'y' if r['ok'] else 'N'}   {br}")
         if not r["fullgraph"]:
             print(f"{'':31}fullgraph=True: {r['fullgraph_error']}")
-        print(f"{'':31}activations: {r['activation_hooks'] or '-'}")
+        print(f"{'':31}activations: {r['activation_hooks'] or '-'}; eager statistics steps: "
+              f"{r['eager_statistics_steps']}")
 
 
 # ------------------------------------------------------------------ timing
@@ -381,7 +404,7 @@ def main(argv=None):
                      "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
             rows.append(r)
             if not a.json:
-                print_table([r])
+                print_table([r], header=len(rows) == 1)
                 sys.stdout.flush()
     if a.json:
         print(json.dumps(rows, indent=1))
