@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_compile.py                      # table: every policy x resnet18, vit_b_16
     .venv/bin/python tools/bench_compile.py --quick              # tiny CNN, aot_eager (seconds)
     .venv/bin/python tools/bench_compile.py --timing             # resnet50 b32 64x64 step time + peak memory
+    .venv/bin/python tools/bench_compile.py --main-job --epochs 3  # ResNet-20 digits epochs, eager vs --compile
 
 Table, per (model, policy), the model compressed with the policy and
 compiled with `--backend` (default inductor):
@@ -365,6 +366,55 @@ def timing(quick: bool, backend: str, steps: int, modes) -> dict:
     return res
 
 
+# ------------------------------------------------------------------ main job
+
+MAIN_JOB_MODES = {"none": None, "auto": "acgc_auto.yaml"}
+
+
+def main_job(epochs: int, backend: str, extra, modes) -> dict:
+    """The default ResNet-20 main job on digits (`fxcompress train`), eager
+    and `--compile BACKEND`, uncompressed and acgc_auto: per-epoch time from
+    each run's report.json. Epoch 1 of a compiled run includes its compile;
+    `epoch_s` is the mean of the later epochs (needs --epochs >= 2)."""
+    import tempfile
+
+    res = {}
+    for mode in modes:
+        for compiled in (False, True):
+            key = f"{mode}/{'compiled' if compiled else 'eager'}"
+            with tempfile.TemporaryDirectory() as run:
+                cmd = [sys.executable, "-m", "fxcompress", "train", "--epochs", str(epochs), "--run-dir", run,
+                       "--no-progress", "--no-plots", "--json"] + list(extra)
+                if MAIN_JOB_MODES[mode]:
+                    cmd += ["--policy", os.path.join(ROOT, "policies", MAIN_JOB_MODES[mode])]
+                if compiled:
+                    cmd += ["--compile", backend]
+                out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                                     text=True, timeout=7200)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)}: {out.stderr[-2000:]}")
+                with open(os.path.join(run, "report.json")) as f:
+                    rep = json.load(f)
+            times = [e["time_s"] for e in rep["epochs"]]
+            later = times[1:] or times
+            r = {"epoch1_s": times[0], "epoch_s": sum(later) / len(later), "test_acc": rep["epochs"][-1]["test_acc"]}
+            res[key] = r
+            print(f"  {key:16} epoch 1 {r['epoch1_s']:8.1f} s   later epochs {r['epoch_s']:8.1f} s   "
+                  f"test acc {r['test_acc']:.4f}", flush=True)
+    for kind in ("eager", "compiled"):
+        base = res.get(f"none/{kind}")
+        for mode in modes:
+            if mode != "none" and base and f"{mode}/{kind}" in res:
+                r = res[f"{mode}/{kind}"]
+                r["ratio_vs_none"] = r["epoch_s"] / base["epoch_s"]
+                print(f"  {mode}/{kind}: {r['ratio_vs_none']:.2f}x the uncompressed epoch", flush=True)
+    for mode in modes:
+        e, c = res.get(f"{mode}/eager"), res.get(f"{mode}/compiled")
+        if e and c:
+            print(f"  {mode}: compiled epoch {c['epoch_s'] / e['epoch_s']:.2f}x eager's", flush=True)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,vit_b_16")
@@ -375,6 +425,10 @@ def main(argv=None):
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--timing-modes", default="none,2bit,auto,psgd")
     ap.add_argument("--timing-steps", type=int, default=10)
+    ap.add_argument("--main-job", action="store_true",
+                    help="time per epoch of the default ResNet-20 digits job, eager vs --compile")
+    ap.add_argument("--epochs", type=int, default=2, help="--main-job: epochs per run (>= 2: epoch 1 compiles)")
+    ap.add_argument("--train-args", default="", help="--main-job: extra `fxcompress train` arguments (quoted)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -383,6 +437,13 @@ def main(argv=None):
         fn = timing_child if kind == "time" else memory_child
         args = (mode, compiled == "1", quick == "1", backend) + ((int(steps),) if kind == "time" else ())
         print(json.dumps(fn(*args)))
+        return 0
+    if a.main_job:
+        import shlex
+
+        res = main_job(a.epochs, a.backend, shlex.split(a.train_args), list(MAIN_JOB_MODES))
+        if a.json:
+            print(json.dumps(res, indent=1))
         return 0
     if a.timing:
         res = timing(a.quick, a.backend, 3 if a.quick else a.timing_steps, a.timing_modes.split(","))
