@@ -20,6 +20,14 @@
     .venv/bin/python tools/bench_gradquant.py --quick    # a fast subset
     .venv/bin/python tools/bench_gradquant.py --json out.json
     .venv/bin/python tools/bench_gradquant.py --throughput-only   # only part 2
+    .venv/bin/python tools/bench_gradquant.py --ddp               # only part 4
+
+4. Data-parallel step time (--ddp): `fxcompress train --nproc 2 --policy
+   policies/alq_3bit.yaml`'s training step (built the same way: prepare_run's
+   model, optimizer, DDP wrapper and hook, the same shards and batch) beside
+   fp32 all-reduce (train's fp32 hook, and DDP's own all-reduce without a
+   hook), alternated in blocks on 2 gloo workers: median wall time per step,
+   ratio to fp32, bytes per step per worker, time in encode + decode.
 """
 import argparse
 import json
@@ -29,7 +37,8 @@ import sys
 import time
 from typing import Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -234,22 +243,26 @@ def _rate(fn, nbytes: int, repeats: int) -> float:
 
 def throughput(numel: int, repeats: int, threads_list=None) -> Dict:
     """encode+decode of fp32 at 3 bits, copy_ and the fp16 hook's cast, at
-    each thread count (default first: the headline)."""
+    each thread count (default first: the headline). Encode and decode write
+    into buffers reused from call to call, as the DDP hook does (its message
+    buffer per bucket, the decoded mean straight into the bucket), and as
+    copy_ writes into an existing tensor."""
     threads_list = threads_list or [torch.get_num_threads(), 1]
     x = torch.randn(numel) * torch.rand(numel)
     q = Quantizer("alq", 3)
     q.fit(q.stats(x))
     out = torch.empty_like(x)
+    msg = torch.empty(q.layout(numel).nbytes, dtype=torch.uint8)
     nbytes = 4 * numel
     rows = []
     before = torch.get_num_threads()
     try:
         for n in threads_list:
             torch.set_num_threads(n)
-            msg = q.encode(x)
-            enc = _rate(lambda r: q.encode(x, seed=r), nbytes, repeats)
-            dec = _rate(lambda r: q.decode(msg, numel), nbytes, repeats)
-            both = _rate(lambda r: q.decode(q.encode(x, seed=r), numel), nbytes, repeats)
+            sent = q.encode(x).clone()  # a message of its own, so decode does not read what encode writes
+            enc = _rate(lambda r: q.encode(x, seed=r, out=msg), nbytes, repeats)
+            dec = _rate(lambda r: q.decode(sent, numel, out=out), nbytes, repeats)
+            both = _rate(lambda r: q.decode(q.encode(x, seed=r, out=msg), numel, out=out), nbytes, repeats)
             copy = _rate(lambda r: out.copy_(x), nbytes, repeats)
             # fp16_compress_hook: the bucket cast to fp16, and back into the fp32 bucket
             fp16 = _rate(lambda r: out.copy_(x.to(torch.float16)), nbytes, repeats)
@@ -268,7 +281,8 @@ def _c_path() -> bool:
 
 def print_throughput(t) -> None:
     print(f"\n## CPU gradient quantization, {t['numel']:,} fp32 coordinates at {t['bits']} bits ({t['path']} path), "
-          f"MB/s of fp32 gradient, wall time (best of the repeats)")
+          f"MB/s of fp32 gradient, wall time (best of the repeats), into reused buffers; first row: torch's "
+          f"default thread count")
     print(f"{'threads':>8}{'encode+decode':>15}{'encode':>10}{'decode':>10}{'copy_':>10}{'fp16 cast':>11}")
     for r in t["rows"]:
         print(f"{r['threads']:>8}{r['encode_decode_MBps']:>15.0f}{r['encode_MBps']:>10.0f}{r['decode_MBps']:>10.0f}"
@@ -324,6 +338,136 @@ def end_to_end(worlds, seeds, epochs, depth, batch, lr, variants):
         row["seconds"] = time.perf_counter() - t0
         out[world] = row
     return out
+
+
+# -------------------------------------------------- 4. data-parallel step time
+
+DDP_METHODS = ("fp32", "ddp", "policy")  # train's fp32 hook, DDP's own all-reduce, the policy's hook
+
+
+class _Timed:
+    """Wall time spent in gradquant.encode / decode inside the hook (decode
+    runs in the all-gather's callback)."""
+
+    def __init__(self):
+        from fxcompress.kernels import gradquant
+
+        self.seconds = 0.0
+        for name in ("encode", "decode"):
+            setattr(gradquant, name, self._wrap(getattr(gradquant, name)))
+
+    def _wrap(self, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+
+def _ddp_worker(rank, world, policy, depth, batch, threads, steps, rounds, warmup):
+    """Each method as `fxcompress train --nproc N` builds it (prepare_run: the
+    same model, optimizer, DDP wrapper and comm hook, the same data shards),
+    trained in alternating blocks of `steps` steps; returns per-step wall
+    times of every method after `warmup` steps, and its wire bytes."""
+    import tempfile
+
+    from fxcompress.training.build import build_data, build_model, make_optimizer, prepare_run
+    from fxcompress.training.config import TrainConfig
+    from fxcompress.training.loop import _make_loader
+    from fxcompress.training.seeds import seed_everything
+
+    timer = _Timed()
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="fxc_bench_ddp_") as tmp:
+        for method in DDP_METHODS:
+            cfg = TrainConfig(policy=policy if method == "policy" else None, depth=depth, batch_size=batch,
+                              nproc=world, threads=threads, device="cpu", progress=False, plots=False)
+            bundle = build_data(cfg)
+            if method == "ddp":  # no comm hook at all: DDP's built-in fp32 all-reduce
+                torch.set_num_threads(threads)
+                seed_everything(cfg.seed)
+                model = build_model(cfg, bundle)[0]
+                ddp, opt, comm = DDP(model), make_optimizer(cfg, model.parameters()), None
+            else:
+                run = prepare_run(cfg, tmp, method, use_policy=True, bundle=bundle)
+                ddp, opt, comm = run.ddp, run.optimizer, run.comm
+            fp32_bytes = 4 * sum(p.numel() for p in ddp.parameters() if p.requires_grad)
+            runs[method] = {"cfg": cfg, "bundle": bundle, "ddp": ddp, "opt": opt, "comm": comm, "epoch": 0,
+                            "batches": iter(()), "times": [], "codec_s": 0.0, "fp32_bytes": fp32_bytes, "done": 0}
+
+        def step(r) -> float:
+            try:
+                x, y = next(r["batches"])
+            except StopIteration:
+                r["batches"] = iter(_make_loader(r["cfg"], r["bundle"].train, r["epoch"], rank, world))
+                r["epoch"] += 1
+                x, y = next(r["batches"])
+            out = r["ddp"](x)
+            loss = nn.functional.cross_entropy(out, y)
+            r["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            r["opt"].step()
+            return float(loss.detach())
+
+        for _ in range(rounds):
+            for method in DDP_METHODS:
+                r = runs[method]
+                for _ in range(steps):
+                    dist.barrier()  # every block starts together, whatever the last one left queued
+                    codec0 = timer.seconds
+                    t0 = time.perf_counter()
+                    step(r)
+                    dt = time.perf_counter() - t0
+                    if r["done"] >= warmup:  # DDP rebuilds its buckets after step 1; levels fit at step 0
+                        r["times"].append(dt)
+                        r["codec_s"] += timer.seconds - codec0
+                    r["done"] += 1
+    out = {}
+    for method, r in runs.items():
+        comm = r["comm"]
+        wire = comm.wire_bytes_step if comm is not None else r["fp32_bytes"]
+        label = {"fp32": "fp32 all-reduce (train's hook)", "ddp": "fp32 all-reduce (DDP's own)",
+                 "policy": os.path.splitext(os.path.basename(policy))[0]}[method]
+        out[method] = {"label": label, "times": r["times"], "wire_bytes_step": int(wire),
+                       "fp32_bytes_step": r["fp32_bytes"], "codec_s_step": r["codec_s"] / max(1, len(r["times"])),
+                       "refits": [] if comm is None else [x["iteration"] for x in comm.refits]}
+    return out
+
+
+def ddp_timing(nproc, policy, depth, batch, threads, steps, rounds, warmup) -> Dict:
+    t0 = time.perf_counter()
+    res = run_data_parallel(_ddp_worker, nproc, (policy, depth, batch, threads, steps, rounds, warmup),
+                            threads_per_worker=threads)[0]
+    base = float(np.median(res["fp32"]["times"]))
+    rows = []
+    for method in DDP_METHODS:
+        r = res[method]
+        med = float(np.median(r["times"]))
+        rows.append({"method": r["label"], "median_s": med, "mean_s": float(np.mean(r["times"])),
+                     "ratio_vs_fp32": med / base, "wire_bytes_step": r["wire_bytes_step"],
+                     "fp32_bytes_step": r["fp32_bytes_step"], "codec_ms_step": 1e3 * r["codec_s_step"],
+                     "steps": len(r["times"]), "refits": r["refits"]})
+    return {"nproc": nproc, "policy": policy, "depth": depth, "batch": batch, "threads": threads, "steps": steps,
+            "rounds": rounds, "warmup": warmup, "rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def print_ddp(t) -> None:
+    print(f"\n## Data-parallel training step, {t['nproc']} gloo workers on this machine: built-in ResNet-{t['depth']} "
+          f"on digits, global batch {t['batch']} ({t['batch'] // t['nproc']} per worker), {t['threads']} thread(s) "
+          f"per worker; {t['rounds']} rounds of {t['steps']} steps per method, alternated, the first {t['warmup']} "
+          f"steps of each method not timed; wall time per step on rank 0")
+    print(f"{'method':<32}{'median s/step':>14}{'mean':>9}{'vs fp32':>9}{'wire B/step/worker':>20}"
+          f"{'vs fp32':>9}{'codec ms/step':>15}")
+    for r in t["rows"]:
+        print(f"{r['method']:<32}{r['median_s']:>14.4f}{r['mean_s']:>9.4f}{r['ratio_vs_fp32']:>8.2f}x"
+              f"{r['wire_bytes_step']:>20,d}{r['fp32_bytes_step'] / r['wire_bytes_step']:>8.1f}x"
+              f"{r['codec_ms_step']:>15.2f}")
+    print("wire bytes: what each worker hands to the collective per step (all-reduce: the fp32 gradient; "
+          "all-gather: its message; with 2 workers each is also what a worker sends). codec: time in the "
+          "hook's encode + decode. Levels refit at iterations: "
+          + ", ".join(f"{r['method']} {r['refits']}" for r in t["rows"] if r["refits"]))
 
 
 # ----------------------------------------------------------------- report
@@ -388,7 +532,33 @@ def main(argv=None) -> int:
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--throughput-only", action="store_true", help="only the CPU encode+decode timing")
     p.add_argument("--numel", type=int, default=None, help="coordinates for the throughput (default 2^24, quick 2^20)")
+    g = p.add_argument_group("data-parallel step time (--ddp)")
+    g.add_argument("--ddp", action="store_true",
+                   help="only time training steps with --nproc gloo workers: --ddp-policy's hook beside fp32 "
+                        "all-reduce (train's hook and DDP's own), as `fxcompress train --nproc N` builds them")
+    g.add_argument("--nproc", type=int, default=2)
+    g.add_argument("--ddp-policy", default=os.path.join(ROOT, "policies", "alq_3bit.yaml"))
+    g.add_argument("--ddp-depth", type=int, default=None, help="built-in ResNet depth (default 20 as train; quick 8)")
+    g.add_argument("--ddp-batch", type=int, default=64, help="global batch, split over the workers (train's default)")
+    g.add_argument("--ddp-threads", type=int, default=1, help="torch threads per worker (train's default)")
+    g.add_argument("--ddp-steps", type=int, default=None, help="steps per block (default 20, quick 4)")
+    g.add_argument("--ddp-rounds", type=int, default=None, help="blocks per method, alternated (default 5, quick 1)")
+    g.add_argument("--ddp-warmup", type=int, default=None, help="first steps of each method not timed (default 3, "
+                                                                 "quick 1)")
     a = p.parse_args(argv)
+    if a.ddp:
+        t = ddp_timing(a.nproc, a.ddp_policy, a.ddp_depth or (8 if a.quick else 20), a.ddp_batch, a.ddp_threads,
+                       a.ddp_steps or (4 if a.quick else 20), a.ddp_rounds or (1 if a.quick else 5),
+                       a.ddp_warmup if a.ddp_warmup is not None else (1 if a.quick else 3))
+        print_ddp(t)
+        if a.json:
+            text = json.dumps(t, indent=1)
+            if a.json == "-":
+                print(text)
+            else:
+                with open(a.json, "w") as f:
+                    f.write(text)
+        return 0
     numel = a.numel or (1 << (20 if a.quick else 24))
     # throughput first, at torch's default thread count and at 1 thread; the
     # rest (variance, end to end) runs its processes on one thread each

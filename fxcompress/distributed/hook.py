@@ -58,6 +58,7 @@ class QuantizedCommState:
         # iteration, so anything keyed by bucket index is only trusted from
         # iteration 1 on, and re-checked against the bucket's size
         self._gather_buffers: Dict[int, torch.Tensor] = {}
+        self._message_buffers: Dict[int, torch.Tensor] = {}
         self.wire_bytes_step = 0   # bytes this rank sent in the last complete step
         self.fp32_bytes_step = 0   # what a full-precision all-reduce of the same buckets would send
         self._wire_acc = 0
@@ -149,6 +150,20 @@ class QuantizedCommState:
                 self._gather_buffers[bucket_index] = buf
         return buf
 
+    def _message_buffer(self, bucket_index: int, nbytes: int, device) -> Optional[torch.Tensor]:
+        """This bucket's message from the last step, to encode into again (a
+        fresh buffer every step is fresh pages, which cost more than the
+        encode); None in the first iteration, while DDP's buckets settle. The
+        last step's all-gather has read it: DDP waits for every bucket's
+        future before the optimizer step."""
+        if self.iteration < 1:
+            return None
+        buf = self._message_buffers.get(bucket_index)
+        if buf is None or buf.numel() != nbytes or buf.device != device:
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._message_buffers[bucket_index] = buf
+        return buf
+
     def _end_bucket(self, is_last: bool, wire: int, fp32: int) -> None:
         self._wire_acc += wire
         self._fp32_acc += fp32
@@ -176,6 +191,7 @@ class QuantizedCommState:
         if self.quantizer is not None and state.get("quantizer"):
             self.quantizer.load_state_dict(state["quantizer"])
         self._gather_buffers.clear()  # a resumed DDP builds its buckets afresh
+        self._message_buffers.clear()
 
 
 def quantized_hook(state: QuantizedCommState, bucket) -> torch.futures.Future[torch.Tensor]:
@@ -191,15 +207,21 @@ def quantized_hook(state: QuantizedCommState, bucket) -> torch.futures.Future[to
         if bucket.is_last():
             state.refit()
     levels = q.levels32.to(buf.device)  # the levels this bucket is encoded with, even if a refit follows
-    msg = gradquant.encode(buf.reshape(-1), levels, q.bits, q.bucket_size, q.norm, state.seed_for(bucket.index()))
-    gathered = state._gather_buffer(bucket.index(), world, msg.numel(), buf.device)
-    work = _all_gather(gathered, msg, state.group)
     numel = buf.numel()
-    state._end_bucket(bucket.is_last(), msg.numel(), 4 * numel)
+    nbytes = q.layout(numel).nbytes
+    msg = gradquant.encode(buf.reshape(-1), levels, q.bits, q.bucket_size, q.norm, state.seed_for(bucket.index()),
+                           out=state._message_buffer(bucket.index(), nbytes, buf.device))
+    gathered = state._gather_buffer(bucket.index(), world, nbytes, buf.device)
+    work = _all_gather(gathered, msg, state.group)
+    state._end_bucket(bucket.is_last(), nbytes, 4 * numel)
 
     def finish(fut):
-        mean = gradquant.decode(gathered.view(world, -1), levels, q.bits, numel, q.bucket_size)
-        buf.copy_(mean.view(buf.shape))
+        # the mean straight into the bucket (the gathered messages are a
+        # buffer of their own, so nothing is overwritten before it is read)
+        if buf.dtype == torch.float32 and buf.is_contiguous():
+            gradquant.decode(gathered.view(world, -1), levels, q.bits, numel, q.bucket_size, out=buf.view(-1))
+        else:
+            buf.copy_(gradquant.decode(gathered.view(world, -1), levels, q.bits, numel, q.bucket_size).view(buf.shape))
         return buf
 
     return work.get_future().then(finish)

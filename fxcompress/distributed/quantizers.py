@@ -116,14 +116,16 @@ class Quantizer:
     def layout(self, numel: int) -> Layout:
         return Layout(numel, self.bucket_size, self.bits)
 
-    def encode(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, seed: int = 0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x -> one wire message (into `out`, a reused uint8 buffer, if given)."""
         levels = self.levels32.to(x.device)
-        return gradquant.encode(x.reshape(-1), levels, self.bits, self.bucket_size, self.norm, seed)
+        return gradquant.encode(x.reshape(-1), levels, self.bits, self.bucket_size, self.norm, seed, out=out)
 
-    def decode(self, messages: torch.Tensor, numel: int) -> torch.Tensor:
-        """Mean of one or more ranks' messages (rows) -> float32 (numel,)."""
+    def decode(self, messages: torch.Tensor, numel: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean of one or more ranks' messages (rows) -> float32 (numel,)
+        (into `out` if given)."""
         levels = self.levels32.to(messages.device)
-        return gradquant.decode(messages, levels, self.bits, numel, self.bucket_size)
+        return gradquant.decode(messages, levels, self.bits, numel, self.bucket_size, out=out)
 
     def quantize(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Q(x): what a receiver reconstructs, in x's shape and dtype."""

@@ -216,10 +216,14 @@ _SRC_CPU = os.path.join(os.path.dirname(__file__), "gradquant_cpu.c")
 def _declare(lib) -> None:
     P, I64, I, U32, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
     lib.fxc_gq_encode.argtypes = [P, I64, I64, P, P, I, I, U32, U32, F, P]
-    lib.fxc_gq_decode.argtypes = [P, I64, I64, I64, I64, I64, P, I, P]
+    lib.fxc_gq_decode.argtypes = [P, I64, I64, I64, I64, I64, P, I, I, P]
     lib.fxc_gq_set_threads.argtypes = [I]
     for f in (lib.fxc_gq_encode, lib.fxc_gq_decode, lib.fxc_gq_set_threads):
         f.restype = None
+    lib.fxc_gq_linf_norms.argtypes = [P, I64, I64, P]
+    lib.fxc_gq_linf_norms.restype = None
+    lib.fxc_gq_simd.argtypes = [I]  # 0: the plain loops instead of the AVX2 ones (tests compare both)
+    lib.fxc_gq_simd.restype = I
 
 
 def cpu_lib():
@@ -227,29 +231,52 @@ def cpu_lib():
     return on_torch_threads(load_library(_SRC_CPU, "gradquant", _declare), "fxc_gq_set_threads")
 
 
-def _norms_like_reference(flat: torch.Tensor, bucket_size: int, norm: str) -> torch.Tensor:
-    """bucket_norms(bucket_matrix(x)) without copying x: the full buckets as
-    a view, the ragged last one padded alone (the same rows the reference
-    reduces, so the same norms)."""
+def _norms_like_reference(flat: torch.Tensor, bucket_size: int, norm: str, out: torch.Tensor) -> torch.Tensor:
+    """bucket_norms(bucket_matrix(x)) into `out` without copying x: l2 with
+    the full buckets as a view, the ragged last one padded alone (the same
+    rows the reference reduces, so the same norms); linf in C."""
     n = flat.numel()
+    if norm == "linf" and n:  # a max, exact in any order: C, without amax's full-size |x|
+        cpu_lib().fxc_gq_linf_norms(flat.data_ptr(), n, bucket_size, out.data_ptr())
+        return out
     full = n // bucket_size
-    parts = []
     if full:
-        parts.append(bucket_norms(flat[: full * bucket_size].view(full, bucket_size), norm))
+        rows = flat[: full * bucket_size].view(full, bucket_size)
+        if norm == "l2":  # straight into the message
+            torch.linalg.vector_norm(rows, dim=1, out=out[:full])
+        else:
+            out[:full] = bucket_norms(rows, norm)
     if n % bucket_size or not full:
-        parts.append(bucket_norms(bucket_matrix(flat[full * bucket_size:], bucket_size), norm))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out[full:] = bucket_norms(bucket_matrix(flat[full * bucket_size:], bucket_size), norm)
+    return out
 
 
-def encode_c(x, levels, bits, bucket_size, norm="l2", seed=0) -> torch.Tensor:
+def _check_out(out, numel: int, dtype: torch.dtype, what: str, cpu: bool = False) -> None:
+    if out is not None and (out.dtype != dtype or out.numel() != numel
+                            or (cpu and (out.device.type != "cpu" or not out.is_contiguous()))):
+        raise BadInput(f"{what} buffer must be a {'contiguous CPU ' if cpu else ''}{dtype} tensor of {numel} "
+                       f"elements, got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
+def _out_buffer(out, numel: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """A caller's reusable output buffer, checked, or a fresh one. Reusing
+    one matters: a fresh large buffer is fresh pages, and the kernel's
+    first touch of each page costs more than its work."""
+    if out is None:
+        return torch.empty(numel, dtype=dtype)
+    _check_out(out, numel, dtype, what, cpu=True)
+    return out if out.dim() == 1 else out.view(-1)
+
+
+def encode_c(x, levels, bits, bucket_size, norm="l2", seed=0, out=None) -> torch.Tensor:
     layout = Layout(x.numel(), bucket_size, bits)
     flat = x.reshape(-1)
     if flat.dtype != torch.float32 or not flat.is_contiguous():
         flat = flat.to(torch.float32).contiguous()
     lv = _levels32(levels).contiguous()
-    msg = torch.empty(layout.nbytes, dtype=torch.uint8)
+    msg = _out_buffer(out, layout.nbytes, torch.uint8, "message")
     norms, codes = split(msg, layout)
-    norms.copy_(_norms_like_reference(flat, bucket_size, norm))
+    _norms_like_reference(flat, bucket_size, norm, norms)
     msg[layout.norm_bytes + layout.code_bytes:].zero_()
     k1, k2 = stream_keys(seed)
     cpu_lib().fxc_gq_encode(flat.data_ptr(), flat.numel(), bucket_size, norms.data_ptr(), lv.data_ptr(), lv.numel(),
@@ -257,16 +284,16 @@ def encode_c(x, levels, bits, bucket_size, norm="l2", seed=0) -> torch.Tensor:
     return msg
 
 
-def decode_c(messages, levels, bits, numel, bucket_size) -> torch.Tensor:
+def decode_c(messages, levels, bits, numel, bucket_size, out=None) -> torch.Tensor:
     layout = Layout(numel, bucket_size, bits)
     msgs = messages.reshape(-1, layout.nbytes)
     if not msgs.is_contiguous():
         msgs = msgs.contiguous()
     lv = _levels32(levels).contiguous()
-    out = torch.empty(numel, dtype=torch.float32)
+    res = _out_buffer(out, numel, torch.float32, "output")
     cpu_lib().fxc_gq_decode(msgs.data_ptr(), msgs.shape[0], layout.nbytes, layout.norm_bytes, numel, bucket_size,
-                            lv.data_ptr(), bits, out.data_ptr())
-    return out
+                            lv.data_ptr(), lv.numel(), bits, res.data_ptr())
+    return res
 
 
 # ---------------------------------------------------------------- public
@@ -282,26 +309,37 @@ def _check(levels, bits, bucket_size, norm):
 
 
 def encode(x: torch.Tensor, levels, bits: int, bucket_size: int = 8192, norm: str = "l2",
-           seed: int = 0) -> torch.Tensor:
-    """Quantize flat gradient x to one wire message (uint8, `Layout.nbytes`)."""
+           seed: int = 0, out: torch.Tensor = None) -> torch.Tensor:
+    """Quantize flat gradient x to one wire message (uint8, `Layout.nbytes`),
+    written into `out` when given (reused across steps, it saves fresh
+    pages); returns the message."""
     _check(levels, bits, bucket_size, norm)
+    _check_out(out, Layout(x.numel(), bucket_size, bits).nbytes, torch.uint8, "message")
     path = backend_for(x, cpu_lib)
-    if path == "triton":
-        return encode_triton(x, levels, bits, bucket_size, norm, seed)
     if path == "c" and x.is_floating_point():
-        return encode_c(x, levels, bits, bucket_size, norm, seed)
-    return encode_reference(x, levels, bits, bucket_size, norm, seed)
-
-
-def decode(messages: torch.Tensor, levels, bits: int, numel: int, bucket_size: int = 8192) -> torch.Tensor:
-    """Average of the gradients in `messages` (one row per rank) -> float32 (numel,)."""
-    _check(levels, bits, bucket_size, "l2")
-    path = backend_for(messages, cpu_lib)
+        return encode_c(x, levels, bits, bucket_size, norm, seed, out=out)
     if path == "triton":
-        return decode_triton(messages, levels, bits, numel, bucket_size)
-    if path == "c":
-        return decode_c(messages, levels, bits, numel, bucket_size)
-    return decode_reference(messages, levels, bits, numel, bucket_size)
+        msg = encode_triton(x, levels, bits, bucket_size, norm, seed)
+    else:
+        msg = encode_reference(x, levels, bits, bucket_size, norm, seed)
+    return msg if out is None else out.copy_(msg.view(out.shape))
+
+
+def decode(messages: torch.Tensor, levels, bits: int, numel: int, bucket_size: int = 8192,
+           out: torch.Tensor = None) -> torch.Tensor:
+    """Average of the gradients in `messages` (one row per rank) -> float32
+    (numel,), written into `out` when given (it must not overlap
+    `messages`); returns it."""
+    _check(levels, bits, bucket_size, "l2")
+    _check_out(out, numel, torch.float32, "output")
+    path = backend_for(messages, cpu_lib)
+    if path == "c" and (out is None or (out.is_contiguous() and out.device.type == "cpu")):
+        return decode_c(messages, levels, bits, numel, bucket_size, out=out)
+    if path == "triton":
+        mean = decode_triton(messages, levels, bits, numel, bucket_size)
+    else:
+        mean = decode_reference(messages, levels, bits, numel, bucket_size)
+    return mean if out is None else out.copy_(mean.view(out.shape))
 
 
 __all__ = ["encode", "decode", "encode_reference", "decode_reference", "encode_triton", "decode_triton",
