@@ -196,3 +196,57 @@ def test_auto_group_with_two_error_bounds_is_refused():
         fxcompress.compile(TwoHeads(), policy, torch.randn(2, 3, 8, 8))
     policy["rules"][1]["activations"]["eps_bits"] = 0.0
     fxcompress.compile(TwoHeads(), policy, torch.randn(2, 3, 8, 8))
+
+
+class ReluConv(nn.Module):
+    """conv-bn-relu feeding two convolutions directly (a ReLU output saved
+    as a mask by the ReLU and quantized by both convs)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.down = nn.Conv2d(c, c, 1, bias=False)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.conv2(x) + self.down(x)
+
+
+@pytest.mark.parametrize("act", [{"bits": 2, "rounding": "stochastic", "min_numel": 16},
+                                 {"mode": "auto", "min_numel": 16}])
+def test_relu_mask_carries_the_next_saves_statistics(monkeypatch, act):
+    """The ReLU's mask pass also takes the statistics the convolutions'
+    saves of its output need (one read instead of two): the next save uses
+    them instead of reading the tensor again, and the gradients are the
+    same bits as with separate reads."""
+    from fxcompress.kernels import actpack
+
+    def run():
+        torch.manual_seed(0)
+        m = ReluConv()
+        x = torch.randn(4, 3, 12, 12)
+        cm = fxcompress.compile(m, _policy({"stats_every": 2, "window": 3}, **act), example_inputs=x)
+        for _ in range(3):  # auto: statistics at step 0, its widths after
+            cm.zero_grad()
+            torch.manual_seed(1)
+            cm(x).pow(2).sum().backward()
+            cm.step()
+        return [p.grad.clone() for p in cm.parameters()]
+
+    reads = []
+    stats, stats_nnz = actpack.stats, actpack.stats_nnz
+    monkeypatch.setattr(actpack, "stats", lambda x3: reads.append(x3.shape) or stats(x3))
+    monkeypatch.setattr(actpack, "stats_nnz", lambda x3: reads.append(x3.shape) or stats_nnz(x3))
+    fused = run()
+    fused_reads = len(reads)
+    reads.clear()
+    monkeypatch.setattr(actpack, "pack_mask_gt_stats", lambda x3, shape=None: None)
+    separate = run()
+    from fxcompress.kernels import actpack_cpu
+
+    if actpack_cpu.lib() is not None:
+        assert fused_reads < len(reads)  # the conv saves of the ReLU output read no statistics
+    assert all(torch.equal(a, b) for a, b in zip(fused, separate))

@@ -30,6 +30,10 @@ peaks:  (--peaks) peak resident memory of each of the first 3 training steps
         between steps). `auto` must stay below `none` on every step.
         Models: resnet50 batch 32 at 64x64, vit_b_16 batch 4 at 224
         (--peak-models NAME:BATCH:SIZE ... for others).
+ccalls  (only with --only ccalls; guidance where wall time is meaningless,
+        e.g. a shared machine): thread-CPU time of every C call of the
+        activation packers in one resnet50 step at 1 thread, per mode, the
+        minimum over --steps steps, beside the whole step's thread-CPU time.
 accuracy (only with --only accuracy: 15 trainings): the default model on
         digits (fxcompress.training.train, default settings), seeds 0..4:
         `auto` with its uncompressed baseline (same seed, same batches) and
@@ -252,6 +256,55 @@ def speed(name: str, modes, steps: int, threads: int, batch: int, size: int) -> 
     return {mode: statistics.median(wall[mode]) for mode in modes}
 
 
+def c_calls(name: str, modes, steps: int, batch: int, size: int) -> dict:
+    """Per mode: the step's thread-CPU time and, per C function of the
+    activation packers and AutoQuant's widths, (calls, thread-CPU s) in that
+    step, for the step with the least CPU time of `steps` (1 thread)."""
+    import collections
+
+    from fxcompress.kernels import actpack_cpu, autobits
+
+    torch.set_num_threads(1)
+    acc = collections.defaultdict(lambda: [0, 0.0])
+
+    class Timed:  # wraps one ctypes function: calls and thread-CPU time
+        def __init__(self, f, name):
+            self.f, self.name = f, name
+
+        def __call__(self, *a):
+            t = time.thread_time()
+            r = self.f(*a)
+            acc[self.name][0] += 1
+            acc[self.name][1] += time.thread_time() - t
+            return r
+
+    libs = [lib for lib in (actpack_cpu.lib(), autobits._lib()) if lib is not None]
+    saved = []
+    for lib in libs:
+        for fn in [n for n in dir(lib) if n.startswith("fxc_") and n != "fxc_set_threads"]:
+            saved.append((lib, fn, getattr(lib, fn)))
+            setattr(lib, fn, Timed(getattr(lib, fn), fn))
+    out = {}
+    try:
+        for mode in modes:
+            m, x, y = build(name, mode, batch=batch, size=size)
+            opt = torch.optim.SGD(m.parameters(), lr=0.0)
+            train_step(m, opt, x, y)  # warm-up (and AutoQuant's statistics)
+            best = None
+            for _ in range(steps):
+                acc.clear()
+                t = time.thread_time()
+                train_step(m, opt, x, y)
+                t = time.thread_time() - t
+                if best is None or t < best[0]:
+                    best = (t, {k: tuple(v) for k, v in acc.items()})
+            out[mode] = {"step_cpu_s": best[0], "calls": best[1]}
+    finally:
+        for lib, fn, f in saved:
+            setattr(lib, fn, f)
+    return out
+
+
 def accuracy(seeds, run_root: str) -> dict:
     from fxcompress.training import TrainConfig, train
 
@@ -329,6 +382,17 @@ def main(argv=None):
         for mode in modes:
             print(f"  {mode:5} {t[mode]:12.3f} {t[mode] / t['none']:6.2f} {t1[mode]:11.3f} {t1[mode] / t1['none']:6.2f}")
         torch.set_num_threads(1)
+    if "ccalls" in args.only:
+        batch, size = (int(v) for v in args.speed_size.split(":"))
+        report["ccalls"] = c_calls("resnet50", ["none"] + [m for m in args.modes if m != "none"], args.steps,
+                                   batch, size)
+        print(f"\nresnet50 batch {batch} {size}x{size}, 1 thread, thread-CPU time of one step (least of "
+              f"{args.steps}) and of the C calls in it")
+        for mode, r in report["ccalls"].items():
+            tot = sum(v[1] for v in r["calls"].values())
+            print(f"  {mode:5} step {r['step_cpu_s']:.3f} s, C calls {tot * 1e3:.1f} ms")
+            for fn, (n, sec) in sorted(r["calls"].items(), key=lambda kv: -kv[1][1]):
+                print(f"      {fn:26} {n:5d} calls {sec * 1e3:8.1f} ms")
     if "accuracy" in args.only:
         acc = accuracy(range(args.seeds), args.run_root)
         base = statistics.mean(acc["baseline"])

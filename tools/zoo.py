@@ -24,12 +24,15 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from tqdm import tqdm
 
-import fxcompress
-from fxcompress.errors import BadInput, PolicyError, TraceError
-from fxcompress import load_policy
-from fxcompress.table import format_table
-
+# this checkout's fxcompress, not whichever one is installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fxcompress  # noqa: E402
+from fxcompress.errors import BadInput, PolicyError, TraceError  # noqa: E402
+from fxcompress import load_policy  # noqa: E402
+from fxcompress.table import format_table  # noqa: E402
+
 from identity_all import config_for  # noqa: E402  (same small inputs as the identity check)
 
 
@@ -93,6 +96,8 @@ def main(argv=None) -> int:
                 r = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:200]}
                 failed += 1
             results.append({"model": name, "policy": s, **r})
+            if args.json:  # one line per pair as it finishes: a long chunked run keeps what it did
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             row.append(f"ok {r['transform_s']:.2f}s" if r["status"] == "ok" else
                        "n/a" if r["status"] == "n/a" else r["reason"].split(":")[0])
         rows.append(row)

@@ -13,7 +13,8 @@ names, so the runtime has one import for everything it stores:
     actpack_cpu.py   the C loops (actpack_cpu.c) all of them share
 Which path runs (Triton, C, torch reference) is decided in dispatch.py.
 """
-from .bitmask import PackedMask, pack_mask, pack_mask_gt, unpack_mask, unpack_mask_values  # noqa: F401
+from .bitmask import (PackedMask, pack_mask, pack_mask_gt, pack_mask_gt_stats, unpack_mask,  # noqa: F401
+                      unpack_mask_values)
 from .fixed_width import (Packed, pack_codes, quant_pack, stats, stats_nnz, unpack, unpack_codes,  # noqa: F401
                           view3)
 from .mixed_width import PackedMixed, mixed_pack, mixed_unpack  # noqa: F401

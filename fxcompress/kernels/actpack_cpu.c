@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "counter_hash.h"
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -30,7 +31,9 @@ static void exp_init(void) {
             t += (m >> q) & 1;
         }
     }
-    exp_ready = 1;
+    /* release: a thread that reads exp_ready == 1 (acquire) sees the tables;
+     * the pieces of one call may race to fill them, with the same values */
+    __atomic_store_n(&exp_ready, 1, __ATOMIC_RELEASE);
 }
 #endif
 
@@ -145,14 +148,45 @@ static inline void pack_buf(const uint16_t *buf, int64_t m, int width, int shift
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
     const int64_t full = m / per;
+    int64_t b0 = 0; /* bytes already written by the AVX2 loops */
+#ifdef __AVX2__
+    /* 1- and 2-bit slices (what the compiler leaves scalar): the same bytes */
+    const __m128i shv = _mm_cvtsi32_si128(shift);
+    if (per == 8) {
+        /* 32 codes: slice bits to bytes (packus; the permute restores the
+         * order), bit 0 of each byte to its sign, movemask: 4 bytes */
+        const __m256i one = _mm256_set1_epi16(1);
+        for (; b0 + 4 <= full; b0 += 4) {
+            const __m256i a = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(buf + 8 * b0)), shv), one);
+            const __m256i c = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(buf + 8 * b0 + 16)), shv), one);
+            const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi16(a, c), 0xD8);
+            const uint32_t r = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(p, 7));
+            memcpy(o + b0, &r, 4);
+        }
+    } else if (per == 4) {
+        /* 16 codes: c0 | c1 << 2 in each 32-bit lane, then | (c2 | c3 << 2) << 4
+         * in the low byte of each 64-bit lane; those 4 bytes gathered */
+        const __m256i three = _mm256_set1_epi16(3);
+        const __m256i pick = _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                              0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+        for (; b0 + 4 <= full; b0 += 4) {
+            __m256i v = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(buf + 4 * b0)), shv), three);
+            v = _mm256_or_si256(v, _mm256_srli_epi32(v, 14));
+            v = _mm256_or_si256(v, _mm256_srli_epi64(v, 28));
+            v = _mm256_shuffle_epi8(v, pick);
+            const uint32_t r = (uint32_t)(uint16_t)_mm256_extract_epi16(v, 0) | (uint32_t)(uint16_t)_mm256_extract_epi16(v, 8) << 16;
+            memcpy(o + b0, &r, 4);
+        }
+    }
+#endif
     /* constant strides per width, so the compiler can vectorise each case */
 #define S(j) ((((uint32_t)buf[b * per + (j)]) >> shift) & mask)
     switch (per) {
-    case 1: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)S(0); break;
-    case 2: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 4); break;
-    case 4: for (int64_t b = 0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 2 | S(2) << 4 | S(3) << 6); break;
+    case 1: for (int64_t b = b0; b < full; ++b) o[b] = (uint8_t)S(0); break;
+    case 2: for (int64_t b = b0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 4); break;
+    case 4: for (int64_t b = b0; b < full; ++b) o[b] = (uint8_t)(S(0) | S(1) << 2 | S(2) << 4 | S(3) << 6); break;
     default:
-        for (int64_t b = 0; b < full; ++b)
+        for (int64_t b = b0; b < full; ++b)
             o[b] = (uint8_t)(S(0) | S(1) << 1 | S(2) << 2 | S(3) << 3 | S(4) << 4 | S(5) << 5 | S(6) << 6 | S(7) << 7);
     }
 #undef S
@@ -252,22 +286,61 @@ void fxc_unpack_codes(const uint8_t *in, int64_t n, int width, int shift, int fi
     PIECES(n, fxc_unpack_codes_run(in + i0 / per, i1 - i0, width, shift, first, codes + i0));
 }
 
-/* Single-slice unpack and dequantize straight to float: x = (code - off) * kinv[c]. */
+/* Single-slice unpack and dequantize straight to float: x = (code - off) * kinv[c].
+ * In runs of one scale (a row of B elements): whole bytes through a table of
+ * the byte's `per` values (code - off), times the row's scale, which the
+ * compiler vectorises; the same two float operations per element as one
+ * code at a time (short rows), so the same bits. */
 static void unpack_dequant_run(const uint8_t *in, const float *kinv, int64_t n, int64_t C, int64_t B, int bits,
                                int is_signed, float *out, int64_t c, int64_t pos) {
     const int width = bits;
     const int per = 8 / width;
     const uint32_t mask = (1u << width) - 1u;
     const float off = grid_offset(bits, is_signed);
+    if (B < 64) { /* short rows: a run costs more than it saves */
+        int64_t i = 0;
+        float kv = kinv[c];
+        const int64_t nbytes = (n + per - 1) / per;
+        for (int64_t byte = 0; byte < nbytes; ++byte) {
+            uint32_t b = in[byte];
+            for (int j = 0; j < per && i < n; ++j, ++i) {
+                float code = (float)((b >> (j * width)) & mask);
+                out[i] = (code - off) * kv;
+                kv = next_element(kinv, B, C, &pos, &c, kv);
+            }
+        }
+        return;
+    }
+    float lut[256 * 8];
+    for (int v = 0; v < 256; ++v)
+        for (int j = 0; j < per; ++j) lut[v * per + j] = (float)((v >> (j * width)) & mask) - off;
     int64_t i = 0;
-    float kv = kinv[c];
-    const int64_t nbytes = (n + per - 1) / per;
-    for (int64_t byte = 0; byte < nbytes; ++byte) {
-        uint32_t b = in[byte];
-        for (int j = 0; j < per && i < n; ++j, ++i) {
-            float code = (float)((b >> (j * width)) & mask);
-            out[i] = (code - off) * kv;
-            kv = next_element(kinv, B, C, &pos, &c, kv);
+    while (i < n) {
+        int64_t run = B - pos;
+        if (run > n - i) run = n - i;
+        const float kv = kinv[c];
+        int64_t u = i, e = i + run;
+        for (; u < e && u % per; ++u) out[u] = lut[in[u / per] * per + u % per] * kv;
+        const int64_t b0 = u / per, b1 = e / per;
+        float *o = out + b0 * per;
+#define DQ(P)                                                                              \
+    for (int64_t b = b0; b < b1; ++b, o += P) {                                            \
+        const float *l = lut + in[b] * P;                                                  \
+        for (int j = 0; j < P; ++j) o[j] = l[j] * kv;                                      \
+    }
+        switch (per) {
+        case 1: DQ(1); break;
+        case 2: DQ(2); break;
+        case 4: DQ(4); break;
+        default: DQ(8);
+        }
+#undef DQ
+        for (u = b1 * per > u ? b1 * per : u; u < e; ++u) out[u] = lut[in[u / per] * per + u % per] * kv;
+        i = e;
+        pos += run;
+        if (pos == B) {
+            pos = 0;
+            if (++c == C) c = 0;
         }
     }
 }
@@ -329,17 +402,55 @@ void fxc_unpack_mask(const uint8_t *in, int64_t n, uint8_t *out) {
 
 /* Rows r0..r1 of x (row r has B elements, scale row r % C): max|x| into
  * amax, count of x > 0 into nnz (when given), minimum into *minv; the
- * accumulators start as the caller set them. */
+ * accumulators start as the caller set them. NaN is skipped (it fails
+ * every comparison here). With AVX2, 8 lanes of max/min/count per row
+ * (the compiler will not reorder a float max reduction itself), merged
+ * after: max and counts do not depend on the order, and the minimum only
+ * in the sign of a zero (its value, all the callers read, does not). */
 static void stats_rows(const float *x, int64_t r0, int64_t r1, int64_t C, int64_t B, float *amax, float *minv,
                        int64_t *nnz) {
     float mn = *minv;
     int64_t c = r0 % C;
+#ifdef __AVX2__
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), zero = _mm256_setzero_ps();
+#endif
     for (int64_t r = r0; r < r1; ++r) {
         const float *xs = x + r * B;
         float a = amax[c], m = mn;
-        int64_t z = 0;
+        int64_t z = 0, u = 0;
+#ifdef __AVX2__
+        if (B >= 16) {
+            /* a NaN in the first operand of max/min gives the second: skipped */
+            __m256 va = _mm256_set1_ps(a), vm = _mm256_set1_ps(m);
+            __m256i vz = _mm256_setzero_si256();
+            if (nnz) {
+                for (; u + 8 <= B; u += 8) {
+                    const __m256 v = _mm256_loadu_ps(xs + u);
+                    va = _mm256_max_ps(_mm256_and_ps(v, absm), va);
+                    vm = _mm256_min_ps(v, vm);
+                    vz = _mm256_sub_epi32(vz, _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)));
+                }
+            } else {
+                for (; u + 8 <= B; u += 8) {
+                    const __m256 v = _mm256_loadu_ps(xs + u);
+                    va = _mm256_max_ps(_mm256_and_ps(v, absm), va);
+                    vm = _mm256_min_ps(v, vm);
+                }
+            }
+            float la[8], lm[8];
+            int32_t lz[8];
+            _mm256_storeu_ps(la, va);
+            _mm256_storeu_ps(lm, vm);
+            _mm256_storeu_si256((__m256i *)lz, vz);
+            for (int q = 0; q < 8; ++q) {
+                a = la[q] > a ? la[q] : a;
+                m = lm[q] < m ? lm[q] : m;
+                z += lz[q];
+            }
+        }
+#endif
         if (nnz) {
-            for (int64_t u = 0; u < B; ++u) {
+            for (; u < B; ++u) {
                 const float v = xs[u];
                 const float av = fabsf(v);
                 a = av > a ? av : a;
@@ -348,7 +459,7 @@ static void stats_rows(const float *x, int64_t r0, int64_t r1, int64_t C, int64_
             }
             nnz[c] += z;
         } else {
-            for (int64_t u = 0; u < B; ++u) {
+            for (; u < B; ++u) {
                 const float v = xs[u];
                 const float av = fabsf(v);
                 a = av > a ? av : a;
@@ -408,7 +519,18 @@ int fxc_stats(const float *x, int64_t n, int64_t C, int64_t B, float *amax, floa
 /* 1-bit mask to values: out[i] = bit ? on : off (what a ReLU backward reads). */
 static void fxc_unpack_mask_values_run(const uint8_t *in, int64_t n, float on, float off, float *out) {
     const int64_t full = n / 8;
-    for (int64_t b = 0; b < full; ++b) {
+    int64_t b = 0;
+#ifdef __AVX2__
+    /* lane j of byte b: bit j set selects on, else off (the same values as below) */
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 von = _mm256_set1_ps(on), voff = _mm256_set1_ps(off);
+    for (; b < full; ++b) {
+        const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(in[b]), sel);
+        const __m256 set = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, sel));
+        _mm256_storeu_ps(out + 8 * b, _mm256_blendv_ps(voff, von, set));
+    }
+#endif
+    for (; b < full; ++b) {
         const uint32_t v = in[b];
         float *p = out + 8 * b;
         for (int j = 0; j < 8; ++j) p[j] = ((v >> j) & 1) ? on : off;
@@ -535,164 +657,301 @@ int fxc_stats_nnz(const float *x, int64_t n, int64_t C, int64_t B, float *amax, 
     return stats_all(x, n, C, B, amax, minv, nnz);
 }
 
+/* ---- zero-value streams on every thread. A zvc stream holds the codes of
+ * a channel subset's non-zero elements in the subset's flat order (row
+ * a * Csub + j is channel idx[j] of sample a, B elements), so where a
+ * piece of the subset starts in the stream is the count of non-zeros
+ * before it: the 1-bit mask (x > 0, the ReLU's, 1 bit per element of the
+ * full tensor) gives that by popcount at 1/32 of the bytes of x. Each
+ * piece's start is then moved forward to the first element with a
+ * multiple of 8 codes before it, so every piece begins on a byte of every
+ * slice and the pieces' bytes do not overlap: each thread packs or decodes
+ * its piece exactly as the one-thread loop does that part of the stream
+ * (the random draw is indexed by element, not by thread), so the bytes are
+ * the same at any thread count. */
+
+/* set bits of mask in bit positions [b, b + n) */
+static int64_t count_bits(const uint8_t *mask, int64_t b, int64_t n) {
+    int64_t c = 0;
+    for (; n > 0 && (b & 7); ++b, --n) c += (mask[b >> 3] >> (b & 7)) & 1;
+    const uint8_t *p = mask + (b >> 3);
+    const int64_t nb = n >> 3;
+    int64_t i = 0;
+    for (; i + 8 <= nb; i += 8) {
+        uint64_t v = 0;
+        for (int q = 0; q < 8; ++q) v |= (uint64_t)p[i + q] << (8 * q);
+        c += __builtin_popcountll(v);
+    }
+    for (; i < nb; ++i) c += __builtin_popcount(p[i]);
+    b += nb * 8;
+    n -= nb * 8;
+    for (; n > 0; ++b, --n) c += (mask[b >> 3] >> (b & 7)) & 1;
+    return c;
+}
+
+/* full-tensor position of subset element e */
+static inline int64_t sel_pos(int64_t C, int64_t B, const int64_t *idx, int64_t Csub, int64_t e) {
+    const int64_t row = e / B;
+    return ((row / Csub) * C + idx[row % Csub]) * B + e % B;
+}
+
+/* set bits of the subset's elements [e0, e1) */
+static int64_t count_sel(const uint8_t *mask, int64_t C, int64_t B, const int64_t *idx, int64_t Csub, int64_t e0,
+                         int64_t e1) {
+    int64_t c = 0;
+    while (e0 < e1) {
+        int64_t run = B - e0 % B;
+        if (run > e1 - e0) run = e1 - e0;
+        c += count_bits(mask, sel_pos(C, B, idx, Csub, e0), run);
+        e0 += run;
+    }
+    return c;
+}
+
+/* Cut the subset's N elements into T pieces: element starts es[0..T] and
+ * stream starts cs[0..T] (es[T] = N, cs[T] = all codes), each cs[t] a
+ * multiple of 8. The piece counts are taken in parallel. */
+static void zvc_cuts(const uint8_t *mask, int64_t C, int64_t B, const int64_t *idx, int64_t Csub, int64_t N,
+                     int T, int64_t *es, int64_t *cs) {
+    int64_t cnt[T];
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t) cnt[t] = count_sel(mask, C, B, idx, Csub, piece(N, t, T), piece(N, t + 1, T));
+    int64_t before = 0; /* codes before the nominal start of piece t */
+    es[0] = cs[0] = 0;
+    for (int t = 1; t <= T; ++t) {
+        before += cnt[t - 1];
+        int64_t e = piece(N, t, T), c = before;
+        if (e < es[t - 1]) { /* the previous start moved past this one */
+            e = es[t - 1];
+            c = cs[t - 1];
+        }
+        if (t < T) {
+            while (e < N && (c & 7)) {
+                const int64_t p = sel_pos(C, B, idx, Csub, e);
+                c += (mask[p >> 3] >> (p & 7)) & 1;
+                ++e;
+            }
+        }
+        es[t] = e;
+        cs[t] = c;
+    }
+}
+
 /* Zero-value packing of a channel subset of an unsigned x (A, C, B): only
  * the elements x > 0 are quantized and packed (one slice), in the subset's
  * flat order; the stochastic hash index is the element's position in the
  * subset (zeros included), as in the reference. Which elements are non-zero
- * is the mask stored elsewhere (the ReLU's). */
-static void zvc_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
-                      int64_t Csub, int bits, int nparts, const int *w, const int *sh, int stoch, uint32_t key,
-                      uint8_t *const *outs) {
+ * is the mask stored elsewhere (the ReLU's); this piece covers subset
+ * elements [e0, e1), whose codes start at c0 in the stream. */
+static void zvc_pack_range(const float *x, const float *k, int64_t C, int64_t B, const int64_t *idx, int64_t Csub,
+                           int bits, int nparts, const int *w, const int *sh, int stoch, uint32_t key,
+                           uint8_t *const *outs, int64_t e0, int64_t e1, int64_t c0) {
     uint8_t *op[5];
-    for (int q = 0; q < nparts; ++q) op[q] = outs[q];
+    for (int q = 0; q < nparts; ++q) op[q] = outs[q] + c0 / (8 / w[q]);
     const float hi = (float)((1 << bits) - 1);
     uint16_t buf[CHUNK + 8];
-    int64_t fill = 0, e = 0;
+    int64_t fill = 0, e = e0;
 #ifdef __AVX2__
-    if (!exp_ready) exp_init();
+    if (!__atomic_load_n(&exp_ready, __ATOMIC_ACQUIRE)) exp_init();
 #endif
-    for (int64_t a = 0; a < A; ++a)
-        for (int64_t j = 0; j < Csub; ++j) {
-            const float *src = x + (a * C + idx[j]) * B;
-            const float kc = k[j];
-            int64_t done = 0;
-            while (done < B) {
-                int64_t run = B - done;
-                if (run > CHUNK - fill) run = CHUNK - fill;
-                const float *xs = src + done;
-                /* branchless compaction: every code is written, the fill
-                 * index only moves past the ones of non-zero elements */
-                if (stoch) {
-                    for (int64_t u = 0; u < run; ++u) {
-                        const float xv = xs[u];
-                        float v = xv * kc;
-                        v = v + u01(e + u, key);
-                        v = v > hi ? hi : v;
-                        buf[fill] = (uint16_t)(int32_t)v;
-                        fill += xv > 0.0f;
-                    }
-                } else {
-                    int64_t u = 0;
-#ifdef __AVX2__
-                    /* 8 at a time: the same float operations, then the
-                     * codes of the elements > 0 moved to the front (LUT
-                     * permute) and all 8 stored; fill moves by their count */
-                    const __m256 kv = _mm256_set1_ps(kc), half = _mm256_set1_ps(0.5f), hv = _mm256_set1_ps(hi);
-                    const __m256 zero = _mm256_setzero_ps();
-                    for (; u + 8 <= run; u += 8) {
-                        const __m256 xv = _mm256_loadu_ps(xs + u);
-                        __m256 v = _mm256_add_ps(_mm256_mul_ps(xv, kv), half);
-                        v = _mm256_min_ps(v, hv);
-                        const __m256i c = _mm256_cvttps_epi32(v);
-                        const int mb = _mm256_movemask_ps(_mm256_cmp_ps(xv, zero, _CMP_GT_OQ));
-                        const __m256i pc = _mm256_permutevar8x32_epi32(
-                            c, _mm256_loadu_si256((const __m256i *)cmp_idx[mb]));
-                        const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(pc),
-                                                             _mm256_extracti128_si256(pc, 1));
-                        _mm_storeu_si128((__m128i *)(buf + fill), p16);
-                        fill += __builtin_popcount((unsigned)mb);
-                    }
-#endif
-                    for (; u < run; ++u) {
-                        const float xv = xs[u];
-                        float v = xv * kc;
-                        v = v + 0.5f;
-                        v = v > hi ? hi : v;
-                        buf[fill] = (uint16_t)(int32_t)v;
-                        fill += xv > 0.0f;
-                    }
+    while (e < e1) {
+        const int64_t row = e / B, pos = e % B;
+        const float *src = x + ((row / Csub) * C + idx[row % Csub]) * B + pos;
+        const float kc = k[row % Csub];
+        int64_t rest = B - pos;
+        if (rest > e1 - e) rest = e1 - e;
+        int64_t done = 0;
+        while (done < rest) {
+            int64_t run = rest - done;
+            if (run > CHUNK - fill) run = CHUNK - fill;
+            const float *xs = src + done;
+            /* branchless compaction: every code is written, the fill
+             * index only moves past the ones of non-zero elements */
+            if (stoch) {
+                for (int64_t u = 0; u < run; ++u) {
+                    const float xv = xs[u];
+                    float v = xv * kc;
+                    v = v + u01(e + done + u, key);
+                    v = v > hi ? hi : v;
+                    buf[fill] = (uint16_t)(int32_t)v;
+                    fill += xv > 0.0f;
                 }
-                done += run;
-                e += run;
-                if (fill == CHUNK) {
-                    pack_slices(buf, fill, nparts, w, sh, op);
-                    fill = 0;
+            } else {
+                int64_t u = 0;
+#ifdef __AVX2__
+                /* 8 at a time: the same float operations, then the codes
+                 * of the elements > 0 moved to the front (LUT permute) and
+                 * all 8 stored; fill moves by their count */
+                const __m256 kv = _mm256_set1_ps(kc), half = _mm256_set1_ps(0.5f), hv = _mm256_set1_ps(hi);
+                const __m256 zero = _mm256_setzero_ps();
+                for (; u + 8 <= run; u += 8) {
+                    const __m256 xv = _mm256_loadu_ps(xs + u);
+                    __m256 v = _mm256_add_ps(_mm256_mul_ps(xv, kv), half);
+                    v = _mm256_min_ps(v, hv);
+                    const __m256i c = _mm256_cvttps_epi32(v);
+                    const int mb = _mm256_movemask_ps(_mm256_cmp_ps(xv, zero, _CMP_GT_OQ));
+                    const __m256i pc =
+                        _mm256_permutevar8x32_epi32(c, _mm256_loadu_si256((const __m256i *)cmp_idx[mb]));
+                    const __m128i p16 =
+                        _mm_packus_epi32(_mm256_castsi256_si128(pc), _mm256_extracti128_si256(pc, 1));
+                    _mm_storeu_si128((__m128i *)(buf + fill), p16);
+                    fill += __builtin_popcount((unsigned)mb);
+                }
+#endif
+                for (; u < run; ++u) {
+                    const float xv = xs[u];
+                    float v = xv * kc;
+                    v = v + 0.5f;
+                    v = v > hi ? hi : v;
+                    buf[fill] = (uint16_t)(int32_t)v;
+                    fill += xv > 0.0f;
                 }
             }
+            done += run;
+            if (fill == CHUNK) {
+                pack_slices(buf, fill, nparts, w, sh, op);
+                fill = 0;
+            }
         }
+        e += rest;
+    }
+    /* a piece but the last holds a multiple of 8 codes: whole bytes */
     if (fill) pack_slices(buf, fill, nparts, w, sh, op);
 }
 
-/* Inverse of zvc_pack_sel for all slices at once: elements whose bit is
- * set in `mask` (1 bit per element of the full tensor) take the next code,
- * the others are 0. Codes are decoded CHUNK at a time into a window; the
- * mask is read 56 bits at a time, and each element's code position is a
- * popcount of the bits before it, so rows of any length and alignment cost
- * no per-element dependency chain. */
-static void zvc_unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
-                            int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int64_t nnz,
-                            const uint8_t *mask, float *out) {
+/* Pieces need the mask and enough elements; otherwise one thread walks
+ * the whole stream (mask may be NULL then). */
+static int zvc_threads(const uint8_t *mask, int64_t N) {
+    return mask ? npieces(N) : 1;
+}
+
+static void zvc_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
+                         int64_t Csub, int bits, int nparts, const int *w, const int *sh, int stoch, uint32_t key,
+                         const uint8_t *mask, int64_t nnz, uint8_t *const *outs) {
+    const int64_t N = A * Csub * B;
+    const int T = zvc_threads(mask, N);
+    int64_t es[T + 1], cs[T + 1];
+    if (T > 1) zvc_cuts(mask, C, B, idx, Csub, N, T, es, cs);
+    /* a mask that does not count the nnz codes the buffers were sized for
+     * is not this tensor's (x > 0): one thread then, which needs no cuts */
+    if (T == 1 || cs[T] != nnz) {
+        zvc_pack_range(x, k, C, B, idx, Csub, bits, nparts, w, sh, stoch, key, outs, 0, N, 0);
+        return;
+    }
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t)
+        if (es[t + 1] > es[t])
+            zvc_pack_range(x, k, C, B, idx, Csub, bits, nparts, w, sh, stoch, key, outs, es[t], es[t + 1], cs[t]);
+}
+
+/* Inverse of zvc_pack_range for all slices at once, on subset elements
+ * [e0, e1) whose codes are [c0, c1) of the stream: elements whose bit is
+ * set in `mask` take the next code, the others are 0. Codes are decoded
+ * CHUNK at a time into a window; the mask is read 56 bits at a time, and
+ * each element's code position is a popcount of the bits before it, so
+ * rows of any length and alignment cost no per-element dependency chain. */
+static void zvc_unpack_range(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
+                             int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int64_t mbytes,
+                             const uint8_t *mask, float *out, int64_t e0, int64_t e1, int64_t c0, int64_t c1) {
     uint16_t buf[CHUNK + 128];
-    const int64_t mbytes = (A * C * B + 7) / 8;
-    int64_t got = 0;      /* codes decoded so far (a multiple of CHUNK until the end) */
+    int64_t got = c0;     /* stream position decoded up to (c0 + a multiple of CHUNK until the end) */
     int64_t have = 0;     /* codes in buf[0..have) */
     int64_t used = 0;     /* consumed from buf */
     for (int i = 0; i < 64; ++i) buf[i] = 0;
 #ifdef __AVX2__
-    if (!exp_ready) exp_init();
+    if (!__atomic_load_n(&exp_ready, __ATOMIC_ACQUIRE)) exp_init();
 #endif
-    for (int64_t a = 0; a < A; ++a)
-        for (int64_t j = 0; j < Csub; ++j) {
-            const int64_t e0 = (a * C + idx[j]) * B;
-            float *dst = out + e0;
-            const float kv = kinv[j];
-            for (int64_t done = 0; done < B; done += 56) {
-                const int piece = (B - done) < 56 ? (int)(B - done) : 56;
-                if (have - used < 64 && got < nnz) {
-                    const int64_t keep = have - used;
-                    for (int64_t i = 0; i < keep; ++i) buf[i] = buf[used + i];
-                    const int64_t m = (nnz - got) < CHUNK ? (nnz - got) : CHUNK;
-                    decode_stream(parts, w, s, nparts, got, m, buf + keep);
-                    got += m;
-                    have = keep + m;
-                    used = 0;
-                    for (int64_t i = have; i < have + 64; ++i) buf[i] = 0; /* read past the last code, discarded */
-                }
-                const int64_t e = e0 + done;
-                const int64_t byte = e >> 3;
-                uint64_t word = 0;
-                if (byte + 8 <= mbytes) {
-                    for (int q = 0; q < 8; ++q) word |= (uint64_t)mask[byte + q] << (8 * q);
-                } else {
-                    for (int q = 0; byte + q < mbytes; ++q) word |= (uint64_t)mask[byte + q] << (8 * q);
-                }
-                word = (word >> (e & 7)) & ((piece == 64 ? ~0ull : ((1ull << piece) - 1ull)));
-                const uint16_t *bs = buf + used;
-                float *d = dst + done;
-                int q0 = 0;
-#ifdef __AVX2__
-                if (((e0 + done) & 7) == 0) {
-                    /* 8 elements per step: convert the next 8 codes, move
-                     * each to its element (a permute from a LUT of the mask
-                     * byte), zero the unset ones; same products as below */
-                    const __m256 kvv = _mm256_set1_ps(kv);
-                    int t = 0;
-                    for (; q0 + 8 <= piece; q0 += 8) {
-                        const int mb = (int)((word >> q0) & 0xFFu);
-                        const __m128i c16 = _mm_loadu_si128((const __m128i *)(bs + t));
-                        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(c16)), kvv);
-                        const __m256i ix = _mm256_loadu_si256((const __m256i *)exp_idx[mb]);
-                        const __m256 mk = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)exp_msk[mb]));
-                        _mm256_storeu_ps(d + q0, _mm256_and_ps(_mm256_permutevar8x32_ps(v, ix), mk));
-                        t += __builtin_popcount((unsigned)mb);
-                    }
-                }
-#endif
-                for (int q = q0; q < piece; ++q) {
-                    const int bit = (int)((word >> q) & 1u);
-                    const float v = (float)bs[__builtin_popcountll(word & ((1ull << q) - 1ull))] * kv;
-                    d[q] = bit ? v : 0.0f;
-                }
-                used += __builtin_popcountll(word);
+    int64_t e = e0;
+    while (e < e1) {
+        const int64_t row = e / B, pos = e % B, j = row % Csub;
+        const int64_t f0 = ((row / Csub) * C + idx[j]) * B + pos; /* full-tensor position */
+        float *dst = out + f0;
+        const float kv = kinv[j];
+        int64_t rest = B - pos;
+        if (rest > e1 - e) rest = e1 - e;
+        for (int64_t done = 0; done < rest; done += 56) {
+            const int piece = (rest - done) < 56 ? (int)(rest - done) : 56;
+            if (have - used < 64 && got < c1) {
+                const int64_t keep = have - used;
+                for (int64_t i = 0; i < keep; ++i) buf[i] = buf[used + i];
+                const int64_t m = (c1 - got) < CHUNK ? (c1 - got) : CHUNK;
+                decode_stream(parts, w, s, nparts, got, m, buf + keep);
+                got += m;
+                have = keep + m;
+                used = 0;
+                for (int64_t i = have; i < have + 64; ++i) buf[i] = 0; /* read past the last code, discarded */
             }
+            const int64_t fe = f0 + done;
+            const int64_t byte = fe >> 3;
+            uint64_t word = 0;
+            if (byte + 8 <= mbytes) {
+                for (int q = 0; q < 8; ++q) word |= (uint64_t)mask[byte + q] << (8 * q);
+            } else {
+                for (int q = 0; byte + q < mbytes; ++q) word |= (uint64_t)mask[byte + q] << (8 * q);
+            }
+            word = (word >> (fe & 7)) & ((1ull << piece) - 1ull);
+            const uint16_t *bs = buf + used;
+            float *d = dst + done;
+            int q0 = 0;
+#ifdef __AVX2__
+            if ((fe & 7) == 0) {
+                /* 8 elements per step: convert the next 8 codes, move each
+                 * to its element (a permute from a LUT of the mask byte),
+                 * zero the unset ones; same products as below */
+                const __m256 kvv = _mm256_set1_ps(kv);
+                int t = 0;
+                for (; q0 + 8 <= piece; q0 += 8) {
+                    const int mb = (int)((word >> q0) & 0xFFu);
+                    const __m128i c16 = _mm_loadu_si128((const __m128i *)(bs + t));
+                    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(c16)), kvv);
+                    const __m256i ix = _mm256_loadu_si256((const __m256i *)exp_idx[mb]);
+                    const __m256 mk = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)exp_msk[mb]));
+                    _mm256_storeu_ps(d + q0, _mm256_and_ps(_mm256_permutevar8x32_ps(v, ix), mk));
+                    t += __builtin_popcount((unsigned)mb);
+                }
+            }
+#endif
+            for (int q = q0; q < piece; ++q) {
+                const int bit = (int)((word >> q) & 1u);
+                const float v = (float)bs[__builtin_popcountll(word & ((1ull << q) - 1ull))] * kv;
+                d[q] = bit ? v : 0.0f;
+            }
+            used += __builtin_popcountll(word);
         }
+        e += rest;
+    }
+}
+
+static void zvc_unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
+                               int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int64_t nnz,
+                               const uint8_t *mask, float *out) {
+    const int64_t N = A * Csub * B, mbytes = (A * C * B + 7) / 8;
+    const int T = zvc_threads(mask, N);
+    int64_t es[T + 1], cs[T + 1];
+    if (T > 1) zvc_cuts(mask, C, B, idx, Csub, N, T, es, cs);
+    if (T == 1 || cs[T] != nnz) {
+        zvc_unpack_range(parts, w, s, nparts, kinv, Csub, B, idx, C, mbytes, mask, out, 0, N, 0, nnz);
+        return;
+    }
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t)
+        if (es[t + 1] > es[t])
+            zvc_unpack_range(parts, w, s, nparts, kinv, Csub, B, idx, C, mbytes, mask, out, es[t], es[t + 1], cs[t],
+                             cs[t + 1]);
 }
 
 /* 1-bit mask of x > thr straight from floats (a ReLU's saved result): one
  * pass, no intermediate bool tensor. Same bits as fxc_pack_mask(x > thr). */
 static void fxc_pack_gt_run(const float *x, int64_t n, float thr, uint8_t *out) {
     const int64_t full = n / 8;
-    for (int64_t b = 0; b < full; ++b) {
+    int64_t b = 0;
+#ifdef __AVX2__
+    /* a byte is the sign mask of one 8-lane compare (NaN > thr: false, as below) */
+    const __m256 tv = _mm256_set1_ps(thr);
+    for (; b < full; ++b)
+        out[b] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8 * b), tv, _CMP_GT_OQ));
+#endif
+    for (; b < full; ++b) {
         const float *p = x + 8 * b;
         uint32_t acc = 0;
         for (int j = 0; j < 8; ++j) acc |= (uint32_t)(p[j] > thr) << j;
@@ -707,6 +966,54 @@ static void fxc_pack_gt_run(const float *x, int64_t n, float thr, uint8_t *out) 
 
 void fxc_pack_gt(const float *x, int64_t n, float thr, uint8_t *out) {
     PIECES(n, fxc_pack_gt_run(x + i0, i1 - i0, thr, out + i0 / 8));
+}
+
+/* A ReLU's result, read once for both saves of it: the 1-bit mask x > 0
+ * (what fxc_pack_gt writes) and the statistics the next op's quantized
+ * save needs (fxc_stats_nnz: per-row max|x|, the minimum, per-row count of
+ * x > 0). Rows r of B elements, scale row r % C. Each thread takes a run
+ * of rows that starts on a mask byte (a multiple of 8 rows) with its own
+ * accumulators, merged after (max, min and counts: any order gives the
+ * same result), and walks it 8 rows at a time, the mask of a block written
+ * while the block is still in cache. Returns -1 when out of memory. */
+int fxc_pack_gt_stats(const float *x, int64_t n, int64_t C, int64_t B, uint8_t *mask, float *amax, float *minv,
+                      int64_t *nnz) {
+    const int64_t rows = n / B, blocks = (rows + 7) / 8;
+    int T = npieces(n);
+    if (T > blocks) T = (int)blocks;
+    if (T < 1) T = 1;
+    float *ta = (float *)malloc((size_t)T * (size_t)C * sizeof(float));
+    float *tm = (float *)malloc((size_t)T * sizeof(float));
+    int64_t *tz = (int64_t *)calloc((size_t)T * (size_t)C, sizeof(int64_t));
+    if (!ta || !tm || !tz) {
+        free(ta); free(tm); free(tz);
+        return -1;
+    }
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t) {
+        for (int64_t c = 0; c < C; ++c) ta[t * C + c] = 0.0f;
+        tm[t] = INFINITY;
+        for (int64_t b = blocks * t / T; b < blocks * (t + 1) / T; ++b) {
+            const int64_t r0 = 8 * b, r1 = r0 + 8 < rows ? r0 + 8 : rows;
+            stats_rows(x, r0, r1, C, B, ta + t * C, tm + t, tz + t * C);
+            fxc_pack_gt_run(x + r0 * B, (r1 - r0) * B, 0.0f, mask + r0 * B / 8);
+        }
+    }
+    float mn = INFINITY;
+    for (int64_t c = 0; c < C; ++c) {
+        float a = 0.0f;
+        int64_t z = 0;
+        for (int t = 0; t < T; ++t) {
+            a = ta[t * C + c] > a ? ta[t * C + c] : a;
+            z += tz[t * C + c];
+        }
+        amax[c] = a;
+        nnz[c] = z;
+    }
+    for (int t = 0; t < T; ++t) mn = tm[t] < mn ? tm[t] : mn;
+    *minv = mn;
+    free(ta); free(tm); free(tz);
+    return 0;
 }
 
 /* ---- whole tensors at per-channel widths: one call for all width groups.
@@ -757,9 +1064,9 @@ int fxc_mixed_unpack(const uint8_t *const *parts, const int *w, const int *sh, c
 
 int fxc_mixed_zvc_pack(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
                        const int64_t *start, const int64_t *gnnz, const int *gbits, const int *gnp, const int *w,
-                       const int *sh, int stoch, const uint32_t *keys, uint8_t *const *outs) {
+                       const int *sh, int stoch, const uint32_t *keys, const uint8_t *mask, uint8_t *const *outs) {
     FOR_GROUPS(!gnnz[g], zvc_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, stoch,
-                                      keys[g], outs + 5 * g));
+                                      keys[g], mask, gnnz[g], outs + 5 * g));
 }
 
 int fxc_mixed_zvc_unpack(const uint8_t *const *parts, const int *w, const int *sh, const int *gnp,

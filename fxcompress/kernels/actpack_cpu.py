@@ -28,6 +28,8 @@ def _declare(lib) -> None:
     lib.fxc_unpack_mask_values.argtypes = [P, I64, ctypes.c_float, ctypes.c_float, P]
     lib.fxc_pack_gt.argtypes = [P, I64, ctypes.c_float, P]
     lib.fxc_stats_nnz.argtypes = [P, I64, I64, I64, P, P, P]
+    lib.fxc_pack_gt_stats.argtypes = [P, I64, I64, I64, P, P, P, P]
+    lib.fxc_pack_gt_stats.restype = I
     lib.fxc_group_widths.argtypes = [I64, P, P, I, ctypes.c_float, P, P, P, P, P, P, P]
     lib.fxc_group_widths.restype = I
     lib.fxc_window_local.argtypes = [P, I64, I64, I64, I64, I, I, I, I, I, I, I, P]
@@ -35,7 +37,7 @@ def _declare(lib) -> None:
     lib.fxc_window_local.restype = lib.fxc_window_global.restype = None
     for f, extra in (("fxc_mixed_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, I, I, P, P]),
                      ("fxc_mixed_unpack", [P, P, P, P, P, I64, I64, I64, P, I, P, P, I, P]),
-                     ("fxc_mixed_zvc_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, P, I, P, P]),
+                     ("fxc_mixed_zvc_pack", [P, P, I64, I64, I64, P, I, P, P, P, P, P, P, I, P, P, P]),
                      ("fxc_mixed_zvc_unpack", [P, P, P, P, P, I64, I64, I64, P, I, P, P, P, P])):
         getattr(lib, f).argtypes = extra
         getattr(lib, f).restype = I

@@ -53,6 +53,25 @@ def pack_mask_gt(x: torch.Tensor, thr: float = 0.0) -> PackedMask:
     return pack_mask(x > thr)
 
 
+def pack_mask_gt_stats(x3: torch.Tensor, shape=None):
+    """A ReLU result x (viewed as (A, C, B); `shape` its own) read once for both of its saves:
+    (pack_mask_gt(x, 0), per-row max|x|, the minimum, per-row count of x > 0),
+    the mask and what stats_nnz gives, in one pass on the CPU fast path;
+    None where that path does not apply (the caller takes the two calls)."""
+    if not (x3.dtype == torch.float32 and x3.dim() == 3 and x3.is_contiguous() and x3.numel()
+            and backend_for(x3, _lib) == "c"):
+        return None
+    n, C = x3.numel(), x3.shape[1]
+    bits = torch.empty(-(-n // 8), dtype=torch.uint8)
+    amax = torch.empty(C, dtype=torch.float32)
+    mn = torch.empty((), dtype=torch.float32)
+    nnz = torch.empty(C, dtype=torch.int64)
+    if _lib().fxc_pack_gt_stats(x3.data_ptr(), n, C, x3.shape[2], bits.data_ptr(), amax.data_ptr(), mn.data_ptr(),
+                                nnz.data_ptr()):
+        raise MemoryError("fxc_pack_gt_stats: out of memory for per-thread accumulators")
+    return PackedMask(bits, tuple(shape if shape is not None else x3.shape), n), amax, mn, nnz
+
+
 def unpack_mask_values(p: PackedMask, on: float, off: float, dtype=torch.float32) -> torch.Tensor:
     """The mask decoded straight to values: `on` where set, `off` elsewhere."""
     if dtype == torch.float32 and backend_for(p.bits, _lib) == "c":

@@ -82,9 +82,13 @@ def _mixed_zvc_pack_c(x3, bits_c, nnz_c, mask, stoch, seed, amax, shape) -> Pack
     gnnz = grp.gnnz
     parts, outs = _alloc_parts(grp, [int(v) for v in gnnz[:grp.G]])
     keys = (ctypes.c_uint32 * grp.G)(*[mix_seed(seed + i) if stoch else 0 for i in range(grp.G)])
+    # the mask (x > 0) tells each thread where its piece starts in a group's
+    # stream; a mask of another length is not used (one thread per group)
+    mbits = mask.bits if mask.bits.is_contiguous() else mask.bits.contiguous()
+    mptr = mbits.data_ptr() if mask.n == x3.numel() and mbits.numel() * 8 >= mask.n else None
     rc = _lib().fxc_mixed_zvc_pack(x3.data_ptr(), grp.k.data_ptr(), A, C, B, grp.order.data_ptr(), grp.G,
                                        grp.c_start, gnnz.ctypes.data, grp.c_bits, grp.c_np, grp.c_w, grp.c_sh,
-                                       int(stoch), keys, outs)
+                                       int(stoch), keys, mptr, outs)
     if rc:
         raise MemoryError("fxc_mixed_zvc_pack: out of memory for a channel index")
     groups = []

@@ -208,7 +208,14 @@ class SaveSpec(nn.Module):
         if form == "mask":
             return _Mask(actpack.pack_mask(t), None, None, t.dtype)
         if form == "relu":
-            # threshold_backward(grad, result, 0) only asks result > 0
+            # threshold_backward(grad, result, 0) only asks result > 0. The
+            # next op's save of this tensor needs its statistics: taken in
+            # the same read (one pass over the tensor instead of two)
+            if t.dim() >= 3 and t.is_contiguous():
+                t3 = actpack.view3(t, "channel")
+                got = actpack.pack_mask_gt_stats(t3, t.shape)
+                if got is not None:
+                    return _Mask(got[0], 1.0, 0.0, t.dtype, (tuple(t3.shape),) + got[1:])
             return _Mask(actpack.pack_mask_gt(t, 0.0), 1.0, 0.0, t.dtype)
         if form == "hardtanh":
             lo, hi = self.geom.get("min_val", -1.0), self.geom.get("max_val", 1.0)
@@ -220,15 +227,19 @@ class SaveSpec(nn.Module):
         cdim = 1 if x.dim() >= 3 else -1
         x3 = actpack.view3(x, s.granularity, s.group_size, cdim)
         relu = None
-        if s.mode == "auto" and self.dx2 is not None and s.granularity == "channel" and key is not None \
-                and x.dim() >= 3:
-            relu = self._ledger.registry.get(key + ("relu",))
-            if not (isinstance(relu, _Mask) and relu.on == 1.0):
-                relu = None
+        # a ReLU output whose mask is stored already: its statistics too
+        mask = self._ledger.registry.get(key + ("relu",)) if key is not None and x.dim() >= 3 else None
+        if not (isinstance(mask, _Mask) and mask.on == 1.0):
+            mask = None
+        cached = mask.stats if mask is not None and s.granularity == "channel" else None
+        if cached is not None and cached[0] != tuple(x3.shape):
+            cached = None
+        if s.mode == "auto" and self.dx2 is not None and s.granularity == "channel":
+            relu = mask
         if relu is not None:
-            amax, mn, nnz_c = actpack.stats_nnz(x3)
+            amax, mn, nnz_c = cached[1:] if cached is not None else actpack.stats_nnz(x3)
         else:
-            amax, mn = actpack.stats(x3)
+            amax, mn = cached[1:3] if cached is not None else actpack.stats(x3)
         signed = float(mn) < 0  # one read of the scalar, not a compare op and a read
         # stochastic rounding: one draw from torch's global generator per tensor,
         # so runs are reproducible and a resumed run (the driver restores the
@@ -290,8 +301,13 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     if not torch.is_grad_enabled():
         return spec.call(args, kwargs)  # evaluation: nothing is saved, the last figures stay
     if torch.compiler.is_compiling() and getattr(spec, "compiled_hooks", False):
-        # the ambient compiled hooks store what it saves (runtime/compile_support.py)
-        return spec.call(args, kwargs)
+        # the ambient compiled hooks store what it saves (runtime/compile_support.py);
+        # the annotation names this node on the aten nodes its op makes
+        cid = getattr(spec, "compile_id", None)
+        if cid is None:
+            return spec.call(args, kwargs)
+        with torch.fx.traceback.annotate({"fxc_save": cid}):
+            return spec.call(args, kwargs)
     if spec.first:
         spec._ledger.reset()
     skip = set()

@@ -38,6 +38,7 @@ storage once), `ratio` and `avg_bits`.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any, Dict, List
 
@@ -48,6 +49,13 @@ from .activations_config import ActivationsSettings
 from .controller import Controller
 from .measure import saved_figures
 from .probe import measure
+
+
+def _finite(*values) -> bool:
+    """Every statistic (float or tensor) finite: a step with NaN/inf gradients
+    (a diverging step, an overflow step of a gradient scaler) is skipped, as
+    one where no gradient arrived, so it never reaches the window's means."""
+    return all(bool(torch.isfinite(v).all()) if torch.is_tensor(v) else math.isfinite(float(v)) for v in values)
 
 
 class AutoQuantController(Controller):
@@ -107,12 +115,16 @@ class AutoQuantController(Controller):
                 continue  # no gradient reached these layers: no information
             rec = {"gw2": sum(s["gw2"] for s in snaps), "uy2": sum(s["u"] * s["gy2"] for s in snaps),
                    "numel": snaps[0]["numel"]}
+            if not _finite(rec["gw2"], rec["uy2"]):
+                continue  # a NaN/inf gradient says nothing either, and would poison the window
             self.snapshots.setdefault(g[0], deque(maxlen=self.settings.window)).append(rec)
         for n in self.bn_nodes:
             s = self._specs[n].snapshot
             if not all(k in s for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2")) or s["sgx2"] == 0.0:
                 continue
             rec = {k: s[k] for k in ("sgx2", "nnz2", "gz2_max", "ggamma2", "inv_std2", "gamma2", "K", "NHW")}
+            if not _finite(*rec.values()):
+                continue
             self.snapshots.setdefault(n, deque(maxlen=self.settings.window)).append(rec)
         if self.probe_nodes:
             for n in self.probe_nodes:

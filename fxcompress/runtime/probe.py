@@ -42,6 +42,7 @@ error on later batches.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -205,6 +206,12 @@ def _search(spec, snap, e: float, max_bits: int, seed: int) -> Optional[Dict[str
     """The exact local backward, then widths from FIRST_WIDTH up until within e."""
     ref = _run(spec, snap, None, seed)
     ref2 = [float(g.double().pow(2).sum()) if g is not None else 0.0 for g in ref]
+    if not all(math.isfinite(n) for n in ref2):
+        # a NaN/inf gradient (a diverging step, or a scaler's overflow step)
+        # says nothing about the width: not measured at this step, as when no
+        # gradient arrives (AutoQuant tries again at the next steps); a
+        # diverged run is stopped by the loop's non-finite loss check
+        return None
     if not any(ref2):
         return None
     err = float("nan")

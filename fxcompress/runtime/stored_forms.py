@@ -32,12 +32,16 @@ class _ShapeOnly:
 
 
 class _Mask:
-    """1 bit per element; decoded to `on`/`off` values of the original dtype."""
+    """1 bit per element; decoded to `on`/`off` values of the original dtype.
+    A ReLU's mask may carry `stats`: ((A, C, B), per-channel max|x|, the
+    minimum, per-channel count of x > 0) of the same tensor, taken in the
+    same read, for the next op's quantized save of it (not stored bytes: a
+    few per channel, for this forward)."""
 
-    __slots__ = ("packed", "on", "off", "dtype", "stride")
+    __slots__ = ("packed", "on", "off", "dtype", "stride", "stats")
 
-    def __init__(self, packed, on, off, dtype):
-        self.packed, self.on, self.off, self.dtype = packed, on, off, dtype
+    def __init__(self, packed, on, off, dtype, stats=None):
+        self.packed, self.on, self.off, self.dtype, self.stats = packed, on, off, dtype, stats
 
     def nbytes(self) -> int:
         return self.packed.nbytes()

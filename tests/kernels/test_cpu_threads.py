@@ -18,7 +18,7 @@ def _outputs(x):
     a, mn = ap.stats(x3)
     a2, mn2, nnz = ap.stats_nnz(xr3)
     out += [a, mn, a2, mn2, nnz]
-    for bits, signed in ((3, True), (8, False), (12, True), (1, False)):
+    for bits, signed in ((3, True), (8, False), (12, True), (1, False), (2, True), (4, False)):
         p = ap.quant_pack(x3 if signed else xr3, bits, "stochastic", seed=bits, signed=signed)
         out += list(p.parts) + [ap.unpack(p)]
     bits_c = torch.arange(x3.shape[1]) % 9 + 1
@@ -72,5 +72,66 @@ def test_psgd_scaling_equal_reference_at_1_2_3_threads():
             got = sg.scale_many_cpu(gs, ws, deltas, [7] * 5, [0.5] * 5, [1e-3 if i % 2 else 0.0 for i in range(5)],
                                     zero)
             assert all(torch.equal(a, b) for a, b in zip(got, ref)), n
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_zero_value_streams_cut_per_thread_equal_reference(monkeypatch, rounding):
+    """AutoQuant's zero-value packing of a ReLU output cuts each width
+    group's stream into a piece per thread where the mask says a piece's
+    codes start on a byte: groups large enough to be cut (several 64 K
+    element pieces), rows of odd length (B = 61 * 59), whole channels and
+    long runs of zeros (a piece start must walk past them), 1..16-bit
+    widths; the same bytes and decoded values as the torch reference at 1,
+    2 and 3 threads."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, 61, 59, generator=gen).relu_()  # 2-bit group: 324 K elements
+    x[:, 5] = 0  # a whole channel of zeros
+    x[2:4, :, 3:50] = 0  # long zero runs across channels
+    x[:, 7] = x[:, 7].abs() + 0.1  # a dense channel
+    xr3 = ap.view3(x, "channel")
+    widths = [2, 3, 2, 16, 2, 5, 3, 2] * 5  # few groups: 2 and 3 bits hold most channels
+
+    def run():
+        a, _, nnz = ap.stats_nnz(xr3)
+        m = ap.pack_mask_gt(x, 0.0)
+        z = ap.mixed_zvc_pack(xr3, torch.tensor(widths), m, nnz, rounding, seed=9, amax=a)
+        return [q for _, g, _ in z.groups for q in g.parts] + [ap.mixed_zvc_unpack(z)]
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("FXC_CPU_FAST", "0")
+        ref = run()
+        monkeypatch.setenv("FXC_CPU_FAST", "1")
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = run()
+            assert len(got) == len(ref)
+            for i, (g, r) in enumerate(zip(got, ref)):
+                assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_relu_mask_with_statistics_equal_separate_passes():
+    """fxc_pack_gt_stats (a ReLU's mask and the next save's statistics in one
+    read, cut at multiples of 8 rows) gives pack_mask_gt's bytes and
+    stats_nnz's values at 1, 2 and 3 threads: rows of odd length, a row
+    count not a multiple of 8, negative values and NaN."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 13, 41, 37, generator=gen)  # 91 rows of 1517: 138 K elements
+    x[3, 2, 5, 7] = float("nan")
+    x[:, 4] = x[:, 4].relu()
+    x3 = ap.view3(x, "channel")
+    want = [ap.pack_mask_gt(x, 0.0).bits, *ap.stats_nnz(x3)]
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            m, amax, mn, nnz = ap.pack_mask_gt_stats(x3, x.shape)
+            assert m.shape == tuple(x.shape) and m.n == x.numel()
+            for i, (g, r) in enumerate(zip([m.bits, amax, mn, nnz], want)):
+                assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
     finally:
         torch.set_num_threads(before)
