@@ -255,6 +255,12 @@ def test_rl_credits_each_sample_with_its_own_reward():
     r = [alpha / 2 * (1 - a) for a in actions]
     torch.testing.assert_close(logp[1].grad, -w_rl * (r[1] + g * -ce) / 4)
     torch.testing.assert_close(logp[0].grad, -w_rl * (r[0] + g * r[1] + g ** 2 * -ce) / 4)
+    # rl_baseline (option, off by default): each gate's batch-mean return is subtracted
+    logp = [torch.zeros(4, requires_grad=True) for _ in range(2)]
+    rl_loss(outputs, targets, logp, actions, alpha, 1.0, w_rl, baseline=True).backward()
+    torch.testing.assert_close(logp[1].grad, -w_rl * (r2 - r2.mean()) / 4)
+    r1 = alpha / 2 * (1 - actions[0]) + r2
+    torch.testing.assert_close(logp[0].grad, -w_rl * (r1 - r1.mean()) / 4)
 
 
 def test_rl_gates_stay_undecided_after_a_step_and_actions_vary():
@@ -298,6 +304,81 @@ def test_rl_training_step_reaches_the_gates():
         assert b.log_prob is None  # consumed
     cm.eval()
     assert cm.extra_loss(cm(x), y) is None
+
+
+@pytest.mark.parametrize("mode", ["rl", "sp"])
+def test_warmup_trains_both_paths_under_a_random_gate_then_the_gate(mode):
+    """settings warmup_epochs/warmup_high (a recipe option, off by default):
+    during the warm-up epochs each sample takes the high path with
+    probability warmup_high whatever the gate says, the gate gets no gradient
+    and RL adds no term; from the next epoch the method runs as the SPEC says."""
+    torch.manual_seed(0)
+    pol = policy(mode)
+    pol["settings"]["dual_precision"].update(warmup_epochs=1, warmup_high=0.25)
+    cm = fxcompress.compile(UserNet(blocks=2), pol, (torch.randn(2, 1, 8, 8),))
+    ctl = cm.controllers["dual_precision"]
+    x, y = torch.randn(512, 1, 8, 8), torch.randint(0, 3, (512,))
+    cm.train()
+    ctl.on_epoch_start(0)
+    out = cm(x)
+    assert cm.extra_loss(out, y) is None
+    F.cross_entropy(out, y).backward()
+    for b in ctl.blocks.values():
+        assert 0.15 < float(b.last_usage) < 0.35  # the gate alone would send every sample high (p = 0.73)
+        assert b.gate.fc.bias.grad is None or not b.gate.fc.bias.grad.any()
+        low = [p for n, p in b.low_norms.named_parameters()]
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in low)  # the 1-bit path trains
+    cm.zero_grad()
+    ctl.on_epoch_end(0)
+    ctl.on_epoch_start(1)
+    out = cm(x)
+    extra = cm.extra_loss(out, y)
+    assert (extra is not None) == (mode == "rl")
+    (F.cross_entropy(out, y) + (extra if extra is not None else 0)).backward()
+    for b in ctl.blocks.values():
+        assert b.warm is None and b.gate.fc.bias.grad.abs().sum() > 0
+    cm.eval()
+    with torch.no_grad():
+        ctl.on_epoch_start(0)  # eval ignores the warm-up: the gate decides
+        cm(x)
+    assert all(u == 1.0 for u in ctl.eval_usage().values())
+
+
+def test_distill_option_trains_the_low_path_toward_the_high_path():
+    """settings distill (option, off by default): extra_loss adds
+    distill * sum_blocks mean((low - high.detach())^2) in training."""
+    torch.manual_seed(0)
+    _, plain = compiled(mode="sp")
+    plain.train()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    assert plain.extra_loss(plain(x), y) is None  # off by default: sp adds nothing
+    pol = policy("sp")
+    pol["settings"]["dual_precision"]["distill"] = 2.0
+    torch.manual_seed(0)
+    net = UserNet()
+    cm = fxcompress.compile(net, pol, (torch.randn(2, 1, 8, 8),))
+    block = cm.controllers["dual_precision"].blocks["blocks.0"]
+    pairs = []
+    h = block.merge.register_forward_hook(lambda m, i, o: pairs.append((i[0].detach(), i[1].detach())))
+    cm.train()
+    extra = cm.extra_loss(cm(x), y)
+    h.remove()
+    low, high = pairs[0]
+    torch.testing.assert_close(extra, 2.0 * F.mse_loss(low, high))
+    extra.backward()
+    assert block.low_norms["blocks_0_body_1"].weight.grad.abs().sum() > 0
+    assert net.blocks[0].body[1].weight.grad is None  # the high path's norm: the target, not trained by it
+    assert block.merge.pair is None  # consumed
+    cm.eval()
+    with torch.no_grad():
+        assert cm.extra_loss(cm(x), y) is None
+
+
+def test_warmup_settings_are_checked():
+    pol = policy("rl")
+    pol["settings"]["dual_precision"].update(warmup_high=1.5)
+    with pytest.raises(PolicyError, match="warmup_high"):
+        fxcompress.compile(UserNet(), pol, (torch.randn(2, 1, 8, 8),))
 
 
 def test_init_from_all_4bit_fills_low_norms():

@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_compile.py                      # table: every policy x resnet18, vit_b_16
     .venv/bin/python tools/bench_compile.py --quick              # tiny CNN, aot_eager (seconds)
     .venv/bin/python tools/bench_compile.py --timing             # resnet50 b32 64x64 step time + peak memory
+    .venv/bin/python tools/bench_compile.py --main-job --epochs 3  # ResNet-20 digits epochs, eager vs --compile
 
 Table, per (model, policy), the model compressed with the policy and
 compiled with `--backend` (default inductor):
@@ -53,7 +54,9 @@ import yaml  # noqa: E402
 POLICIES = sorted(glob.glob(os.path.join(ROOT, "policies", "*.yaml")))
 # (batch, image size, classes); small inputs: the table is about graphs, not speed
 MODELS = {"resnet18": (4, 32, 10), "vit_b_16": (2, 32, 10), "tiny": (4, 16, 10)}
-LOSSY = ("acgc",)  # policy name prefixes whose gradients are approximate by design
+def lossy(pol: dict) -> bool:
+    """Activation compression: gradients approximate by design."""
+    return any("activations" in (r or {}) for r in pol.get("rules", []) or [])
 STATS_EVERY = 5
 
 
@@ -173,25 +176,42 @@ def one_grad(cm, x, y, seed):
     return out.detach(), grads(cm)
 
 
+def train(cm, x, y, steps: int):
+    """2 warm-up steps then `steps` counted ones (random batches of x's shape)."""
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    cm.attach_optimizer(opt)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(x.shape, generator=gen), torch.randint(0, 10, y.shape, generator=gen))
+               for _ in range(2 + steps)]
+    for xb, yb in batches[:2]:
+        step(cm, opt, xb, yb)
+    return opt, batches[2:]
+
+
+def twin(m, pol, x, trained):
+    """An eager CompressedModel in `trained`'s state: weights, buffers and
+    every controller's state (AutoQuant's budgets, PSGD's ranges)."""
+    e = compress(copy.deepcopy(m), pol, x)
+    e.load_state_dict(trained.state_dict(), strict=False)
+    for name, c in trained.controllers.items():
+        if name in e.controllers:
+            e.controllers[name].load_state(c.state())
+    return e
+
+
 def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
     name = os.path.splitext(os.path.basename(policy_path))[0]
     res = {"model": model, "policy": name, "backend": backend}
     pol = policy_dict(policy_path)
     m, x, y = build_model(model)
-    base = compress(copy.deepcopy(m), None, x)
-    eager = compress(copy.deepcopy(m), pol, x)
-    comp = compress(copy.deepcopy(m), pol, x)
-    # numerics on the untrained weights (first step: AutoQuant at its start width)
-    out_b, g_b = one_grad(base, x, y, 7)
-    out_e, g_e = one_grad(eager, x, y, 7)
     torch._dynamo.reset()
     counter = CountingBackend(backend)
+    comp = compress(copy.deepcopy(m), pol, x)
     t0 = time.perf_counter()
     try:
         comp.compile_with(counter, fullgraph=True)
-        out_c, g_c = one_grad(comp, x, y, 7)
-        res["fullgraph"] = True
-        res["breaks"] = []
+        opt, batches = train(comp, x, y, steps)
+        res["fullgraph"], res["breaks"] = True, []
     except Exception as e:  # noqa: BLE001 - the table reports why
         res["fullgraph"] = False
         res["fullgraph_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
@@ -200,39 +220,42 @@ def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
         counter = CountingBackend(backend)
         comp = compress(copy.deepcopy(m), pol, x)
         comp.compile_with(counter)
-        out_c, g_c = one_grad(comp, x, y, 7)
+        opt, batches = train(comp, x, y, steps)
     res["first_compile_s"] = round(time.perf_counter() - t0, 1)
+    # recompiles over `steps` training steps after warm-up (statistics steps among them)
+    before = counter.calls
+    for xb, yb in batches:
+        step(comp, opt, xb, yb)
+    res["compiles_warmup"] = before
+    res["recompiles"] = counter.calls - before
+    call = comp.__dict__["_compiled"]
+    res["activation_hooks"] = repr(call.hooks) if call.hooks is not None else "-"
+    res["eager_statistics_steps"] = call.eager_calls
+    # numerics: the trained compiled model vs its eager twin (same weights,
+    # budgets, ranges; a step that is not a statistics step), same batch, seed
+    assert not any(s.collect for s in call.specs), "numerics step would be a statistics step"
+    eager = twin(m, pol, x, comp)
+    base = compress(copy.deepcopy(m), None, x)
+    base.load_state_dict(comp.state_dict(), strict=False)
+    out_b, g_b = one_grad(base, x, y, 7)
+    out_e, g_e = one_grad(eager, x, y, 7)
+    out_c, g_c = one_grad(comp, x, y, 7)
     scale = float(out_e.abs().max()) or 1.0
     res["out"] = float((out_c - out_e).abs().max()) / scale
-    if name.startswith(LOSSY):
+    if lossy(pol):
         res["grad"] = rel_total(g_c, g_b)
         res["grad_eager"] = rel_total(g_e, g_b)
         res["ok"] = res["out"] < 1e-4 and res["grad"] <= 2 * res["grad_eager"] + 1e-3
     else:
         res["grad"] = rel_worst(g_c, g_e)
         res["ok"] = res["out"] < 1e-4 and res["grad"] < 1e-4
-    # recompiles after warm-up over `steps` training steps
-    opt = torch.optim.SGD(comp.parameters(), lr=0.01)
-    if hasattr(comp, "attach_optimizer"):
-        comp.attach_optimizer(opt)
-    gen = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(x.shape, generator=gen), torch.randint(0, 10, y.shape, generator=gen))
-               for _ in range(2 + steps)]
-    for xb, yb in batches[:2]:
-        step(comp, opt, xb, yb)
-    before = counter.calls
-    for xb, yb in batches[2:]:
-        step(comp, opt, xb, yb)
-    res["compiles_warmup"] = before
-    res["recompiles"] = counter.calls - before
-    hooks = comp.__dict__["_compiled"].hooks
-    res["activation_hooks"] = repr(hooks) if hooks is not None else comp.__dict__["_compiled"].eager_reason
     torch._dynamo.reset()
     return res
 
 
-def print_table(rows):
-    print(f"{'model':9} {'policy':20} {'fullgraph':9} {'recomp':6} {'out':>8} {'grad':>8} {'grad_eag':>8} ok  breaks")
+def print_table(rows, header=True):
+    if header:
+        print(f"{'model':9} {'policy':20} {'fullgraph':9} {'recomp':6} {'out':>8} {'grad':>8} {'grad_eag':>8} ok  breaks")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:9} {r['policy']:20} ERROR {r['error']}")
@@ -243,7 +266,8 @@ def print_table(rows):
               f"{r['grad']:8.1e} {ge:>8} {'y' if r['ok'] else 'N'}   {br}")
         if not r["fullgraph"]:
             print(f"{'':31}fullgraph=True: {r['fullgraph_error']}")
-        print(f"{'':31}activations: {r['activation_hooks'] or '-'}")
+        print(f"{'':31}activations: {r['activation_hooks'] or '-'}; eager statistics steps: "
+              f"{r['eager_statistics_steps']}")
 
 
 # ------------------------------------------------------------------ timing
@@ -342,6 +366,55 @@ def timing(quick: bool, backend: str, steps: int, modes) -> dict:
     return res
 
 
+# ------------------------------------------------------------------ main job
+
+MAIN_JOB_MODES = {"none": None, "auto": "acgc_auto.yaml"}
+
+
+def main_job(epochs: int, backend: str, extra, modes) -> dict:
+    """The default ResNet-20 main job on digits (`fxcompress train`), eager
+    and `--compile BACKEND`, uncompressed and acgc_auto: per-epoch time from
+    each run's report.json. Epoch 1 of a compiled run includes its compile;
+    `epoch_s` is the mean of the later epochs (needs --epochs >= 2)."""
+    import tempfile
+
+    res = {}
+    for mode in modes:
+        for compiled in (False, True):
+            key = f"{mode}/{'compiled' if compiled else 'eager'}"
+            with tempfile.TemporaryDirectory() as run:
+                cmd = [sys.executable, "-m", "fxcompress", "train", "--epochs", str(epochs), "--run-dir", run,
+                       "--no-progress", "--no-plots", "--json"] + list(extra)
+                if MAIN_JOB_MODES[mode]:
+                    cmd += ["--policy", os.path.join(ROOT, "policies", MAIN_JOB_MODES[mode])]
+                if compiled:
+                    cmd += ["--compile", backend]
+                out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                                     text=True, timeout=7200)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)}: {out.stderr[-2000:]}")
+                with open(os.path.join(run, "report.json")) as f:
+                    rep = json.load(f)
+            times = [e["time_s"] for e in rep["epochs"]]
+            later = times[1:] or times
+            r = {"epoch1_s": times[0], "epoch_s": sum(later) / len(later), "test_acc": rep["epochs"][-1]["test_acc"]}
+            res[key] = r
+            print(f"  {key:16} epoch 1 {r['epoch1_s']:8.1f} s   later epochs {r['epoch_s']:8.1f} s   "
+                  f"test acc {r['test_acc']:.4f}", flush=True)
+    for kind in ("eager", "compiled"):
+        base = res.get(f"none/{kind}")
+        for mode in modes:
+            if mode != "none" and base and f"{mode}/{kind}" in res:
+                r = res[f"{mode}/{kind}"]
+                r["ratio_vs_none"] = r["epoch_s"] / base["epoch_s"]
+                print(f"  {mode}/{kind}: {r['ratio_vs_none']:.2f}x the uncompressed epoch", flush=True)
+    for mode in modes:
+        e, c = res.get(f"{mode}/eager"), res.get(f"{mode}/compiled")
+        if e and c:
+            print(f"  {mode}: compiled epoch {c['epoch_s'] / e['epoch_s']:.2f}x eager's", flush=True)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,vit_b_16")
@@ -352,6 +425,10 @@ def main(argv=None):
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--timing-modes", default="none,2bit,auto,psgd")
     ap.add_argument("--timing-steps", type=int, default=10)
+    ap.add_argument("--main-job", action="store_true",
+                    help="time per epoch of the default ResNet-20 digits job, eager vs --compile")
+    ap.add_argument("--epochs", type=int, default=2, help="--main-job: epochs per run (>= 2: epoch 1 compiles)")
+    ap.add_argument("--train-args", default="", help="--main-job: extra `fxcompress train` arguments (quoted)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -360,6 +437,13 @@ def main(argv=None):
         fn = timing_child if kind == "time" else memory_child
         args = (mode, compiled == "1", quick == "1", backend) + ((int(steps),) if kind == "time" else ())
         print(json.dumps(fn(*args)))
+        return 0
+    if a.main_job:
+        import shlex
+
+        res = main_job(a.epochs, a.backend, shlex.split(a.train_args), list(MAIN_JOB_MODES))
+        if a.json:
+            print(json.dumps(res, indent=1))
         return 0
     if a.timing:
         res = timing(a.quick, a.backend, 3 if a.quick else a.timing_steps, a.timing_modes.split(","))
@@ -381,7 +465,7 @@ def main(argv=None):
                      "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
             rows.append(r)
             if not a.json:
-                print_table([r])
+                print_table([r], header=len(rows) == 1)
                 sys.stdout.flush()
     if a.json:
         print(json.dumps(rows, indent=1))

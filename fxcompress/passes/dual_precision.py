@@ -132,9 +132,26 @@ class DualPrecisionSettings:
     #: module paths whose whole forward is a block (for blocks without a residual
     #: add); block settings come from the rule that selects the block's first layer
     blocks: List[str] = field(default_factory=list)
+    #: recipe option, not in the SPEC (0: off, the SPEC's recipe): the first
+    #: warmup_epochs of training run each sample's block on the high path with
+    #: probability warmup_high, else the low path, whatever the gate says; the
+    #: gate does not learn then. From a 4-bit model the 1-bit path starts
+    #: untrained; this trains it (and the shared weights for both widths)
+    #: before the gate weighs the two paths.
+    warmup_epochs: int = 0
+    warmup_high: float = 0.5
+    #: recipe option, not in the SPEC (false: the SPEC's loss): RL subtracts
+    #: each gate's batch-mean return from the returns (REINFORCE baseline)
+    rl_baseline: bool = False
+    #: recipe option, not in the SPEC (0: off): weight of a per-block feature
+    #: distillation term, mean((low - high.detach())^2) summed over blocks, in
+    #: training (both paths run on every sample then)
+    distill: float = 0.0
 
     def check(self):
-        for name in ("alpha", "w_rl"):
+        check_range("warmup_epochs", self.warmup_epochs, 0, 100000)
+        check_range("warmup_high", self.warmup_high, 0.0, 1.0)
+        for name in ("alpha", "w_rl", "distill"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(name, f"must be a number >= 0, got {v}")
@@ -394,7 +411,9 @@ class DualPrecisionPass(Pass):
             gm._register_load_state_dict_pre_hook(fill_low_norms, with_module=True)
         if result.modified:
             result.controllers["dual_precision"] = DualPrecisionController(
-                blocks, cost, settings.mode, settings.alpha, settings.gamma, settings.w_rl)
+                blocks, cost, settings.mode, settings.alpha, settings.gamma, settings.w_rl,
+                settings.warmup_epochs, settings.warmup_high, settings.rl_baseline,
+                settings.distill)
             if blocks:
                 result.notes.append(f"{len(blocks)} dual block(s) ({settings.mode}"
                                     f"{', pre-gate' if settings.pre_gate else ''}): {', '.join(blocks)}")

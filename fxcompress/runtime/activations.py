@@ -303,8 +303,13 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     if not torch.is_grad_enabled():
         return spec.call(args, kwargs)  # evaluation: nothing is saved, the last figures stay
     if torch.compiler.is_compiling() and getattr(spec, "compiled_hooks", False):
-        # the ambient compiled hooks store what it saves (runtime/compile_support.py)
-        return spec.call(args, kwargs)
+        # the ambient compiled hooks store what it saves (runtime/compile_support.py);
+        # the annotation names this node on the aten nodes its op makes
+        cid = getattr(spec, "compile_id", None)
+        if cid is None:
+            return spec.call(args, kwargs)
+        with torch.fx.traceback.annotate({"fxc_save": cid}):
+            return spec.call(args, kwargs)
     if spec.first:
         spec._ledger.reset()
     skip = set()

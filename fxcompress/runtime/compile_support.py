@@ -25,16 +25,36 @@ What they cover, and why it differs from eager:
   float tensors of >= 2 dims and `min_numel` elements at `bits` per element
   (widths that do not divide 8 are stored in the next that does: 3 -> 4);
   integers (max-pool offsets) and small tensors as they are;
-- zero-value compression and AutoQuant need sizes or widths that depend on
-  the data (Python-side statistics); they stay on the eager per-node hooks,
-  one graph break per compressed node (tools/bench_compile.py names them).
+- zero-value compression, AutoQuant and policies whose nodes have
+  different settings take the second kind of hooks below.
+
+Per-node settings (`SpecHooks`). Every `fxc_save` region is annotated while
+dynamo traces it (torch.fx.traceback.annotate: the node name travels in the
+meta of every aten node the region makes, through AOT autograd). The pack
+hook is told which forward-graph node it stores (AOT's hook context), finds
+the region that saves it as eager does (the op that reads it as an input,
+else the op that made it) and calls two torch.library custom ops:
+`fxcompress::pack_saved` runs that node's eager SaveSpec.pack (its rule,
+bits, zvc, AutoQuant widths from the budget the controller set at its last
+step, the ledger's byte accounting) and returns a one-element handle;
+`fxcompress::unpack_saved` decodes it. The packed object lives in a table
+outside the graph while the handle (what autograd saves) lives. Why custom
+ops and not plain tensor code: the stored sizes depend on the data (the
+non-zeros, the widths picked from max|x_c| each step), and the widths on a
+budget that changes at statistics steps; traced, either would be a
+recompile per step or data-dependent shapes through the saved tensors.
+Opaque, they run the C/Triton kernels eager runs (inductor fuses nothing
+into them). Statistics steps (AutoQuant's `collect`, a few per hundred) run
+the eager graph module: their tensor hooks and replays are Python.
 
 PSGD. `ScaledGradGroup.forward` takes `scaled_grad_compiled` under
 compile: plain tensor code, guard-free (runtime/scaled_grad.py says what).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import itertools
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -161,13 +181,23 @@ def unpack_tensor(obj):
     return v.reshape(shape).to(dtype)
 
 
+def _python_hook_body(x):
+    """Stands in the hook GraphModule's graph (never run: `forward` is the hook)."""
+    return x
+
+
 def _hook_graph_module(fn) -> fx.GraphModule:
     """A GraphModule whose call runs `fn` (its own graph is a placeholder):
     AOT autograd re-traces the hook for each saved tensor, so Python branches
     on the tensor's dtype and shape in `fn` become a specialised graph each."""
     g = fx.Graph()
     x = g.placeholder("x")
-    g.output(x)
+    # AOT autograd's cache keys a graph by its hooks' *graphs*; ours are
+    # Python (bits, spec ids, the routing), invisible there: a cache hit
+    # could reuse another setting's packing. A call of a plain Python
+    # function makes AOT bypass its cache for these graphs (inductor's own
+    # cache still keys the inlined result).
+    g.output(g.call_function(_python_hook_body, (x,)))
     gm = fx.GraphModule(nn.Module(), g)
     gm.forward = fn  # instance attribute: what nn.Module.__call__ runs
     return gm
@@ -197,6 +227,181 @@ class ActivationHooks:
                 f"min_numel={self.min_numel})")
 
 
+# ---------------------------------------------------------- per-node settings
+
+ANNOTATION = "fxc_save"  # key of the region annotation (node meta "custom")
+_SPECS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_STORE: Dict[int, Any] = {}
+_KEYS = itertools.count(1)
+_IDS = itertools.count(1)
+
+
+def register_spec(spec) -> int:
+    """A process-wide id for a SaveSpec (what the custom ops name it by)."""
+    sid = getattr(spec, "compile_id", None)
+    if sid is None or _SPECS.get(sid) is not spec:
+        sid = next(_IDS)
+        spec.compile_id = sid
+        _SPECS[sid] = spec
+    return sid
+
+
+def _forget(key: int) -> None:
+    _STORE.pop(key, None)
+
+
+@torch.library.custom_op("fxcompress::pack_saved", mutates_args=())
+def pack_saved(x: torch.Tensor, spec_id: int, relu_id: int) -> torch.Tensor:
+    """Store `x` as node `spec_id` stores it in eager mode; a handle to it.
+
+    relu_id (0: none): the ReLU whose result x is; its 1-bit mask is stored
+    first, as eager's ReLU node stores it, so that the consumer's AutoQuant
+    pack shares it (stores only the non-zeros) and unpack keeps the sign."""
+    relu = _SPECS[relu_id].pack(x) if relu_id else None
+    obj = _SPECS[spec_id].pack(x)
+    key = next(_KEYS)
+    h = torch.tensor([key], dtype=torch.int64)
+    _STORE[key] = (obj, relu)
+    weakref.finalize(h, _forget, key)  # the packed object lives as long as autograd keeps the handle
+    return h
+
+
+@pack_saved.register_fake
+def _(x, spec_id, relu_id):
+    return x.new_empty((1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("fxcompress::unpack_saved", mutates_args=())
+def unpack_saved(h: torch.Tensor, spec_id: int, relu_id: int, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
+    """The tensor a handle stores, contiguous."""
+    obj, relu = _STORE[int(h[0])]
+    v = _SPECS[spec_id].unpack(obj)
+    if relu is not None and v.is_floating_point():
+        # one tensor serves the ReLU's backward (x > 0) and the consumer's:
+        # a positive value whose code is 0 must stay positive
+        pos = _SPECS[relu_id].unpack(relu).reshape(v.shape) > 0
+        v = torch.where(pos, v.clamp(min=torch.finfo(v.dtype).tiny), v)
+    v = v.reshape(shape).to(dtype)
+    # a kept tensor is returned by eager's unpack itself: a copy here, as the
+    # compiled backward may reuse an op's output buffer
+    return v.clone(memory_format=torch.contiguous_format) if hasattr(obj, "t") else v.contiguous()
+
+
+@unpack_saved.register_fake
+def _(h, spec_id, relu_id, shape, dtype):
+    return h.new_empty(shape, dtype=dtype)
+
+
+def _no_grad_backward(ctx, grad):
+    return None, None, None  # a stored form carries no gradient (hooks see detached tensors)
+
+
+pack_saved.register_autograd(_no_grad_backward)
+unpack_saved.register_autograd(lambda ctx, grad: (None, None, None, None, None))
+
+
+def _region(node) -> Optional[int]:
+    return (node.meta.get("custom") or {}).get(ANNOTATION)
+
+
+_STORING_RULES = ("relu", "hardtanh", "maxpool", "shape")  # rules whose stored form is not values
+
+
+def specs_for(node, bw_graph=None) -> Tuple[Optional[Any], Optional[Any]]:
+    """(spec that stores the saved fx node, ReLU spec whose result it is).
+
+    As eager decides: the nodes that save a tensor are those whose backward
+    reads it (the annotation reaches the backward graph's nodes too). A
+    node that needs its values (a convolution's input, BatchNorm's, a
+    softmax's output) stores it by its rule and settings; a ReLU whose
+    result it is adds its 1-bit mask (shared, as eager shares it). When
+    only mask-like rules read it (a ReLU result no convolution reads, a
+    max-pool's indices), that rule's form."""
+    aten = torch.ops.aten
+    saved_name = node.name
+    while getattr(node, "target", None) in (aten.detach.default, aten.alias.default) and node.args:
+        node = node.args[0]
+    made = _region(node)
+    savers = []
+    if bw_graph is not None:
+        for p in bw_graph.find_nodes(op="placeholder"):
+            if p.name == saved_name:
+                for u in p.users:
+                    r = _region(u)
+                    if r is not None and r in _SPECS and r not in savers:
+                        savers.append(r)
+    if not savers and made in _SPECS:
+        savers = [made]
+    if not savers:
+        return None, None
+    values = [r for r in savers if _SPECS[r].rule not in _STORING_RULES]
+    relu = None
+    if made in savers and _SPECS[made].rule == "relu" and _SPECS[made].settings.masks:
+        relu = _SPECS[made]
+    if values:
+        return _SPECS[min(values)], relu
+    return _SPECS[min(savers)], None
+
+
+class SpecHooks:
+    """Pack/unpack GraphModules that store each saved tensor by its node's
+    own SaveSpec through the custom ops (module docstring)."""
+
+    def __init__(self):
+        def pack(x):
+            ctx = _hook_context()
+            if ctx is None or not torch.is_tensor(x):
+                return x  # not inside AOT's inlining (a run-time call): nothing to name the node by
+            spec, relu = specs_for(ctx["_node"], ctx.get("_bw_graph"))
+            if spec is None:
+                return x
+            if spec.rule == "maxpool" and x.dtype == torch.int64:
+                _set_pool_width(spec, ctx["_node"])
+            h = torch.ops.fxcompress.pack_saved(x, spec.compile_id, 0 if relu is None else relu.compile_id)
+            return ("spec", h, spec.compile_id, 0 if relu is None else relu.compile_id, tuple(x.shape),
+                    tuple(x.stride()), x.dtype)
+
+        def unpack(obj):
+            if torch.is_tensor(obj):
+                return obj
+            _, h, sid, rid, shape, stride, dtype = obj
+            v = torch.ops.fxcompress.unpack_saved(h, sid, rid, list(shape), dtype)
+            if len(shape) and tuple(stride) != tuple(v.stride()):
+                v = torch.empty_strided(shape, stride, dtype=dtype, device=v.device).copy_(v)
+            return v
+
+        self.pack = _hook_graph_module(pack)
+        self.unpack = _hook_graph_module(unpack)
+
+    def enter(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def __repr__(self) -> str:
+        return "SpecHooks(per-node SaveSpec through fxcompress::pack_saved / unpack_saved)"
+
+
+def _hook_context():
+    try:
+        from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
+    except ImportError:
+        return None
+    return _get_saved_tensor_hook_context()
+
+
+def _set_pool_width(spec, node) -> None:
+    """A max-pool's window index needs its input's width (eager reads it in
+    fxc_save; static under compile: read from the graph)."""
+    aten = torch.ops.aten
+    while getattr(node, "target", None) in (aten.detach.default, aten.alias.default) and node.args:
+        node = node.args[0]
+    src = node.args[0] if getattr(node, "target", None) is not None and node.args else None
+    while src is not None and getattr(src, "target", None) is not None and not hasattr(src, "meta"):
+        src = None
+    # getitem(max_pool2d_with_indices(x, ...), 1): x is the pool's input
+    if src is not None and src.args and hasattr(src.args[0], "meta") and "val" in src.args[0].meta:
+        spec.geom["in_w"] = int(src.args[0].meta["val"].shape[-1])
+
+
 def uniform_settings(specs: Sequence[Any]) -> Tuple[Optional[Any], str]:
     """(settings, "") when every compressed node has one fixed-bit setting the
     compiled hooks can apply, else (None, why not)."""
@@ -214,9 +419,10 @@ def uniform_settings(specs: Sequence[Any]) -> Tuple[Optional[Any], str]:
     return st, ""
 
 
-def activation_hooks_for(gm: nn.Module) -> Tuple[Optional[ActivationHooks], str]:
-    """The compiled hooks for a rewritten graph module, or (None, reason)
-    when its activation nodes must keep the eager per-node hooks."""
+def activation_hooks_for(gm: nn.Module) -> Tuple[Optional[Any], str]:
+    """The compiled hooks for a rewritten graph module: the fused fixed-bit
+    hooks when every compressed node has one fixed-bit setting, else the
+    per-node SpecHooks (with why the fused ones do not apply)."""
     from .activations import SaveSpec
 
     specs = [m for m in gm.modules() if isinstance(m, SaveSpec)]
@@ -224,7 +430,9 @@ def activation_hooks_for(gm: nn.Module) -> Tuple[Optional[ActivationHooks], str]
         return None, ""
     st, why = uniform_settings(specs)
     if st is None:
-        return None, why
+        for s in specs:
+            register_spec(s)
+        return SpecHooks(), why
     return ActivationHooks(st.bits, st.rounding == "stochastic", st.min_numel), ""
 
 
@@ -249,26 +457,24 @@ class CompiledCall:
         from .activations import SaveSpec
 
         self.gm, self.backend = gm, backend
-        self.hooks, self.eager_reason = activation_hooks_for(gm)
-        for m in gm.modules():
-            if isinstance(m, SaveSpec):
-                m.compiled_hooks = self.hooks is not None
-        # Nodes on the eager per-node hooks (graph breaks): inductor's layout
-        # optimisation would make a compiled piece's outputs channels-last,
-        # while the gradient coming back through the eager node between the
-        # pieces is contiguous; the backward piece then fails its input
-        # stride check (AssertionError "expected ... stride", first backward).
-        # So those models compile without it.
-        self.eager_nodes = self.hooks is None and any(isinstance(m, SaveSpec) for m in gm.modules())
+        self.hooks, self.hooks_reason = activation_hooks_for(gm)
+        self.specs = [m for m in gm.modules() if isinstance(m, SaveSpec)]
+        for m in self.specs:
+            m.compiled_hooks = self.hooks is not None
+        self.ledger = next((m._ledger for m in self.specs if m.first and m._ledger is not None), None)
         self.fn = torch.compile(gm, backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+        self.eager_calls = 0  # statistics steps run eager (counted for the report)
 
     def __call__(self, *args, **kwargs):
-        if self.eager_nodes:
-            from torch._inductor import config as inductor_config
-
-            with inductor_config.patch(layout_optimization=False):
-                return self.fn(*args, **kwargs)
-        if self.hooks is not None and self.gm.training and torch.is_grad_enabled():
+        training = self.gm.training and torch.is_grad_enabled()
+        if training and any(m.collect for m in self.specs):
+            # AutoQuant's statistics step: tensor hooks and replays are
+            # Python; the eager graph module runs it (no compile, no guard)
+            self.eager_calls += 1
+            return self.gm(*args, **kwargs)
+        if self.hooks is not None and training:
+            if self.ledger is not None and isinstance(self.hooks, SpecHooks):
+                self.ledger.reset()  # eager's first node does this in fxc_save (traced away here)
             with self.hooks.enter():
                 return self.fn(*args, **kwargs)
         return self.fn(*args, **kwargs)

@@ -29,6 +29,13 @@ r_i = alpha / N * (1 - a_i), terminal reward -CE_b, return
 R_i = sum_{j>=i} gamma^(j-i) r_j + gamma^(N-i) (-CE_b) (0-based i), loss =
 sum_i mean_b(-log pi_i,b * w_rl * R_i,b). Each sample is credited with its own
 cross-entropy (the authors' code broadcast gives every sample the batch mean).
+Option `rl_baseline` (settings; off by default, not in the SPEC): R_i,b -
+mean_b R_i,b in place of R_i,b, the usual REINFORCE baseline (same expected
+gradient up to the sample's own share of the mean, less variance).
+Option `distill` (settings; 0 = off, not in the SPEC): in training both paths
+run on the whole batch, and distill * sum over blocks of
+mean((low - high.detach())^2) is added (through extra_loss), so the 1-bit
+path learns to give the next block what the 4-bit path gives it.
 """
 from __future__ import annotations
 
@@ -111,9 +118,14 @@ class Merge(nn.Module):
         super().__init__()
         self.pre_gate = pre_gate
         self.routed = True
+        #: the distill option: keep the latest training forward's path outputs
+        self.keep = False
+        self.pair: Optional[tuple] = None
 
     def forward(self, low: torch.Tensor, high: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         if self.training or not self.routed:
+            if self.training and self.keep:
+                self.pair = (low, high)
             m = m.reshape((-1,) + (1,) * (low.dim() - 1)).to(low.dtype)
             return low * (1 - m) + high * m
         hard = _hard(m)
@@ -152,6 +164,10 @@ class DualBlock(nn.Module):
         self.action: Optional[torch.Tensor] = None
         #: tests and the timing tool: force every sample to one path (0 or 1)
         self.force: Optional[float] = None
+        #: warm-up (the controller sets it for the first `warmup_epochs`): in
+        #: training each sample takes the high path with this probability,
+        #: whatever the gate says, so both paths train before the gate does
+        self.warm: Optional[float] = None
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         p = probs[:, 1]
@@ -159,6 +175,9 @@ class DualBlock(nn.Module):
             m = torch.full_like(p, float(self.force))
         elif not self.training:
             m = _hard(p).to(p.dtype)
+        elif self.warm is not None:
+            # no gradient to the gate and no log pi: the RL term skips these steps
+            m = torch.bernoulli(torch.full_like(p.detach(), float(self.warm)))
         elif self.mode == "rl":
             a = torch.bernoulli(p.detach().clamp(_EPS, 1 - _EPS))
             self.action = a
@@ -263,11 +282,21 @@ class DualPrecisionController(Controller):
     kind = "dual_precision"
 
     def __init__(self, blocks: Dict[str, DualBlock], cost: CostModel, mode: str = "sp", alpha: float = 0.1,
-                 gamma: float = 1.0, w_rl: float = 0.01):
+                 gamma: float = 1.0, w_rl: float = 0.01, warmup_epochs: int = 0, warmup_high: float = 0.5,
+                 rl_baseline: bool = False, distill: float = 0.0):
         super().__init__()
         self._blocks: Dict[str, DualBlock] = dict(blocks)  # plain dict: the graph module owns them
         self.cost = cost
         self.mode, self.alpha, self.gamma, self.w_rl = mode, alpha, gamma, w_rl
+        #: the first warmup_epochs train both paths under a random gate
+        #: (high with probability warmup_high) and leave the gate as it is
+        self.warmup_epochs, self.warmup_high = warmup_epochs, warmup_high
+        self.rl_baseline = rl_baseline
+        #: option (not in the SPEC; 0 = off): weight of the per-block feature
+        #: distillation mean((low - high.detach())^2), summed over the blocks
+        self.distill = distill
+        for b in self._blocks.values():
+            b.merge.keep = distill > 0
         self.epochs: List[Dict[str, Any]] = []  # per epoch: train/test usage per block
 
     @property
@@ -276,13 +305,19 @@ class DualPrecisionController(Controller):
 
     # --- the RL term ---------------------------------------------------------
     def extra_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.mode != "rl" or not self._blocks:
-            return None
         blocks = list(self._blocks.values())
-        if any(b.log_prob is None for b in blocks):
-            return None  # not a training forward
-        return rl_loss(outputs, targets, [b.log_prob for b in blocks], [b.action for b in blocks],
-                       self.alpha, self.gamma, self.w_rl, self._clear)
+        terms = []
+        if self.distill > 0 and blocks and all(b.merge.pair is not None for b in blocks):
+            # both paths ran on the whole batch (training): the 1-bit path
+            # learns the 4-bit path's block output for every sample
+            terms.append(self.distill * sum(F.mse_loss(low, high.detach()) for low, high in
+                                            (b.merge.pair for b in blocks)))
+        for b in blocks:
+            b.merge.pair = None
+        if self.mode == "rl" and blocks and not any(b.log_prob is None for b in blocks):
+            terms.append(rl_loss(outputs, targets, [b.log_prob for b in blocks], [b.action for b in blocks],
+                                 self.alpha, self.gamma, self.w_rl, self._clear, self.rl_baseline))
+        return sum(terms[1:], terms[0]) if terms else None
 
     def _clear(self) -> None:
         for b in self._blocks.values():
@@ -301,7 +336,9 @@ class DualPrecisionController(Controller):
     def on_epoch_start(self, epoch: int) -> None:
         if epoch == 0:
             self.epochs = []  # a new run (weights from --init may carry an old history)
+        warm = self.warmup_high if epoch < self.warmup_epochs else None
         for b in self._blocks.values():
+            b.warm = warm
             b.train_sum.zero_()
             b.train_count.zero_()
 
@@ -346,16 +383,18 @@ class DualPrecisionController(Controller):
 
 
 def rl_loss(outputs: torch.Tensor, targets: torch.Tensor, log_probs: List[torch.Tensor], actions: List[torch.Tensor],
-            alpha: float, gamma: float, w_rl: float, done=None) -> torch.Tensor:
+            alpha: float, gamma: float, w_rl: float, done=None, baseline: bool = False) -> torch.Tensor:
     """The REINFORCE term for N gates (forward order), each sample credited
-    with its own terminal reward -CE_b (module docstring)."""
+    with its own terminal reward -CE_b (module docstring); `baseline`
+    subtracts each gate's batch-mean return."""
     ce = F.cross_entropy(outputs.detach(), targets, reduction="none")  # (B,): per sample
     n = len(log_probs)
     ret = -ce
     loss = outputs.new_zeros(())
     for i in reversed(range(n)):
         ret = alpha / n * (1 - actions[i]) + gamma * ret
-        loss = loss + (-log_probs[i] * w_rl * ret).mean()
+        adv = ret - ret.mean() if baseline else ret
+        loss = loss + (-log_probs[i] * w_rl * adv).mean()
     if done is not None:
         done()
     return loss
