@@ -512,6 +512,15 @@ def print_report(r) -> None:
                       + ", ".join(f"{a:.1f}" for a in d["acc"]))
 
 
+
+def write_json(text: str, dest: str) -> None:
+    """`--json -` prints to stdout; any other value is a file path."""
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w") as f:
+            f.write(text)
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer snapshots, 1 seed, 2 workers only")
@@ -552,12 +561,7 @@ def main(argv=None) -> int:
                        a.ddp_warmup if a.ddp_warmup is not None else (1 if a.quick else 3))
         print_ddp(t)
         if a.json:
-            text = json.dumps(t, indent=1)
-            if a.json == "-":
-                print(text)
-            else:
-                with open(a.json, "w") as f:
-                    f.write(text)
+            write_json(json.dumps(t, indent=1), a.json)
         return 0
     numel = a.numel or (1 << (20 if a.quick else 24))
     # throughput first, at torch's default thread count and at 1 thread; the
@@ -590,12 +594,7 @@ def main(argv=None) -> int:
     print_report(result)
     print(f"\n(total {result['seconds']:.0f} s)")
     if a.json:
-        text = json.dumps(result, indent=1, default=str)
-        if a.json == "-":
-            print(text)
-        else:
-            with open(a.json, "w") as f:
-                f.write(text)
+        write_json(json.dumps(result, indent=1, default=str), a.json)
     return 0
 
 
