@@ -170,6 +170,19 @@ static inline void unpack_groups(const uint8_t *c, int64_t groups, int BITS, int
  * operations as the plain loops (IEEE division, no FMA), so the same bits;
  * fxc_gq_simd(0) switches back to the plain loops, which the tests compare. */
 static int gq_simd = 1;
+/* the workers' sum over world: a power-of-two world multiplies by its exact
+   reciprocal (same bits as dividing, cheaper), any other divides */
+static inline void store_mean(float *dst, const float *acc, int n, int64_t world) {
+    const float fw = (float)world;
+    if ((world & (world - 1)) == 0) {
+        const float inv = 1.0f / fw;
+        if (world == 1) memcpy(dst, acc, (size_t)n * sizeof(float));
+        else for (int q = 0; q < n; ++q) dst[q] = acc[q] * inv;
+    } else {
+        for (int q = 0; q < n; ++q) dst[q] = acc[q] / fw;
+    }
+}
+
 #ifdef __AVX2__
 #include <immintrin.h>
 
@@ -264,9 +277,6 @@ static inline void decode_simd(const uint8_t *msgs, int64_t world, int64_t strid
     const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
     const __m256i sh = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(BITS));
     const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-    const float fw = (float)world;
-    const int pow2 = (world & (world - 1)) == 0;
-    const float inv = 1.0f / fw;
     const int64_t end = min64(8 * g1, numel);
     for (int64_t i = 8 * g0; i < end;) {
         const int64_t b = i / bucket;
@@ -287,12 +297,7 @@ static inline void decode_simd(const uint8_t *msgs, int64_t world, int64_t strid
                 _mm256_storeu_ps(acc + 8 * g, _mm256_add_ps(a, t)); /* 0 + t first, as the reference */
             }
         }
-        if (pow2) {
-            if (world == 1) memcpy(out + i, acc, (size_t)n * sizeof(float));
-            else for (int q = 0; q < n; ++q) out[i + q] = acc[q] * inv;
-        } else {
-            for (int q = 0; q < n; ++q) out[i + q] = acc[q] / fw;
-        }
+        store_mean(out + i, acc, n, world);
         i = stop;
     }
 }
@@ -356,9 +361,6 @@ static inline void decode_groups(const uint8_t *msgs, int64_t world, int64_t str
 #endif
     float lv[256];
     for (int j = 0; j < (1 << BITS); ++j) lv[j] = levels[j];
-    const float fw = (float)world;
-    const int pow2 = (world & (world - 1)) == 0;
-    const float inv = 1.0f / fw;
     const int64_t end = min64(8 * g1, numel);
     for (int64_t i = 8 * g0; i < end;) {
         const int64_t b = i / bucket;
@@ -384,12 +386,7 @@ static inline void decode_groups(const uint8_t *msgs, int64_t world, int64_t str
                 acc[q] = acc[q] + t;
             }
         }
-        if (pow2) {
-            if (world == 1) memcpy(out + i, acc, (size_t)n * sizeof(float));
-            else for (int q = 0; q < n; ++q) out[i + q] = acc[q] * inv;
-        } else {
-            for (int q = 0; q < n; ++q) out[i + q] = acc[q] / fw;
-        }
+        store_mean(out + i, acc, n, world);
         i = stop;
     }
 }
