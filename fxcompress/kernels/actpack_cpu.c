@@ -572,16 +572,6 @@ static void quant_pack_sel_range(const float *x, const float *k, int64_t C, int6
     if (fill) pack_slices(buf, fill, nparts, w, sh, op);
 }
 
-/* fxc_quant_pack of the channel subset idx[0..Csub) of x (A, C, B), as if
- * x.index_select(1, idx) had been packed (k has Csub entries; the hash index
- * counts elements of the subset), without making that copy; in pieces. */
-static void quant_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
-                           int64_t Csub, int bits, int nparts, const int *w, const int *sh, int is_signed, int stoch,
-                           uint32_t key, uint8_t *const *outs) {
-    PIECES(A * Csub * B, quant_pack_sel_range(x, k, C, B, idx, Csub, bits, nparts, w, sh, is_signed, stoch, key,
-                                              outs, i0, i1));
-}
-
 /* Decode codes [start, start + m) of a sliced code stream into buf (start a
  * multiple of 8, so every slice begins on a byte); one loop per slice with
  * a constant number of codes per byte, so each vectorises. */
@@ -647,15 +637,6 @@ static void unpack_scatter_range(const uint8_t *const *parts, const int *w, cons
     }
 }
 
-static void unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
-                           int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int bits, int is_signed,
-                           float *out) {
-    float off, hi;
-    grid(bits, is_signed, &off, &hi);
-    (void)hi;
-    PIECES(A * Csub * B, unpack_scatter_range(parts, w, s, nparts, kinv, Csub, B, idx, C, off, out, i0, i1));
-}
-
 int fxc_stats_nnz(const float *x, int64_t n, int64_t C, int64_t B, float *amax, float *minv, int64_t *nnz) {
     return stats_all(x, n, C, B, amax, minv, nnz);
 }
@@ -709,35 +690,6 @@ static int64_t count_sel(const uint8_t *mask, int64_t C, int64_t B, const int64_
         e0 += run;
     }
     return c;
-}
-
-/* Cut the subset's N elements into T pieces: element starts es[0..T] and
- * stream starts cs[0..T] (es[T] = N, cs[T] = all codes), each cs[t] a
- * multiple of 8. The piece counts are taken in parallel. */
-static void zvc_cuts(const uint8_t *mask, int64_t C, int64_t B, const int64_t *idx, int64_t Csub, int64_t N,
-                     int T, int64_t *es, int64_t *cs) {
-    int64_t cnt[T];
-#pragma omp parallel for num_threads(T) schedule(static, 1)
-    for (int t = 0; t < T; ++t) cnt[t] = count_sel(mask, C, B, idx, Csub, piece(N, t, T), piece(N, t + 1, T));
-    int64_t before = 0; /* codes before the nominal start of piece t */
-    es[0] = cs[0] = 0;
-    for (int t = 1; t <= T; ++t) {
-        before += cnt[t - 1];
-        int64_t e = piece(N, t, T), c = before;
-        if (e < es[t - 1]) { /* the previous start moved past this one */
-            e = es[t - 1];
-            c = cs[t - 1];
-        }
-        if (t < T) {
-            while (e < N && (c & 7)) {
-                const int64_t p = sel_pos(C, B, idx, Csub, e);
-                c += (mask[p >> 3] >> (p & 7)) & 1;
-                ++e;
-            }
-        }
-        es[t] = e;
-        cs[t] = c;
-    }
 }
 
 /* Zero-value packing of a channel subset of an unsigned x (A, C, B): only
@@ -822,31 +774,6 @@ static void zvc_pack_range(const float *x, const float *k, int64_t C, int64_t B,
     if (fill) pack_slices(buf, fill, nparts, w, sh, op);
 }
 
-/* Pieces need the mask and enough elements; otherwise one thread walks
- * the whole stream (mask may be NULL then). */
-static int zvc_threads(const uint8_t *mask, int64_t N) {
-    return mask ? npieces(N) : 1;
-}
-
-static void zvc_pack_sel(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int64_t *idx,
-                         int64_t Csub, int bits, int nparts, const int *w, const int *sh, int stoch, uint32_t key,
-                         const uint8_t *mask, int64_t nnz, uint8_t *const *outs) {
-    const int64_t N = A * Csub * B;
-    const int T = zvc_threads(mask, N);
-    int64_t es[T + 1], cs[T + 1];
-    if (T > 1) zvc_cuts(mask, C, B, idx, Csub, N, T, es, cs);
-    /* a mask that does not count the nnz codes the buffers were sized for
-     * is not this tensor's (x > 0): one thread then, which needs no cuts */
-    if (T == 1 || cs[T] != nnz) {
-        zvc_pack_range(x, k, C, B, idx, Csub, bits, nparts, w, sh, stoch, key, outs, 0, N, 0);
-        return;
-    }
-#pragma omp parallel for num_threads(T) schedule(static, 1)
-    for (int t = 0; t < T; ++t)
-        if (es[t + 1] > es[t])
-            zvc_pack_range(x, k, C, B, idx, Csub, bits, nparts, w, sh, stoch, key, outs, es[t], es[t + 1], cs[t]);
-}
-
 /* Inverse of zvc_pack_range for all slices at once, on subset elements
  * [e0, e1) whose codes are [c0, c1) of the stream: elements whose bit is
  * set in `mask` take the next code, the others are 0. Codes are decoded
@@ -923,24 +850,6 @@ static void zvc_unpack_range(const uint8_t *const *parts, const int *w, const in
         }
         e += rest;
     }
-}
-
-static void zvc_unpack_scatter(const uint8_t *const *parts, const int *w, const int *s, int nparts, const float *kinv,
-                               int64_t A, int64_t Csub, int64_t B, const int64_t *idx, int64_t C, int64_t nnz,
-                               const uint8_t *mask, float *out) {
-    const int64_t N = A * Csub * B, mbytes = (A * C * B + 7) / 8;
-    const int T = zvc_threads(mask, N);
-    int64_t es[T + 1], cs[T + 1];
-    if (T > 1) zvc_cuts(mask, C, B, idx, Csub, N, T, es, cs);
-    if (T == 1 || cs[T] != nnz) {
-        zvc_unpack_range(parts, w, s, nparts, kinv, Csub, B, idx, C, mbytes, mask, out, 0, N, 0, nnz);
-        return;
-    }
-#pragma omp parallel for num_threads(T) schedule(static, 1)
-    for (int t = 0; t < T; ++t)
-        if (es[t + 1] > es[t])
-            zvc_unpack_range(parts, w, s, nparts, kinv, Csub, B, idx, C, mbytes, mask, out, es[t], es[t + 1], cs[t],
-                             cs[t + 1]);
 }
 
 /* 1-bit mask of x > thr straight from floats (a ReLU's saved result): one
@@ -1033,50 +942,175 @@ static int64_t *widen(const int32_t *idx, int64_t n) {
     return o;
 }
 
-/* The loop over width groups of the four calls below: for each group g
- * (not skipped by SKIP) the channel indices idx (csub of them, int64) and
- * the offset s of its per-channel entries, then the call. Returns 0, or -1
- * when out of memory (nothing is half-written then: the index copy is made
- * before a group is packed, and groups are independent). */
-#define FOR_GROUPS(SKIP, ...)                                  \
-    do {                                                       \
-        for (int g = 0; g < G; ++g) {                          \
-            const int64_t s = start[g], csub = start[g + 1] - s; \
-            if (SKIP) continue;                                \
-            int64_t *idx = widen(order + s, csub);             \
-            if (!idx) return -1;                               \
-            __VA_ARGS__;                                       \
-            free(idx);                                         \
-        }                                                      \
-        return 0;                                              \
+/* All groups of a tensor share one parallel region (not one per group:
+ * AutoQuant makes ~3 groups a tensor, and a fork/join, or waking a sleeping
+ * pool thread, costs more than a small group's work). Group g is cut into
+ * gp[g] pieces by the same rule a single call uses (npieces of its own
+ * size, at CHUNK multiples), and piece j of group g runs on thread
+ * (goff[g] + j) % T, goff rotating so that groups of one piece spread over
+ * the threads. Any cut at CHUNK multiples gives the same bytes (see the
+ * threads note above), so the result does not depend on T. */
+static int group_plan(int G, const int64_t *start, int64_t A, int64_t B, int *gp, int *goff) {
+    int64_t N = 0;
+    for (int g = 0; g < G; ++g) N += A * (start[g + 1] - start[g]) * B;
+    const int T = npieces(N);
+    int off = 0;
+    for (int g = 0; g < G; ++g) {
+        const int p = npieces(A * (start[g + 1] - start[g]) * B);
+        gp[g] = p < T ? p : T;
+        goff[g] = off;
+        off = (off + gp[g]) % T;
+    }
+    return T;
+}
+
+/* the piece of group g that thread t runs, or -1 */
+static inline int group_piece(int g, int t, int T, const int *gp, const int *goff) {
+    const int j = ((t - goff[g]) % T + T) % T;
+    return j < gp[g] ? j : -1;
+}
+
+/* Run the statement (which sees g, s = start[g], csub, idx (int64 channel indices
+ * of group g), n = its element count, j and P = its piece and piece count)
+ * for every group piece of the calling thread, in one parallel region.
+ * Returns -1 when out of memory for the index copy (nothing written). */
+#define FOR_GROUP_PIECES(...)                                                     \
+    do {                                                                          \
+        int gp_[G > 0 ? G : 1], goff_[G > 0 ? G : 1];                             \
+        const int T_ = group_plan(G, start, A, B, gp_, goff_);                    \
+        int64_t *all_ = widen(order, start[G]);                                   \
+        if (!all_) return -1;                                                     \
+        _Pragma("omp parallel for num_threads(T_) schedule(static, 1)")          \
+        for (int t_ = 0; t_ < T_; ++t_)                                           \
+            for (int g = 0; g < G; ++g) {                                         \
+                const int j = group_piece(g, t_, T_, gp_, goff_), P = gp_[g];     \
+                if (j < 0) continue;                                              \
+                const int64_t s = start[g], csub = start[g + 1] - s, n = A * csub * B; \
+                const int64_t *idx = all_ + s;                                   \
+                (void)n; (void)P; (void)idx;                                      \
+                __VA_ARGS__;                                                      \
+            }                                                                     \
+        free(all_);                                                               \
+        return 0;                                                                 \
     } while (0)
 
 int fxc_mixed_pack(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
                    const int64_t *start, const int *gbits, const int *gnp, const int *w, const int *sh,
                    int is_signed, int stoch, const uint32_t *keys, uint8_t *const *outs) {
-    FOR_GROUPS(0, quant_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, is_signed,
-                                 stoch, keys[g], outs + 5 * g));
+    FOR_GROUP_PIECES({
+        const int64_t i0 = piece(n, j, P), i1 = piece(n, j + 1, P);
+        if (i1 > i0)
+            quant_pack_sel_range(x, k + s, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, is_signed,
+                                 stoch, keys[g], outs + 5 * g, i0, i1);
+    });
 }
 
 int fxc_mixed_unpack(const uint8_t *const *parts, const int *w, const int *sh, const int *gnp,
                      const float *const *kinv, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
                      const int64_t *start, const int *gbits, int is_signed, float *out) {
-    FOR_GROUPS(0, unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C,
-                                 gbits[g], is_signed, out));
+    FOR_GROUP_PIECES({
+        const int64_t i0 = piece(n, j, P), i1 = piece(n, j + 1, P);
+        float off, hi;
+        grid(gbits[g], is_signed, &off, &hi);
+        (void)hi;
+        if (i1 > i0)
+            unpack_scatter_range(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], csub, B, idx, C, off, out,
+                                 i0, i1);
+    });
 }
+
+/* Zero-value groups: the pieces' stream starts come from the mask
+ * (the cut rule above), counted for all groups in one parallel region, fixed
+ * up on the calling thread, then packed or decoded in a second region. A
+ * group without a usable mask (NULL, or one that does not count the group's
+ * nnz codes: not this tensor's x > 0) is one piece (one thread walks its whole stream). */
+static void zvc_group_cuts(const uint8_t *mask, int64_t A, int64_t C, int64_t B, const int64_t *all, int G,
+                           const int64_t *start, const int64_t *gnnz, int T, int *gp, const int *goff, int64_t *es,
+                           int64_t *cs) {
+    int64_t cnt[G * T > 0 ? G * T : 1];
+    if (!mask)
+        for (int g = 0; g < G; ++g) gp[g] = 1;
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t)
+        for (int g = 0; g < G; ++g) {
+            const int j = group_piece(g, t, T, gp, goff), P = gp[g];
+            if (j < 0 || P < 2) continue;
+            const int64_t s = start[g], csub = start[g + 1] - s, n = A * csub * B;
+            cnt[g * T + j] = count_sel(mask, C, B, all + s, csub, piece(n, j, P), piece(n, j + 1, P));
+        }
+    for (int g = 0; g < G; ++g) {
+        const int64_t s = start[g], csub = start[g + 1] - s, N = A * csub * B;
+        const int P = gp[g];
+        int64_t *e = es + g * (T + 1), *c = cs + g * (T + 1);
+        e[0] = c[0] = 0;
+        if (P < 2) {
+            e[1] = N;
+            c[1] = gnnz[g];
+            continue;
+        }
+        int64_t before = 0; /* codes before the nominal start of piece t */
+        for (int t = 1; t <= P; ++t) {
+            before += cnt[g * T + t - 1];
+            int64_t ee = piece(N, t, P), cc = before;
+            if (ee < e[t - 1]) { /* the previous start moved past this one */
+                ee = e[t - 1];
+                cc = c[t - 1];
+            }
+            if (t < P) {
+                while (ee < N && (cc & 7)) {
+                    const int64_t p = sel_pos(C, B, all + s, csub, ee);
+                    cc += (mask[p >> 3] >> (p & 7)) & 1;
+                    ++ee;
+                }
+            }
+            e[t] = ee;
+            c[t] = cc;
+        }
+        if (c[P] != gnnz[g]) { /* not this tensor's mask: one piece */
+            gp[g] = 1;
+            e[1] = N;
+            c[1] = gnnz[g];
+        }
+    }
+}
+
+#define FOR_ZVC_PIECES(...)                                                       \
+    do {                                                                          \
+        int gp_[G > 0 ? G : 1], goff_[G > 0 ? G : 1];                             \
+        const int T_ = group_plan(G, start, A, B, gp_, goff_);                    \
+        int64_t *all_ = widen(order, start[G]);                                   \
+        if (!all_) return -1;                                                     \
+        int64_t es_[G * (T_ + 1) > 0 ? G * (T_ + 1) : 1], cs_[G * (T_ + 1) > 0 ? G * (T_ + 1) : 1]; \
+        zvc_group_cuts(mask, A, C, B, all_, G, start, gnnz, T_, gp_, goff_, es_, cs_); \
+        _Pragma("omp parallel for num_threads(T_) schedule(static, 1)")          \
+        for (int t_ = 0; t_ < T_; ++t_)                                           \
+            for (int g = 0; g < G; ++g) {                                         \
+                const int j = group_piece(g, t_, T_, gp_, goff_);                 \
+                if (j < 0) continue;                                              \
+                const int64_t s = start[g], csub = start[g + 1] - s;              \
+                const int64_t *idx = all_ + s;                                    \
+                const int64_t e0 = es_[g * (T_ + 1) + j], e1 = es_[g * (T_ + 1) + j + 1]; \
+                const int64_t c0 = cs_[g * (T_ + 1) + j], c1 = cs_[g * (T_ + 1) + j + 1]; \
+                (void)c1;                                                         \
+                if (e1 > e0) { __VA_ARGS__; }                                            \
+            }                                                                     \
+        free(all_);                                                               \
+        return 0;                                                                 \
+    } while (0)
 
 int fxc_mixed_zvc_pack(const float *x, const float *k, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
                        const int64_t *start, const int64_t *gnnz, const int *gbits, const int *gnp, const int *w,
                        const int *sh, int stoch, const uint32_t *keys, const uint8_t *mask, uint8_t *const *outs) {
-    FOR_GROUPS(!gnnz[g], zvc_pack_sel(x, k + s, A, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g, stoch,
-                                      keys[g], mask, gnnz[g], outs + 5 * g));
+    FOR_ZVC_PIECES(if (gnnz[g]) zvc_pack_range(x, k + s, C, B, idx, csub, gbits[g], gnp[g], w + 5 * g, sh + 5 * g,
+                                               stoch, keys[g], outs + 5 * g, e0, e1, c0));
 }
 
 int fxc_mixed_zvc_unpack(const uint8_t *const *parts, const int *w, const int *sh, const int *gnp,
                          const float *const *kinv, int64_t A, int64_t C, int64_t B, const int32_t *order, int G,
                          const int64_t *start, const int64_t *gnnz, const uint8_t *mask, float *out) {
-    FOR_GROUPS(0, zvc_unpack_scatter(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], A, csub, B, idx, C,
-                                     gnnz[g], mask, out));
+    const int64_t mbytes = (A * C * B + 7) / 8;
+    FOR_ZVC_PIECES(zvc_unpack_range(parts + 5 * g, w + 5 * g, sh + 5 * g, gnp[g], kinv[g], csub, B, idx, C, mbytes,
+                                    mask, out, e0, e1, c0, c1));
 }
 
 /* ---- max-pool indices as window positions (runtime/activations.py,

@@ -135,3 +135,46 @@ def test_relu_mask_with_statistics_equal_separate_passes():
                 assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_width_groups_share_one_parallel_region_equal_reference(monkeypatch, rounding):
+    """AutoQuant's per-channel widths: all width groups of a tensor run in
+    one parallel region, small groups (below a piece each) spread over the
+    threads and large ones cut into pieces. Many small groups (13 widths,
+    ~18 K elements each) and a mix of one large group with small ones, signed
+    and unsigned, plain and zero-value packing: the same bytes and decoded
+    values as the torch reference at 1, 2 and 3 threads."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 64, 30, 30, generator=gen)  # 230 K elements
+    xr = x.relu()
+    x3, xr3 = ap.view3(x, "channel"), ap.view3(xr, "channel")
+    many = torch.arange(64) % 13 + 1
+    mix = torch.tensor([3] * 40 + [1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16] * 2)
+
+    def run():
+        out = []
+        a, _, nnz = ap.stats_nnz(xr3)
+        m = ap.pack_mask_gt(xr, 0.0)
+        for bits_c in (many, mix):
+            mx = ap.mixed_pack(x3, bits_c, rounding, seed=6)
+            out += [q for _, g in mx.groups for q in g.parts] + [ap.mixed_unpack(mx)]
+            mu = ap.mixed_pack(xr3, bits_c, rounding, seed=7)
+            out += [q for _, g in mu.groups for q in g.parts] + [ap.mixed_unpack(mu)]
+            z = ap.mixed_zvc_pack(xr3, bits_c, m, nnz, rounding, seed=8, amax=a)
+            out += [q for _, g, _ in z.groups for q in g.parts] + [ap.mixed_zvc_unpack(z)]
+        return out
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("FXC_CPU_FAST", "0")
+        ref = run()
+        monkeypatch.setenv("FXC_CPU_FAST", "1")
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = run()
+            assert len(got) == len(ref)
+            for i, (g, r) in enumerate(zip(got, ref)):
+                assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
+    finally:
+        torch.set_num_threads(before)
