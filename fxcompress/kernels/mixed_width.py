@@ -32,6 +32,13 @@ class PackedMixed:
     def nbytes(self) -> int:
         return sum(p.nbytes() + idx.numel() * 4 for idx, p in self.groups)
 
+    def code_bits(self) -> int:
+        """Bits of the codes stored: per group its width times its elements
+        (what sum_c bits_c * A * B gives, in integers, without a pass over
+        the channels)."""
+        A, _, B = self.shape3
+        return sum(p.bits * idx.numel() for idx, p in self.groups) * A * B
+
     def element_bits(self) -> float:
         """Average stored bits per element (payload only)."""
         n = self.shape3[0] * self.shape3[1] * self.shape3[2]

@@ -33,6 +33,11 @@ class PackedMixedZVC:
         self.groups, self.mask, self.shape, self.shape3, self.dtype, self.C = groups, mask, shape, shape3, dtype, C
         self.order, self.c_args = order, None  # as PackedMixed's
 
+    def code_bits(self) -> int:
+        """Bits of the codes stored: per group its width times its non-zeros
+        (sum_c bits_c * nnz_c, in integers)."""
+        return sum(g.bits * nnz for _, g, nnz in self.groups)
+
     def nbytes(self) -> int:
         """Codes, scales and channel indices; not the shared mask."""
         return sum(sum(q.numel() for q in g.parts) + g.kinv.numel() * 4 + idx.numel() * 4

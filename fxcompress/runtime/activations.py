@@ -65,7 +65,7 @@ from .sdpa_backend import sdpa_backend
 from .statistics import record_statistics
 from .stored_forms import (_decode_window_index, _encode_window_index, _Kept, _Mask, _nbytes, _ShapeOnly,
                            _WindowIndex)
-from .widths import _dot, auto_bits
+from .widths import auto_bits
 
 
 class SaveSpec(nn.Module):
@@ -260,14 +260,15 @@ class SaveSpec(nn.Module):
                 obj = actpack.mixed_zvc_pack(x3, bits_c, relu.packed, nnz_c, s.rounding, seed, amax,
                                              shape=t.shape)
                 st["quant_elements"] += t.numel()
-                st["quant_bits"] += _dot(bits_c, nnz_c)
+                # sum_c bits_c * nnz_c from the width groups (exact integers)
+                st["quant_bits"] += float(obj.code_bits())
                 return obj
             bits_c = self.auto_bits(amax, signed, x3.shape[1],
                                     counts=torch.full((x3.shape[1],), x3.shape[0] * x3.shape[2]))
             obj = (actpack.mixed_pack(x3, bits_c, s.rounding, seed, amax, signed, shape=t.shape)
                    if not s.zvc else actpack.zvc_pack(x3, int(bits_c.max()), s.rounding, seed, amax, signed,
                                                       shape=t.shape))
-            nbits = _dot(bits_c, None) * (x3.shape[0] * x3.shape[2])
+            nbits = float(obj.code_bits()) if isinstance(obj, actpack.PackedMixed) else 0.0  # zvc: below
         else:
             b = bits or (self.measured_bits if s.mode == "auto" and self.measured_bits else s.bits)
             obj = (actpack.zvc_pack(x3, b, s.rounding, seed, amax, signed, shape=t.shape) if s.zvc

@@ -54,16 +54,6 @@ def auto_bits(amax: torch.Tensor, signed: bool, C: int, dx2: Any, bn_terms: Opti
     return torch.from_numpy(bits).to(amax.device)
 
 
-def _dot(bits_c: torch.Tensor, counts: Optional[torch.Tensor]) -> float:
-    """sum_c bits_c * counts_c (or sum_c bits_c), as a float; numpy for CPU
-    tensors (this runs per saved tensor per step: torch's per-op overhead)."""
-    if bits_c.device.type == "cpu" and (counts is None or counts.device.type == "cpu"):
-        b = bits_c.detach().numpy().astype(np.float64)
-        return float(b.sum() if counts is None else b @ counts.detach().numpy().astype(np.float64))
-    b = bits_c.double()
-    return float(b.sum() if counts is None else (b * counts.double().to(b.device)).sum())
-
-
 def spend_slack(bits: np.ndarray, a: np.ndarray, dx2: np.ndarray, n: np.ndarray, signed: bool,
                 rounds: int = 4) -> np.ndarray:
     """Lower per-channel widths while sum_c n_c * err_c / dx2_c <= sum_c n_c.
