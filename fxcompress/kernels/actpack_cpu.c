@@ -792,6 +792,44 @@ static void zvc_unpack_range(const uint8_t *const *parts, const int *w, const in
     if (!__atomic_load_n(&exp_ready, __ATOMIC_ACQUIRE)) exp_init();
 #endif
     int64_t e = e0;
+#define ZVC_REFILL()                                                                           \
+    if (have - used < 64 && got < c1) {                                                        \
+        const int64_t keep = have - used;                                                      \
+        for (int64_t i = 0; i < keep; ++i) buf[i] = buf[used + i];                             \
+        const int64_t m = (c1 - got) < CHUNK ? (c1 - got) : CHUNK;                             \
+        decode_stream(parts, w, s, nparts, got, m, buf + keep);                                \
+        got += m;                                                                              \
+        have = keep + m;                                                                       \
+        used = 0;                                                                              \
+        for (int64_t i = have; i < have + 64; ++i) buf[i] = 0; /* read past the last code, discarded */ \
+    }
+    if (B < 8) {
+        /* short rows (a 2x2 feature map: 4 elements): the word and
+         * popcount machinery below costs more than the row; element by
+         * element, rows walked without divisions, the same products */
+        int64_t row = e0 / B, pos = e0 % B, j = row % Csub, a = row / Csub;
+        while (e < e1) {
+            ZVC_REFILL(); /* a row needs at most B < 64 codes */
+            const int64_t f0 = (a * C + idx[j]) * B + pos;
+            const float kv = kinv[j];
+            int64_t rest = B - pos;
+            if (rest > e1 - e) rest = e1 - e;
+            for (int64_t u = 0; u < rest; ++u) {
+                const int64_t p = f0 + u;
+                const int bit = (mask[p >> 3] >> (p & 7)) & 1;
+                const float v = (float)buf[used] * kv;
+                out[p] = bit ? v : 0.0f;
+                used += bit;
+            }
+            e += rest;
+            pos = 0;
+            if (++j == Csub) {
+                j = 0;
+                ++a;
+            }
+        }
+        return;
+    }
     while (e < e1) {
         const int64_t row = e / B, pos = e % B, j = row % Csub;
         const int64_t f0 = ((row / Csub) * C + idx[j]) * B + pos; /* full-tensor position */
@@ -801,16 +839,7 @@ static void zvc_unpack_range(const uint8_t *const *parts, const int *w, const in
         if (rest > e1 - e) rest = e1 - e;
         for (int64_t done = 0; done < rest; done += 56) {
             const int piece = (rest - done) < 56 ? (int)(rest - done) : 56;
-            if (have - used < 64 && got < c1) {
-                const int64_t keep = have - used;
-                for (int64_t i = 0; i < keep; ++i) buf[i] = buf[used + i];
-                const int64_t m = (c1 - got) < CHUNK ? (c1 - got) : CHUNK;
-                decode_stream(parts, w, s, nparts, got, m, buf + keep);
-                got += m;
-                have = keep + m;
-                used = 0;
-                for (int64_t i = have; i < have + 64; ++i) buf[i] = 0; /* read past the last code, discarded */
-            }
+            ZVC_REFILL();
             const int64_t fe = f0 + done;
             const int64_t byte = fe >> 3;
             uint64_t word = 0;
@@ -851,6 +880,8 @@ static void zvc_unpack_range(const uint8_t *const *parts, const int *w, const in
         e += rest;
     }
 }
+
+#undef ZVC_REFILL
 
 /* 1-bit mask of x > thr straight from floats (a ReLU's saved result): one
  * pass, no intermediate bool tensor. Same bits as fxc_pack_mask(x > thr). */

@@ -137,16 +137,18 @@ def test_relu_mask_with_statistics_equal_separate_passes():
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_width_groups_share_one_parallel_region_equal_reference(monkeypatch, rounding):
+@pytest.mark.parametrize("rounding,shape", [("nearest", (4, 64, 30, 30)), ("stochastic", (4, 64, 30, 30)),
+                                            ("nearest", (600, 64, 2, 2)), ("stochastic", (2400, 64, 1, 1))])
+def test_width_groups_share_one_parallel_region_equal_reference(monkeypatch, rounding, shape):
     """AutoQuant's per-channel widths: all width groups of a tensor run in
     one parallel region, small groups (below a piece each) spread over the
     threads and large ones cut into pieces. Many small groups (13 widths,
     ~18 K elements each) and a mix of one large group with small ones, signed
     and unsigned, plain and zero-value packing: the same bytes and decoded
-    values as the torch reference at 1, 2 and 3 threads."""
+    values as the torch reference at 1, 2 and 3 threads; rows of 900, 4
+    (resnet's 2x2 maps: the short-row decode) and 1 element."""
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 64, 30, 30, generator=gen)  # 230 K elements
+    x = torch.randn(*shape, generator=gen)  # 150-230 K elements
     xr = x.relu()
     x3, xr3 = ap.view3(x, "channel"), ap.view3(xr, "channel")
     many = torch.arange(64) % 13 + 1
