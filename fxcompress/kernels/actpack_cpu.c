@@ -1176,15 +1176,16 @@ void fxc_window_global(const int32_t *local, int64_t planes, int64_t OH, int64_t
 }
 
 /* Channels grouped by width for the fxc_mixed_* calls: a stable counting
- * sort of bits[0..C) (1..16) into order, group starts (G + 1 entries) and
+ * sort of bits[0..C) (clamped to 1..16) into order, group starts (G + 1 entries) and
  * widths, and per sorted channel k = (1 / (amax + eps)) * levels and 1/k,
  * the float32 operations of rounding.multipliers (L of rounding.grid);
  * with nnz, gnnz[g]
  * sums it over group g. Returns G. */
+#define WIDTH(b) ((b) < 1 ? 1 : (b) > 16 ? 16 : (int)(b)) /* clamp(1, 16), as the per-group path */
 int fxc_group_widths(int64_t C, const int64_t *bits, const float *amax, int is_signed, float eps, int32_t *order,
                      int64_t *start, int *widths, float *k, float *kinv, const int64_t *nnz, int64_t *gnnz) {
     int64_t cnt[17] = {0}, pos[17];
-    for (int64_t c = 0; c < C; ++c) ++cnt[bits[c]];
+    for (int64_t c = 0; c < C; ++c) ++cnt[WIDTH(bits[c])];
     int G = 0;
     int64_t acc = 0;
     for (int b = 1; b <= 16; ++b) {
@@ -1202,7 +1203,7 @@ int fxc_group_widths(int64_t C, const int64_t *bits, const float *amax, int is_s
         if (gnnz) gnnz[g] = 0;
     }
     for (int64_t c = 0; c < C; ++c) {
-        const int b = (int)bits[c];
+        const int b = WIDTH(bits[c]);
         const int64_t j = pos[b]++;
         if (gnnz) gnnz[gi[b]] += nnz[c];
         order[j] = (int32_t)c;

@@ -99,7 +99,7 @@ class _Groups:
     def __init__(self, bits: torch.Tensor, amax: torch.Tensor, signed: bool, nnz: Optional[torch.Tensor] = None):
         C = bits.numel()
         b64 = bits if (bits.dtype == torch.int64 and bits.is_contiguous()) else bits.to(torch.int64).contiguous()
-        b64 = b64.clamp(1, 16)
+        # clamped to 1..16 in C (fxc_group_widths)
         a = amax if (amax.dtype == torch.float32 and amax.is_contiguous()) else amax.to(torch.float32).contiguous()
         self.order = torch.empty(C, dtype=torch.int32)
         self.start = np.empty(17, dtype=np.int64)

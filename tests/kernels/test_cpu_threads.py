@@ -153,12 +153,13 @@ def test_width_groups_share_one_parallel_region_equal_reference(monkeypatch, rou
     x3, xr3 = ap.view3(x, "channel"), ap.view3(xr, "channel")
     many = torch.arange(64) % 13 + 1
     mix = torch.tensor([3] * 40 + [1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16] * 2)
+    clip = torch.tensor([0, 20, 3, 5] * 16)  # outside 1..16: clamped, as the reference does
 
     def run():
         out = []
         a, _, nnz = ap.stats_nnz(xr3)
         m = ap.pack_mask_gt(xr, 0.0)
-        for bits_c in (many, mix):
+        for bits_c in (many, mix, clip):
             mx = ap.mixed_pack(x3, bits_c, rounding, seed=6)
             out += [q for _, g in mx.groups for q in g.parts] + [ap.mixed_unpack(mx)]
             mu = ap.mixed_pack(xr3, bits_c, rounding, seed=7)
