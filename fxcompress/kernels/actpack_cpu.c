@@ -1059,9 +1059,12 @@ static void zvc_group_cuts(const uint8_t *mask, int64_t A, int64_t C, int64_t B,
                            const int64_t *start, const int64_t *gnnz, int T, int *gp, const int *goff, int64_t *es,
                            int64_t *cs) {
     int64_t cnt[G * T > 0 ? G * T : 1];
-    if (!mask)
-        for (int g = 0; g < G; ++g) gp[g] = 1;
-#pragma omp parallel for num_threads(T) schedule(static, 1)
+    int cut = 0; /* any group in more than one piece (else no counting region) */
+    for (int g = 0; g < G; ++g) {
+        if (!mask) gp[g] = 1;
+        cut |= gp[g] > 1;
+    }
+#pragma omp parallel for num_threads(T) schedule(static, 1) if (cut)
     for (int t = 0; t < T; ++t)
         for (int g = 0; g < G; ++g) {
             const int j = group_piece(g, t, T, gp, goff), P = gp[g];
