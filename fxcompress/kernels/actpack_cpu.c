@@ -976,8 +976,8 @@ static int64_t *widen(const int32_t *idx, int64_t n) {
 /* All groups of a tensor share one parallel region (not one per group:
  * AutoQuant makes ~3 groups a tensor, and a fork/join, or waking a sleeping
  * pool thread, costs more than a small group's work). Group g is cut into
- * gp[g] pieces by the same rule a single call uses (npieces of its own
- * size, at CHUNK multiples), and piece j of group g runs on thread
+ * gp[g] pieces (at most T, at CHUNK multiples, each at least a quarter
+ * of SMALL elements), and piece j of group g runs on thread
  * (goff[g] + j) % T, goff rotating so that groups of one piece spread over
  * the threads. Any cut at CHUNK multiples gives the same bytes (see the
  * threads note above), so the result does not depend on T. */
@@ -987,8 +987,10 @@ static int group_plan(int G, const int64_t *start, int64_t A, int64_t B, int *gp
     const int T = npieces(N);
     int off = 0;
     for (int g = 0; g < G; ++g) {
-        const int p = npieces(A * (start[g + 1] - start[g]) * B);
-        gp[g] = p < T ? p : T;
+        /* the region is paid once per tensor, so a group is cut into
+         * pieces of a quarter of SMALL, for balance between threads */
+        const int64_t p = A * (start[g + 1] - start[g]) * B / (SMALL / 4);
+        gp[g] = p < 1 ? 1 : (p < T ? (int)p : T);
         goff[g] = off;
         off = (off + gp[g]) % T;
     }
