@@ -1003,26 +1003,34 @@ static inline int group_piece(int g, int t, int T, const int *gp, const int *gof
     return j < gp[g] ? j : -1;
 }
 
-/* Run the statement (which sees g, s = start[g], csub, idx (int64 channel indices
- * of group g), n = its element count, j and P = its piece and piece count)
- * for every group piece of the calling thread, in one parallel region.
- * Returns -1 when out of memory for the index copy (nothing written). */
+/* Run the statement (which sees g, s = start[g], csub, idx (int64 channel
+ * indices of group g), n = its element count, j and P = its piece and
+ * piece count) for every group piece of thread t_. */
+#define GROUP_PIECES_OF(t_, ...)                                                  \
+    for (int g = 0; g < G; ++g) {                                                 \
+        const int j = group_piece(g, t_, T_, gp_, goff_), P = gp_[g];             \
+        if (j < 0) continue;                                                      \
+        const int64_t s = start[g], csub = start[g + 1] - s, n = A * csub * B;    \
+        const int64_t *idx = all_ + s;                                            \
+        (void)n; (void)P; (void)idx;                                              \
+        __VA_ARGS__;                                                              \
+    }
+
+/* ... for every piece, in one parallel region (none on one thread: not
+ * even a one-thread team). Returns -1 when out of memory for the index
+ * copy (nothing written). */
 #define FOR_GROUP_PIECES(...)                                                     \
     do {                                                                          \
         int gp_[G > 0 ? G : 1], goff_[G > 0 ? G : 1];                             \
         const int T_ = group_plan(G, start, A, B, gp_, goff_);                    \
         int64_t *all_ = widen(order, start[G]);                                   \
         if (!all_) return -1;                                                     \
-        _Pragma("omp parallel for num_threads(T_) schedule(static, 1)")          \
-        for (int t_ = 0; t_ < T_; ++t_)                                           \
-            for (int g = 0; g < G; ++g) {                                         \
-                const int j = group_piece(g, t_, T_, gp_, goff_), P = gp_[g];     \
-                if (j < 0) continue;                                              \
-                const int64_t s = start[g], csub = start[g + 1] - s, n = A * csub * B; \
-                const int64_t *idx = all_ + s;                                   \
-                (void)n; (void)P; (void)idx;                                      \
-                __VA_ARGS__;                                                      \
-            }                                                                     \
+        if (T_ > 1) {                                                             \
+            _Pragma("omp parallel for num_threads(T_) schedule(static, 1)")      \
+            for (int t_ = 0; t_ < T_; ++t_) { GROUP_PIECES_OF(t_, __VA_ARGS__) }  \
+        } else {                                                                  \
+            GROUP_PIECES_OF(0, __VA_ARGS__)                                       \
+        }                                                                         \
         free(all_);                                                               \
         return 0;                                                                 \
     } while (0)
@@ -1066,14 +1074,16 @@ static void zvc_group_cuts(const uint8_t *mask, int64_t A, int64_t C, int64_t B,
         if (!mask) gp[g] = 1;
         cut |= gp[g] > 1;
     }
-#pragma omp parallel for num_threads(T) schedule(static, 1) if (cut)
-    for (int t = 0; t < T; ++t)
-        for (int g = 0; g < G; ++g) {
-            const int j = group_piece(g, t, T, gp, goff), P = gp[g];
-            if (j < 0 || P < 2) continue;
-            const int64_t s = start[g], csub = start[g + 1] - s, n = A * csub * B;
-            cnt[g * T + j] = count_sel(mask, C, B, all + s, csub, piece(n, j, P), piece(n, j + 1, P));
-        }
+    if (cut) {
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+        for (int t = 0; t < T; ++t)
+            for (int g = 0; g < G; ++g) {
+                const int j = group_piece(g, t, T, gp, goff), P = gp[g];
+                if (j < 0 || P < 2) continue;
+                const int64_t s = start[g], csub = start[g + 1] - s, n = A * csub * B;
+                cnt[g * T + j] = count_sel(mask, C, B, all + s, csub, piece(n, j, P), piece(n, j + 1, P));
+            }
+    }
     for (int g = 0; g < G; ++g) {
         const int64_t s = start[g], csub = start[g + 1] - s, N = A * csub * B;
         const int P = gp[g];
@@ -1110,6 +1120,18 @@ static void zvc_group_cuts(const uint8_t *mask, int64_t A, int64_t C, int64_t B,
     }
 }
 
+#define ZVC_PIECES_OF(t_, ...)                                                    \
+    for (int g = 0; g < G; ++g) {                                                 \
+        const int j = group_piece(g, t_, T_, gp_, goff_);                         \
+        if (j < 0) continue;                                                      \
+        const int64_t s = start[g], csub = start[g + 1] - s;                      \
+        const int64_t *idx = all_ + s;                                            \
+        const int64_t e0 = es_[g * (T_ + 1) + j], e1 = es_[g * (T_ + 1) + j + 1]; \
+        const int64_t c0 = cs_[g * (T_ + 1) + j], c1 = cs_[g * (T_ + 1) + j + 1]; \
+        (void)c1;                                                                 \
+        if (e1 > e0) { __VA_ARGS__; }                                             \
+    }
+
 #define FOR_ZVC_PIECES(...)                                                       \
     do {                                                                          \
         int gp_[G > 0 ? G : 1], goff_[G > 0 ? G : 1];                             \
@@ -1118,18 +1140,12 @@ static void zvc_group_cuts(const uint8_t *mask, int64_t A, int64_t C, int64_t B,
         if (!all_) return -1;                                                     \
         int64_t es_[G * (T_ + 1) > 0 ? G * (T_ + 1) : 1], cs_[G * (T_ + 1) > 0 ? G * (T_ + 1) : 1]; \
         zvc_group_cuts(mask, A, C, B, all_, G, start, gnnz, T_, gp_, goff_, es_, cs_); \
-        _Pragma("omp parallel for num_threads(T_) schedule(static, 1)")          \
-        for (int t_ = 0; t_ < T_; ++t_)                                           \
-            for (int g = 0; g < G; ++g) {                                         \
-                const int j = group_piece(g, t_, T_, gp_, goff_);                 \
-                if (j < 0) continue;                                              \
-                const int64_t s = start[g], csub = start[g + 1] - s;              \
-                const int64_t *idx = all_ + s;                                    \
-                const int64_t e0 = es_[g * (T_ + 1) + j], e1 = es_[g * (T_ + 1) + j + 1]; \
-                const int64_t c0 = cs_[g * (T_ + 1) + j], c1 = cs_[g * (T_ + 1) + j + 1]; \
-                (void)c1;                                                         \
-                if (e1 > e0) { __VA_ARGS__; }                                            \
-            }                                                                     \
+        if (T_ > 1) {                                                             \
+            _Pragma("omp parallel for num_threads(T_) schedule(static, 1)")      \
+            for (int t_ = 0; t_ < T_; ++t_) { ZVC_PIECES_OF(t_, __VA_ARGS__) }    \
+        } else {                                                                  \
+            ZVC_PIECES_OF(0, __VA_ARGS__)                                         \
+        }                                                                         \
         free(all_);                                                               \
         return 0;                                                                 \
     } while (0)
