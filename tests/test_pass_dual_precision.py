@@ -374,6 +374,35 @@ def test_distill_option_trains_the_low_path_toward_the_high_path():
         assert cm.extra_loss(cm(x), y) is None
 
 
+def test_energy_option_adds_the_relative_energy_straight_through_to_the_gates():
+    """settings energy (option, off by default, mode sp): extra_loss is
+    energy * relative energy at the batch's hard choices; its gradient pushes
+    every gate's p_high down (choosing the low path saves energy)."""
+    pol = policy("sp")
+    pol["settings"]["dual_precision"]["energy"] = 3.0
+    torch.manual_seed(0)
+    cm = fxcompress.compile(UserNet(blocks=2), pol, (torch.randn(2, 1, 8, 8),))
+    ctl = cm.controllers["dual_precision"]
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    cm.train()
+    extra = cm.extra_loss(cm(x), y)
+    # the gates start high for every sample (p_high = sigmoid(1))
+    assert extra is not None
+    torch.testing.assert_close(extra.detach(), torch.tensor(3.0 * ctl.cost.summary()["relative_all_high"]))
+    extra.backward()
+    for b in ctl.blocks.values():
+        g = b.gate.fc.bias.grad
+        assert g[1] > 0 and g[0] < 0  # descent lowers the high logit, raises the low one
+        assert b.choice is None  # consumed
+    cm.eval()
+    with torch.no_grad():
+        assert cm.extra_loss(cm(x), y) is None
+    bad = policy("rl")
+    bad["settings"]["dual_precision"]["energy"] = 1.0
+    with pytest.raises(PolicyError, match="energy"):
+        fxcompress.compile(UserNet(), bad, (torch.randn(2, 1, 8, 8),))
+
+
 def test_warmup_settings_are_checked():
     pol = policy("rl")
     pol["settings"]["dual_precision"].update(warmup_high=1.5)
