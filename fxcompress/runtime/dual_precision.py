@@ -141,8 +141,13 @@ class Merge(nn.Module):
         if self.pre_gate:
             out = high.new_empty((m.shape[0],) + tuple(high.shape[1:]))
             out.index_copy_(0, (~hard).nonzero().squeeze(1), low)
-        else:
+        elif torch.is_grad_enabled() and low.requires_grad:
             out = low.clone()
+        else:
+            # post-gate inference: the low path's output (every sample) has
+            # been read by the gate and nothing else reads it; the high rows
+            # go into it, saving a copy of the whole batch
+            out = low
         return out.index_copy_(0, hi, high)
 
 
