@@ -99,7 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--png", help="write the energy-accuracy plot here")
     p.add_argument("--from-json", help="no training: the table (and --png) from the seeds a saved --json holds")
     p.add_argument("--timing", action="store_true", help="only the routed-inference timing")
-    p.add_argument("--usage", type=float, default=0.5, help="--timing: fraction of samples on the high path")
+    p.add_argument("--usage", default="0.5",
+                   help="--timing: fraction of samples on the high path (comma-separated: one line each)")
     p.add_argument("--timing-batch", type=int, default=256)
     p.add_argument("--timing-reps", type=int, default=20)
     p.add_argument("--pre-gate", action="store_true",
@@ -349,7 +350,7 @@ def calibrate(model, x, usage):
         b.gate.fc.bias.data[1] += -torch.quantile(seen[0], 1 - usage) + 1e-6
 
 
-def timing(args, data):
+def timing(args, data, usage_target):
     torch.manual_seed(0)
     model = fxcompress.compile(build(args, data["xtr"].shape[1], 0), camp_policy("sp", pre_gate=args.pre_gate),
                                data["xte"][:2])
@@ -357,7 +358,7 @@ def timing(args, data):
     ctl = model.controllers["dual_precision"]
     for b in ctl.blocks.values():
         torch.nn.init.normal_(b.gate.fc.weight, std=1.0)
-    calibrate(model, x, args.usage)
+    calibrate(model, x, usage_target)
     ctl.reset_eval()
     times = {True: [], False: []}
     with torch.no_grad():
@@ -393,14 +394,18 @@ def main(argv=None):
         vi, ti = order[:nv], order[nv:]
         data = {"xtr": data["xtr"][ti], "ytr": data["ytr"][ti], "xte": data["xtr"][vi], "yte": data["ytr"][vi]}
     if args.timing:
-        t = timing(args, data)
-        print(f"routed eval{' (pre-gate)' if args.pre_gate else ''}, ResNet-{args.depth} at {args.upscale}px, "
-              f"batch {t['batch']}, high-path usage "
-              f"{t['usage']:.2f}: routed {t['routed_ms']:.1f} ms, both paths {t['both_ms']:.1f} ms, ratio "
-              f"{t['ratio']:.3f} (medians of {t['reps']} interleaved runs; BOPs energy {t['energy']:.3f})")
+        out = []
+        for u in floats(args.usage):
+            t = timing(args, data, u)
+            out.append(t)
+            print(f"routed eval{' (pre-gate)' if args.pre_gate else ''}, ResNet-{args.depth} at {args.upscale}px, "
+                  f"batch {t['batch']}, high-path usage "
+                  f"{t['usage']:.2f}: routed {t['routed_ms']:.1f} ms, both paths {t['both_ms']:.1f} ms, ratio "
+                  f"{t['ratio']:.3f} (medians of {t['reps']} interleaved runs; BOPs energy {t['energy']:.3f})",
+                  flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "timing": t}, f, indent=2)
+                json.dump({"args": vars(args), "timing": out if len(out) > 1 else out[0]}, f, indent=2)
         return 0
     if args.from_json:
         with open(args.from_json) as f:
