@@ -23,8 +23,11 @@ usage, relative to the all-4-bit network (fxcompress/bops.py).
     .venv/bin/python tools/replicate_camp.py --seeds 5 --jobs 5 --depth 14 --epochs 10 --camp-epochs 6 \
         --warmup-epochs 6 --warmup-high 0.25 --warmup-lr 0.05 --alphas 1.25,1.5,2 --w-rl 1 \
         --png docs/camp_energy.png --json docs/camp_energy.json   # BENCHMARKS.md, round 3
+    .venv/bin/python tools/replicate_camp.py --seeds 5 --jobs 5 --depth 14 --epochs 10 --camp-epochs 6 \
+        --warmup-epochs 6 --warmup-high 0.25 --warmup-lr 0.05 --alphas "" --energies 2,4 --skip fp,w1,sp,w4c \
+        --png docs/camp_energy_round4.png --json docs/camp_energy_round4.json   # round 4: sp + energy term
     .venv/bin/python tools/replicate_camp.py --seeds 1 --epochs 2 --camp-epochs 1 --alphas 0.1   # smoke run
-    .venv/bin/python tools/replicate_camp.py --timing --timing-batch 256   # routed vs both paths, wall time
+    .venv/bin/python tools/replicate_camp.py --timing --timing-batch 256 --usage 0.1,0.5   # routed vs both, wall time
 
 --timing (no training): one CAMP model, gates set so that a fraction
 --usage of the samples takes the high path in every block; eval wall time of
