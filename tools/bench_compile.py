@@ -11,7 +11,9 @@ compiled with `--backend` (default inductor):
   training step; otherwise `breaks` lists each graph break (torch._dynamo.explain
   on the rewritten graph, under the same hooks), counted by reason;
 - recompiles: compiles (calls of the backend, graph pieces included) during
-  `--steps` training steps after 2 warm-up steps; AutoQuant's statistics are
+  `--steps` training steps (more when the next one would be a statistics
+  step) after warm-up (until 2 steps have run compiled: statistics steps
+  run eager); AutoQuant's statistics are
   taken every 5 steps here (`stats_every` overridden), so statistics steps
   are among them;
 - numerics: the same weights, batch and RNG seed, eager vs compiled: `out`
@@ -177,15 +179,27 @@ def one_grad(cm, x, y, seed):
 
 
 def train(cm, x, y, steps: int):
-    """2 warm-up steps then `steps` counted ones (random batches of x's shape)."""
+    """Warm-up until 2 steps have run compiled (statistics steps run eager:
+    under AutoQuant the first steps may all be statistics steps, and a
+    first compile among the counted steps would read as a recompile); then
+    an iterator of random batches of x's shape for the counted steps."""
     opt = torch.optim.SGD(cm.parameters(), lr=0.01)
     cm.attach_optimizer(opt)
     gen = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(x.shape, generator=gen), torch.randint(0, 10, y.shape, generator=gen))
-               for _ in range(2 + steps)]
-    for xb, yb in batches[:2]:
-        step(cm, opt, xb, yb)
-    return opt, batches[2:]
+
+    def batches():
+        while True:
+            yield torch.randn(x.shape, generator=gen), torch.randint(0, 10, y.shape, generator=gen)
+
+    it = batches()
+    call = cm.__dict__["_compiled"]
+    compiled = tries = 0
+    while compiled < 2 and tries < 20:
+        eager0 = call.eager_calls
+        step(cm, opt, *next(it))
+        compiled += call.eager_calls == eager0
+        tries += 1
+    return opt, it
 
 
 def twin(m, pol, x, trained):
@@ -241,11 +255,19 @@ def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
     res["first_compile_s"] = round(time.perf_counter() - t0, 1)
     # recompiles over `steps` training steps after warm-up (statistics steps among them)
     before = counter.calls
-    for xb, yb in batches:
-        step(comp, opt, xb, yb)
+    call = comp.__dict__["_compiled"]
+    counted = 0
+    # `steps` steps, then on until the next step is not a statistics step
+    # (the numerics step below compares compiled with eager)
+    while counted < steps or any(s.collect for s in call.specs):
+        step(comp, opt, *next(batches))
+        counted += 1
     res["compiles_warmup"] = before
     res["recompiles"] = counter.calls - before
-    call = comp.__dict__["_compiled"]
+    res["steps"] = counted
+    bad = [n for n, p in comp.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # trained to NaN/inf: the numerics below are NaN; name where it is
+        res["nonfinite_params"] = [len(bad)] + bad[:3]
     res["activation_hooks"] = repr(call.hooks) if call.hooks is not None else "-"
     res["eager_statistics_steps"] = call.eager_calls
     # numerics: the trained compiled model vs its eager twin (same weights,
@@ -328,6 +350,9 @@ def print_table(rows, header=True):
               f"{r['grad']:8.1e} {ge:>8} {'y' if r['ok'] else 'N'}   {br}")
         if not r["fullgraph"]:
             print(f"{'':41}fullgraph=True: {r['fullgraph_error']}")
+        if r.get("nonfinite_params"):
+            n, *names = r["nonfinite_params"]
+            print(f"{'':41}non-finite weights after the compiled steps: {n} ({', '.join(names)}, ...)")
         print(f"{'':41}activations: {r['activation_hooks'] or '-'}; eager statistics steps: "
               f"{r['eager_statistics_steps']}")
 
