@@ -239,6 +239,8 @@ class ActivationHooks:
         def pack(x):
             if not torch.compiler.is_compiling() and x.requires_grad and x.is_leaf:
                 return x  # eager backend: parameters reach the hook too; never packed
+            if compared_in_backward(_hook_context()):
+                return x  # (see there: a max's input located by equality)
             if self.c_path and x.device.type == "cpu":
                 obj = spec_pack(x)
                 if obj is not x:
@@ -379,12 +381,44 @@ def specs_for(node, bw_graph=None) -> Tuple[Optional[Any], Optional[Any]]:
     return _SPECS[min(savers)], None
 
 
+_EQ_DEPTH = 3  # how far from the saved tensor the backward's comparison may sit
+
+
+def compared_in_backward(ctx) -> bool:
+    """Whether the backward tests the saved tensor for equality (within a few
+    ops of it): the gradient of max/amax/min locates the extremes by
+    `x == max(x)` and divides by their count. AOT's partitioner may save
+    the tensor the reduction read (DoReFa's tanh(w), whose |.| is compared
+    with max|tanh(w)|) and recompute the comparison in the backward; from a
+    quantized copy nothing equals the stored maximum, the count is 0 and the
+    gradient NaN (the CAMP gate's weights under `all`, resnet18). Such a
+    tensor is saved exact."""
+    bw = ctx.get("_bw_graph") if ctx else None
+    if bw is None:
+        return False
+    aten = torch.ops.aten
+    name = ctx["_node"].name
+    frontier = [p for p in bw.find_nodes(op="placeholder") if p.name == name]
+    for _ in range(_EQ_DEPTH):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u.target in (aten.eq.Tensor, aten.eq.Scalar):
+                    return True
+                nxt.append(u)
+        frontier = nxt
+    return False
+
+
 def spec_pack(x):
     """Pack hook body: the saved tensor as its node's SaveSpec stores it, by
-    the custom op; x itself when no compressed node stores it."""
+    the custom op; x itself when no compressed node stores it (or the
+    backward compares it for equality: compared_in_backward)."""
     ctx = _hook_context()
     if ctx is None or not torch.is_tensor(x):
         return x  # not inside AOT's inlining (a run-time call): nothing to name the node by
+    if compared_in_backward(ctx):
+        return x
     spec, relu = specs_for(ctx["_node"], ctx.get("_bw_graph"))
     if spec is None:
         return x
