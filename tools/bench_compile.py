@@ -513,7 +513,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="tiny model, aot_eager, 6 steps (a check that it runs)")
     ap.add_argument("--timing", action="store_true")
-    ap.add_argument("--timing-modes", default="none,2bit,auto,psgd")
+    ap.add_argument("--timing-modes", nargs="+", default=["none,2bit,auto,psgd"],
+                    help="modes among none 2bit auto psgd (space- or comma-separated)")
     ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--main-job", action="store_true",
                     help="time per epoch of the default ResNet-20 digits job, eager vs --compile")
@@ -543,7 +544,12 @@ def main(argv=None):
             print(json.dumps(res, indent=1))
         return 0
     if a.timing:
-        res = timing(a.quick, a.backend, 3 if a.quick else a.timing_steps, a.timing_modes.split(","))
+        modes = [m for part in a.timing_modes for m in part.split(",") if m]
+        bad = [m for m in modes if m not in TIMING_MODES]
+        if bad:
+            print(f"bench_compile: --timing-modes {' '.join(bad)}: want among {' '.join(TIMING_MODES)}", file=sys.stderr)
+            return 2
+        res = timing(a.quick, a.backend, 3 if a.quick else a.timing_steps, modes)
         if a.json:
             print(json.dumps(res, indent=1))
         return 0
