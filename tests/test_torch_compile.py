@@ -243,6 +243,8 @@ def test_hooks_for_each_kind_of_policy(monkeypatch):
     hooks, why = cs.activation_hooks_for(fixed.graph_module)
     assert isinstance(hooks, cs.ActivationHooks) and hooks.bits == 2 and hooks.stochastic
     assert hooks.c_path == cs.c_path_available()
+    monkeypatch.setenv("FXC_COMPILE_C_PACK", "1")
+    assert cs.activation_hooks_for(fixed.graph_module)[0].c_path == cs.c_path_available()
     monkeypatch.setattr(cs, "c_path_available", lambda: False)
     assert not cs.activation_hooks_for(fixed.graph_module)[0].c_path
 
@@ -343,7 +345,7 @@ def test_compiled_stochastic_unbiased():
 
 
 @pytest.mark.parametrize("name", ["acgc_auto", "acgc_zvc8", "acgc_2bit"])
-def test_compiled_activation_policies_match_eager(name):
+def test_compiled_activation_policies_match_eager(name, monkeypatch):
     """AutoQuant, zvc and fixed 2 bits (on CPU with the C path: through the
     custom ops, the C kernels) compiled whole: after a statistics step (run eager)
     and compiled steps, the compiled model and an eager twin with the same
@@ -351,6 +353,7 @@ def test_compiled_activation_policies_match_eager(name):
     against the uncompressed gradient is of the same size (the compiled
     graph saves what AOT keeps, one tensor where eager may store two forms),
     and the compiled gradient is within that error of eager's."""
+    monkeypatch.setenv("FXC_COMPILE_C_PACK", "1")  # the fixed-width C route (opt-in: compile_support)
     torch._dynamo.reset()
     torch.manual_seed(0)
     x, y = _data(0, 8)

@@ -205,12 +205,19 @@ def _hook_graph_module(fn) -> fx.GraphModule:
 
 
 def c_path_available() -> bool:
-    """Whether CPU tensors take actpack's C loops in eager (kernels/dispatch.py:
-    FXC_CPU_FAST on, the library built, Triton not forced onto the CPU)."""
+    """Whether the fixed-width hooks route CPU tensors through the C kernels:
+    opt-in (FXC_COMPILE_C_PACK=1) and CPU tensors take actpack's C loops in
+    eager (kernels/dispatch.py: FXC_CPU_FAST on, the library built, Triton
+    not forced onto the CPU). Opt-in because under inductor this route's
+    gradients measured wrong: tiny CNN acgc_2bit, gradient error against the
+    uncompressed model 0.59 against eager's 0.12 (0.08 under aot_eager, and
+    0.08 under inductor with the plain code); not traced yet."""
     from ..kernels.actpack_cpu import lib
     from ..kernels.cbuild import cpu_fast_enabled
     from ..kernels.dispatch import force_triton
 
+    if os.environ.get("FXC_COMPILE_C_PACK", "") != "1":
+        return False
     if force_triton() and os.environ.get("TRITON_INTERPRET", "") == "1":
         return False
     return bool(cpu_fast_enabled()) and lib() is not None
