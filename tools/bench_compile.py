@@ -11,7 +11,9 @@ compiled with `--backend` (default inductor):
   training step; otherwise `breaks` lists each graph break (torch._dynamo.explain
   on the rewritten graph, under the same hooks), counted by reason;
 - recompiles: compiles (calls of the backend, graph pieces included) during
-  `--steps` training steps after 2 warm-up steps; AutoQuant's statistics are
+  `--steps` training steps (more when the next one would be a statistics
+  step) after warm-up (until 2 steps have run compiled: statistics steps
+  run eager); AutoQuant's statistics are
   taken every 5 steps here (`stats_every` overridden), so statistics steps
   are among them;
 - numerics: the same weights, batch and RNG seed, eager vs compiled: `out`
@@ -177,15 +179,27 @@ def one_grad(cm, x, y, seed):
 
 
 def train(cm, x, y, steps: int):
-    """2 warm-up steps then `steps` counted ones (random batches of x's shape)."""
+    """Warm-up until 2 steps have run compiled (statistics steps run eager:
+    under AutoQuant the first steps may all be statistics steps, and a
+    first compile among the counted steps would read as a recompile); then
+    an iterator of random batches of x's shape for the counted steps."""
     opt = torch.optim.SGD(cm.parameters(), lr=0.01)
     cm.attach_optimizer(opt)
     gen = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(x.shape, generator=gen), torch.randint(0, 10, y.shape, generator=gen))
-               for _ in range(2 + steps)]
-    for xb, yb in batches[:2]:
-        step(cm, opt, xb, yb)
-    return opt, batches[2:]
+
+    def batches():
+        while True:
+            yield torch.randn(x.shape, generator=gen), torch.randint(0, 10, y.shape, generator=gen)
+
+    it = batches()
+    call = cm.__dict__["_compiled"]
+    compiled = tries = 0
+    while compiled < 2 and tries < 20:
+        eager0 = call.eager_calls
+        step(cm, opt, *next(it))
+        compiled += call.eager_calls == eager0
+        tries += 1
+    return opt, it
 
 
 def twin(m, pol, x, trained):
@@ -199,11 +213,28 @@ def twin(m, pol, x, trained):
     return e
 
 
+_MODEL_CACHE: dict = {}
+
+
+def model_for(model: str):
+    """(module, x, y, uncompressed CompressedModel): built once per model per
+    process; every cell deep-copies the module (the same seed-0 weights a
+    fresh build gives) and loads its trained weights into the shared
+    uncompressed model before using it as the gradient reference."""
+    if model not in _MODEL_CACHE:
+        m, x, y = build_model(model)
+        base = compress(copy.deepcopy(m), None, x)
+        _MODEL_CACHE[model] = (m, x, y, base, copy.deepcopy(base.state_dict()))
+    m, x, y, base, init = _MODEL_CACHE[model]
+    base.load_state_dict(init)  # what a fresh build holds where the trained model has no such key
+    return m, x, y, base
+
+
 def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
     name = os.path.splitext(os.path.basename(policy_path))[0]
     res = {"model": model, "policy": name, "backend": backend}
     pol = policy_dict(policy_path)
-    m, x, y = build_model(model)
+    m, x, y, base = model_for(model)
     torch._dynamo.reset()
     counter = CountingBackend(backend)
     comp = compress(copy.deepcopy(m), pol, x)
@@ -224,18 +255,25 @@ def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
     res["first_compile_s"] = round(time.perf_counter() - t0, 1)
     # recompiles over `steps` training steps after warm-up (statistics steps among them)
     before = counter.calls
-    for xb, yb in batches:
-        step(comp, opt, xb, yb)
+    call = comp.__dict__["_compiled"]
+    counted = 0
+    # `steps` steps, then on until the next step is not a statistics step
+    # (the numerics step below compares compiled with eager)
+    while counted < steps or any(s.collect for s in call.specs):
+        step(comp, opt, *next(batches))
+        counted += 1
     res["compiles_warmup"] = before
     res["recompiles"] = counter.calls - before
-    call = comp.__dict__["_compiled"]
+    res["steps"] = counted
+    bad = [n for n, p in comp.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # trained to NaN/inf: the numerics below are NaN; name where it is
+        res["nonfinite_params"] = [len(bad)] + bad[:3]
     res["activation_hooks"] = repr(call.hooks) if call.hooks is not None else "-"
     res["eager_statistics_steps"] = call.eager_calls
     # numerics: the trained compiled model vs its eager twin (same weights,
     # budgets, ranges; a step that is not a statistics step), same batch, seed
     assert not any(s.collect for s in call.specs), "numerics step would be a statistics step"
     eager = twin(m, pol, x, comp)
-    base = compress(copy.deepcopy(m), None, x)
     base.load_state_dict(comp.state_dict(), strict=False)
     out_b, g_b = one_grad(base, x, y, 7)
     out_e, g_e = one_grad(eager, x, y, 7)
@@ -253,20 +291,69 @@ def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
     return res
 
 
+def table_cells(a) -> list:
+    """[(model, policy path)] in run order: --cells, else --models x --policies
+    (one model's cells together: its module and reference are built once)."""
+    by_name = {os.path.splitext(os.path.basename(p))[0]: p for p in POLICIES}
+    if a.cells:
+        out = []
+        for c in a.cells.split(","):
+            model, _, pol = c.strip().partition(":")
+            if model not in MODELS or pol not in by_name:
+                raise ValueError(f"--cells {c!r}: want MODEL:POLICY with MODEL in {sorted(MODELS)} "
+                                 f"and POLICY a file in policies/")
+            out.append((model, by_name[pol]))
+        return out
+    models = ["tiny"] if a.quick else a.models.split(",")
+    wanted = set(filter(None, a.policies.split(",")))
+    unknown = wanted - set(by_name)
+    if unknown or any(m not in MODELS for m in models):
+        raise ValueError(f"unknown policy or model: {sorted(unknown) or models}")
+    return [(m, p) for m in models for p in POLICIES if not wanted or os.path.splitext(os.path.basename(p))[0] in wanted]
+
+
+def where(e: BaseException) -> str:
+    """file:line of the innermost frames of an error (the table's row names it)."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    return " <- ".join(f"{os.path.relpath(f.filename, ROOT)}:{f.lineno}" for f in reversed(frames))
+
+
+def read_rows(path: str) -> list:
+    """The rows of a --out file (the last row of a cell wins: a re-run cell)."""
+    if not path or not os.path.exists(path):
+        return []
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                rows[(r["model"], r["policy"], r.get("backend"))] = r
+    return list(rows.values())
+
+
 def print_table(rows, header=True):
     if header:
-        print(f"{'model':9} {'policy':20} {'fullgraph':9} {'recomp':6} {'out':>8} {'grad':>8} {'grad_eag':>8} ok  breaks")
+        print(f"{'model':9} {'policy':20} {'backend':9} {'fullgraph':9} {'recomp':6} {'out':>8} {'grad':>8} "
+              f"{'grad_eag':>8} ok  breaks")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:9} {r['policy']:20} ERROR {r['error']}")
+            print(f"{r['model']:9} {r['policy']:20} {r.get('backend', '?'):9} ERROR {r['error']}")
+            if r.get("where"):
+                print(f"{'':41}at {r['where']}")
             continue
         br = "; ".join(f"{n}x {t}" for t, n in r["breaks"]) or "-"
         ge = f"{r['grad_eager']:.2e}" if "grad_eager" in r else "-"
-        print(f"{r['model']:9} {r['policy']:20} {str(r['fullgraph']):9} {r['recompiles']:6} {r['out']:8.1e} "
+        print(f"{r['model']:9} {r['policy']:20} {r.get('backend', '?'):9} {str(r['fullgraph']):9} {r['recompiles']:6} "
+              f"{r['out']:8.1e} "
               f"{r['grad']:8.1e} {ge:>8} {'y' if r['ok'] else 'N'}   {br}")
         if not r["fullgraph"]:
-            print(f"{'':31}fullgraph=True: {r['fullgraph_error']}")
-        print(f"{'':31}activations: {r['activation_hooks'] or '-'}; eager statistics steps: "
+            print(f"{'':41}fullgraph=True: {r['fullgraph_error']}")
+        if r.get("nonfinite_params"):
+            n, *names = r["nonfinite_params"]
+            print(f"{'':41}non-finite weights after the compiled steps: {n} ({', '.join(names)}, ...)")
+        print(f"{'':41}activations: {r['activation_hooks'] or '-'}; eager statistics steps: "
               f"{r['eager_statistics_steps']}")
 
 
@@ -426,12 +513,20 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="tiny model, aot_eager, 6 steps (a check that it runs)")
     ap.add_argument("--timing", action="store_true")
-    ap.add_argument("--timing-modes", default="none,2bit,auto,psgd")
+    ap.add_argument("--timing-modes", nargs="+", default=["none,2bit,auto,psgd"],
+                    help="modes among none 2bit auto psgd (space- or comma-separated)")
     ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--main-job", action="store_true",
                     help="time per epoch of the default ResNet-20 digits job, eager vs --compile")
     ap.add_argument("--epochs", type=int, default=2, help="--main-job: epochs per run (>= 2: epoch 1 compiles)")
     ap.add_argument("--train-args", default="", help="--main-job: extra `fxcompress train` arguments (quoted)")
+    ap.add_argument("--cells", default="",
+                    help="table: comma-separated MODEL:POLICY cells to run (default: --models x --policies)")
+    ap.add_argument("--out", default="",
+                    help="table: append each finished cell's row to this JSON-lines file and skip the cells "
+                         "it already holds (a stopped run resumes); --print-table FILE prints it")
+    ap.add_argument("--print-table", default="", metavar="FILE", help="print the table of a --out file and exit")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -449,27 +544,49 @@ def main(argv=None):
             print(json.dumps(res, indent=1))
         return 0
     if a.timing:
-        res = timing(a.quick, a.backend, 3 if a.quick else a.timing_steps, a.timing_modes.split(","))
+        modes = [m for part in a.timing_modes for m in part.split(",") if m]
+        bad = [m for m in modes if m not in TIMING_MODES]
+        if bad:
+            print(f"bench_compile: --timing-modes {' '.join(bad)}: want among {' '.join(TIMING_MODES)}", file=sys.stderr)
+            return 2
+        res = timing(a.quick, a.backend, 3 if a.quick else a.timing_steps, modes)
         if a.json:
             print(json.dumps(res, indent=1))
         return 0
-    models = ["tiny"] if a.quick else a.models.split(",")
+    if a.print_table:
+        print_table(read_rows(a.print_table))
+        return 0
+    if a.threads:
+        torch.set_num_threads(a.threads)
     backend = "aot_eager" if a.quick and a.backend == "inductor" else a.backend
     steps = 6 if a.quick else a.steps
-    wanted = set(filter(None, a.policies.split(",")))
-    pols = [p for p in POLICIES if not wanted or os.path.splitext(os.path.basename(p))[0] in wanted]
+    try:
+        cells = table_cells(a)
+    except ValueError as e:
+        print(f"bench_compile: {e}", file=sys.stderr)
+        return 2
+    done = {(r["model"], r["policy"], r.get("backend")) for r in read_rows(a.out)} if a.out else set()
     rows = []
-    for model in models:
-        for p in pols:
-            try:
-                r = row(model, p, backend, steps)
-            except Exception as e:  # noqa: BLE001 - one failing cell does not hide the others
-                r = {"model": model, "policy": os.path.splitext(os.path.basename(p))[0],
-                     "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
-            rows.append(r)
-            if not a.json:
-                print_table([r], header=len(rows) == 1)
-                sys.stdout.flush()
+    for model, p in cells:
+        name = os.path.splitext(os.path.basename(p))[0]
+        if (model, name, backend) in done:
+            continue
+        t0 = time.perf_counter()
+        try:
+            r = row(model, p, backend, steps)
+        except Exception as e:  # noqa: BLE001 - one failing cell does not hide the others
+            r = {"model": model, "policy": name, "backend": backend,
+                 "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                 "where": where(e)}
+        r["cell_s"] = round(time.perf_counter() - t0, 1)
+        r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        rows.append(r)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        if not a.json:
+            print_table([r], header=len(rows) == 1)
+            sys.stdout.flush()
     if a.json:
         print(json.dumps(rows, indent=1))
     return 0

@@ -306,11 +306,13 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     if torch.compiler.is_compiling() and getattr(spec, "compiled_hooks", False):
         # the ambient compiled hooks store what it saves (runtime/compile_support.py);
         # the annotation names this node on the aten nodes its op makes
+        # (attention: the math backend, as below)
         cid = getattr(spec, "compile_id", None)
-        if cid is None:
-            return spec.call(args, kwargs)
-        with torch.fx.traceback.annotate({"fxc_save": cid}):
-            return spec.call(args, kwargs)
+        with sdpa_backend(spec, args):
+            if cid is None:
+                return spec.call(args, kwargs)
+            with torch.fx.traceback.annotate({"fxc_save": cid}):
+                return spec.call(args, kwargs)
     if spec.first:
         spec._ledger.reset()
     skip = set()

@@ -53,6 +53,7 @@ compile: plain tensor code, guard-free (runtime/scaled_grad.py says what).
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -203,28 +204,72 @@ def _hook_graph_module(fn) -> fx.GraphModule:
     return gm
 
 
+def c_path_available() -> bool:
+    """Whether the fixed-width hooks route CPU tensors through the C kernels:
+    opt-in (FXC_COMPILE_C_PACK=1) and CPU tensors take actpack's C loops in
+    eager (kernels/dispatch.py: FXC_CPU_FAST on, the library built, Triton
+    not forced onto the CPU). Opt-in because under inductor this route's
+    gradients measured wrong: tiny CNN acgc_2bit, gradient error against the
+    uncompressed model 0.59 against eager's 0.12 (0.08 under aot_eager, and
+    0.08 under inductor with the plain code); not traced yet."""
+    from ..kernels.actpack_cpu import lib
+    from ..kernels.cbuild import cpu_fast_enabled
+    from ..kernels.dispatch import force_triton
+
+    if os.environ.get("FXC_COMPILE_C_PACK", "") != "1":
+        return False
+    if force_triton() and os.environ.get("TRITON_INTERPRET", "") == "1":
+        return False
+    return bool(cpu_fast_enabled()) and lib() is not None
+
+
 class ActivationHooks:
     """The pack/unpack GraphModule pair for one fixed-bit setting (see the
     module docstring). `enter()` returns the saved_tensors_hooks context;
-    the same two objects every step, so dynamo's guard on them holds."""
+    the same two objects every step, so dynamo's guard on them holds.
 
-    def __init__(self, bits: int, stochastic: bool, min_numel: int):
+    `c_path` (CPU with actpack's C loops built): a saved CPU tensor that a
+    compressed node stores goes through `fxcompress::pack_saved` /
+    `unpack_saved` (SpecHooks' route: the node's eager SaveSpec, i.e. the
+    C kernels) instead of the plain tensor code. Measured (BENCHMARKS.md,
+    torch.compile (b)): inductor's C++ loops for the plain code made the
+    compiled resnet50 2-bit step 1.71x the compiled uncompressed one, against
+    1.30x in eager with the C kernels. CUDA tensors keep the plain code
+    (inductor emits Triton and fuses it with the ops around it), as does
+    every tensor when there is no C compiler. Decided per saved tensor while
+    AOT autograd traces the hook (its device is static there): no guard."""
+
+    def __init__(self, bits: int, stochastic: bool, min_numel: int, c_path: bool = False):
         self.bits, self.stochastic, self.min_numel = int(bits), bool(stochastic), int(min_numel)
+        self.c_path = bool(c_path)
 
         def pack(x):
             if not torch.compiler.is_compiling() and x.requires_grad and x.is_leaf:
                 return x  # eager backend: parameters reach the hook too; never packed
+            if compared_in_backward(_hook_context()):
+                return x  # (see there: a max's input located by equality)
+            if self.c_path and x.device.type == "cpu":
+                obj = spec_pack(x)
+                if obj is not x:
+                    return obj
+                # a saved tensor no compressed node stores (not in any
+                # region): the plain code, as without the C path
             return pack_tensor(x, self.bits, self.stochastic, self.min_numel)
 
+        def unpack(obj):
+            if isinstance(obj, tuple) and obj[0] == "spec":
+                return spec_unpack(obj)
+            return unpack_tensor(obj)
+
         self.pack = _hook_graph_module(pack)
-        self.unpack = _hook_graph_module(unpack_tensor)
+        self.unpack = _hook_graph_module(unpack)
 
     def enter(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def __repr__(self) -> str:
         return (f"ActivationHooks(bits={self.bits}, rounding={'stochastic' if self.stochastic else 'nearest'}, "
-                f"min_numel={self.min_numel})")
+                f"min_numel={self.min_numel}{', CPU: C kernels via fxcompress::pack_saved' if self.c_path else ''})")
 
 
 # ---------------------------------------------------------- per-node settings
@@ -343,35 +388,71 @@ def specs_for(node, bw_graph=None) -> Tuple[Optional[Any], Optional[Any]]:
     return _SPECS[min(savers)], None
 
 
+_EQ_DEPTH = 3  # how far from the saved tensor the backward's comparison may sit
+
+
+def compared_in_backward(ctx) -> bool:
+    """Whether the backward tests the saved tensor for equality (within a few
+    ops of it): the gradient of max/amax/min locates the extremes by
+    `x == max(x)` and divides by their count. AOT's partitioner may save
+    the tensor the reduction read (DoReFa's tanh(w), whose |.| is compared
+    with max|tanh(w)|) and recompute the comparison in the backward; from a
+    quantized copy nothing equals the stored maximum, the count is 0 and the
+    gradient NaN (the CAMP gate's weights under `all`, resnet18). Such a
+    tensor is saved exact."""
+    bw = ctx.get("_bw_graph") if ctx else None
+    if bw is None:
+        return False
+    aten = torch.ops.aten
+    name = ctx["_node"].name
+    frontier = [p for p in bw.find_nodes(op="placeholder") if p.name == name]
+    for _ in range(_EQ_DEPTH):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u.target in (aten.eq.Tensor, aten.eq.Scalar):
+                    return True
+                nxt.append(u)
+        frontier = nxt
+    return False
+
+
+def spec_pack(x):
+    """Pack hook body: the saved tensor as its node's SaveSpec stores it, by
+    the custom op; x itself when no compressed node stores it (or the
+    backward compares it for equality: compared_in_backward)."""
+    ctx = _hook_context()
+    if ctx is None or not torch.is_tensor(x):
+        return x  # not inside AOT's inlining (a run-time call): nothing to name the node by
+    if compared_in_backward(ctx):
+        return x
+    spec, relu = specs_for(ctx["_node"], ctx.get("_bw_graph"))
+    if spec is None:
+        return x
+    if spec.rule == "maxpool" and x.dtype == torch.int64:
+        _set_pool_width(spec, ctx["_node"])
+    h = torch.ops.fxcompress.pack_saved(x, spec.compile_id, 0 if relu is None else relu.compile_id)
+    return ("spec", h, spec.compile_id, 0 if relu is None else relu.compile_id, tuple(x.shape),
+            tuple(x.stride()), x.dtype)
+
+
+def spec_unpack(obj):
+    if torch.is_tensor(obj):
+        return obj
+    _, h, sid, rid, shape, stride, dtype = obj
+    v = torch.ops.fxcompress.unpack_saved(h, sid, rid, list(shape), dtype)
+    if len(shape) and tuple(stride) != tuple(v.stride()):
+        v = torch.empty_strided(shape, stride, dtype=dtype, device=v.device).copy_(v)
+    return v
+
+
 class SpecHooks:
     """Pack/unpack GraphModules that store each saved tensor by its node's
     own SaveSpec through the custom ops (module docstring)."""
 
     def __init__(self):
-        def pack(x):
-            ctx = _hook_context()
-            if ctx is None or not torch.is_tensor(x):
-                return x  # not inside AOT's inlining (a run-time call): nothing to name the node by
-            spec, relu = specs_for(ctx["_node"], ctx.get("_bw_graph"))
-            if spec is None:
-                return x
-            if spec.rule == "maxpool" and x.dtype == torch.int64:
-                _set_pool_width(spec, ctx["_node"])
-            h = torch.ops.fxcompress.pack_saved(x, spec.compile_id, 0 if relu is None else relu.compile_id)
-            return ("spec", h, spec.compile_id, 0 if relu is None else relu.compile_id, tuple(x.shape),
-                    tuple(x.stride()), x.dtype)
-
-        def unpack(obj):
-            if torch.is_tensor(obj):
-                return obj
-            _, h, sid, rid, shape, stride, dtype = obj
-            v = torch.ops.fxcompress.unpack_saved(h, sid, rid, list(shape), dtype)
-            if len(shape) and tuple(stride) != tuple(v.stride()):
-                v = torch.empty_strided(shape, stride, dtype=dtype, device=v.device).copy_(v)
-            return v
-
-        self.pack = _hook_graph_module(pack)
-        self.unpack = _hook_graph_module(unpack)
+        self.pack = _hook_graph_module(spec_pack)
+        self.unpack = _hook_graph_module(spec_unpack)
 
     def enter(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
@@ -429,11 +510,13 @@ def activation_hooks_for(gm: nn.Module) -> Tuple[Optional[Any], str]:
     if not specs:
         return None, ""
     st, why = uniform_settings(specs)
-    if st is None:
+    c_path = st is not None and c_path_available()
+    if st is None or c_path:
         for s in specs:
-            register_spec(s)
+            register_spec(s)  # (the fixed-width hooks' CPU tensors take SpecHooks' route)
+    if st is None:
         return SpecHooks(), why
-    return ActivationHooks(st.bits, st.rounding == "stochastic", st.min_numel), ""
+    return ActivationHooks(st.bits, st.rounding == "stochastic", st.min_numel, c_path=c_path), ""
 
 
 def compiled_save_ok(spec) -> bool:
@@ -473,7 +556,7 @@ class CompiledCall:
             self.eager_calls += 1
             return self.gm(*args, **kwargs)
         if self.hooks is not None and training:
-            if self.ledger is not None and isinstance(self.hooks, SpecHooks):
+            if self.ledger is not None and (isinstance(self.hooks, SpecHooks) or getattr(self.hooks, "c_path", False)):
                 self.ledger.reset()  # eager's first node does this in fxc_save (traced away here)
             with self.hooks.enter():
                 return self.fn(*args, **kwargs)

@@ -30,5 +30,14 @@ def sdpa_backend(spec, args):
             mod = args[0]
             attends = (not type(mod).__module__.startswith("torch.nn.")
                        or any(isinstance(m, nn.MultiheadAttention) for m in mod.modules()))
-        spec._attends = attends = attends and spec.settings.mode != "auto"
+        attends = attends and spec.settings.mode != "auto"
+        if not torch.compiler.is_compiling():
+            # cached in eager only: under dynamo the decision is traced once
+            # per compile anyway, and an attribute written while tracing
+            # would be a side effect dynamo replays
+            spec._attends = attends
+    # Under torch.compile (fxc_save's compiled branch) the context is traced:
+    # AOT autograd then records the math decomposition instead of the fused
+    # _scaled_dot_product_flash_attention_for_cpu (or the GPU flash/efficient
+    # kernels), for the reason above.
     return sdpa_kernel([SDPBackend.MATH]) if attends else contextlib.nullcontext()
