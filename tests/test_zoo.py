@@ -24,7 +24,7 @@ def pol(name):
 
 def test_worker_appends_one_line_per_pair(zoo, tmp_path):
     res = str(tmp_path / "z.jsonl")
-    zoo.worker("squeezenet1_1", [pol("acgc_auto")], res)
+    zoo.worker(["squeezenet1_1"], [pol("acgc_auto")], res)
     (r,) = zoo.read_results(res)
     assert (r["model"], r["policy"], r["status"]) == ("squeezenet1_1", "acgc_auto", "ok")
     assert r["transform_s"] >= 0 and r["input"] == 64
@@ -45,10 +45,12 @@ def test_restart_skips_done_pairs_and_ignores_a_cut_line(zoo, tmp_path, capsys):
 def test_pair_over_its_cpu_budget_is_a_timeout_and_the_next_pair_still_runs(zoo, tmp_path):
     res = str(tmp_path / "z.jsonl")
     # 0.05 CPU seconds: the worker cannot even import torch, so each pair in turn is killed
-    zoo.run_model("squeezenet1_1", [pol("all"), pol("psgd_w4")], res, pair_cpu_s=0.05, max_rss_gb=64,
-                  log=lambda s: None)
+    zoo.run_models(["squeezenet1_1", "squeezenet1_0"], [pol("all"), pol("psgd_w4")], res, pair_cpu_s=0.05,
+                   max_rss_gb=64, log=lambda s: None)
     recs = zoo.read_results(res)
-    assert [(r["policy"], r["status"]) for r in recs] == [("all", "timeout"), ("psgd_w4", "timeout")]
+    assert [(r["model"], r["policy"], r["status"]) for r in recs] == [
+        ("squeezenet1_1", "all", "timeout"), ("squeezenet1_1", "psgd_w4", "timeout"),
+        ("squeezenet1_0", "all", "timeout"), ("squeezenet1_0", "psgd_w4", "timeout")]
     assert "CPU seconds" in recs[0]["reason"]
 
 
@@ -60,3 +62,9 @@ def test_table_from_marks_pairs_not_run(zoo, tmp_path, capsys):
                      "--only", "resnet18"]) == 0
     out = capsys.readouterr().out
     assert "matches nothing" in out and "1 not applicable" in out and "1 not run" in out
+
+
+def test_big_models_get_a_worker_of_their_own(zoo):
+    names = zoo.models_smallest_first(["vit_h_14", "resnet18", "squeezenet1_1", "mobilenet_v3_small"])
+    assert names[0] == "squeezenet1_1" and names[-1] == "vit_h_14"
+    assert zoo.chunks(names, 2) == [["squeezenet1_1", "mobilenet_v3_small"], ["resnet18"], ["vit_h_14"]]

@@ -148,19 +148,24 @@ def code_version() -> str:
         return "unknown"
 
 
-def worker(name: str, policies, results: str) -> int:
+def worker(names, policies, results: str) -> int:
+    """Run the pairs (model-major) not yet in `results`, appending each as it finishes."""
     import torch
-    torch.set_num_threads(1)  # the driver runs one model at a time on a shared machine
+    torch.set_num_threads(1)  # the driver runs one worker at a time on a shared machine
     code = code_version()
-    for p in policies:
-        t0 = time.perf_counter()
-        try:
-            r = run_pair(name, p)
-        except Exception as e:  # one pair must not hide the others: record the class and go on
-            r = {"status": "error", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:240]}
-        r = {"model": name, "policy": short_name(p), **r, "wall_s": round(time.perf_counter() - t0, 2),
-             "code": code}
-        append_result(results, r)
+    for name in names:
+        done = done_pairs(results)
+        for p in policies:
+            if (name, short_name(p)) in done:
+                continue
+            t0 = time.perf_counter()
+            try:
+                r = run_pair(name, p)
+            except Exception as e:  # one pair must not hide the others: record the class and go on
+                r = {"status": "error", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:240]}
+            r = {"model": name, "policy": short_name(p), **r, "wall_s": round(time.perf_counter() - t0, 2),
+                 "code": code}
+            append_result(results, r)
     return 0
 
 
@@ -180,17 +185,20 @@ def _proc_rss_gb(pid: int) -> float:
     return 0.0
 
 
-def run_model(name: str, policies, results: str, pair_cpu_s: float, max_rss_gb: float,
-              log=print) -> None:
-    """Run the pairs of one model not yet in `results`, restarting the worker past a pair
-    that timed out, ran out of the memory guard or killed its process."""
+def run_models(names, policies, results: str, pair_cpu_s: float, max_rss_gb: float,
+               log=print) -> None:
+    """Run the pairs of these models not yet in `results` in one worker process (torch imported
+    once), restarting it past a pair that timed out, ran out of the memory guard or killed it."""
+    if isinstance(names, str):
+        names = [names]
     while True:
         done = done_pairs(results)
-        todo = [p for p in policies if (name, short_name(p)) not in done]
+        todo = [(m, p) for m in names for p in policies if (m, short_name(p)) not in done]
         if not todo:
             return
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--results", results,
-               "--policies", *todo]
+        models = list(dict.fromkeys(m for m, _ in todo))
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", *models, "--results", results,
+               "--policies", *policies]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         n_done, cpu_mark, verdict, peak = len(done), 0.0, None, 0.0
         while proc.poll() is None:
@@ -214,14 +222,32 @@ def run_model(name: str, policies, results: str, pair_cpu_s: float, max_rss_gb: 
                 break
         _, err = proc.communicate()
         done = done_pairs(results)
-        current = next((p for p in todo if (name, short_name(p)) not in done), None)
+        current = next(((m, p) for m, p in todo if (m, short_name(p)) not in done), None)
         if current is None:
             return
+        name, current = current
         if verdict is None:  # the worker died without writing its pair (segfault, OOM killer)
             tail = (err or "").strip().splitlines()[-1:] or [""]
             verdict = {"status": "error", "reason": f"worker exited {proc.returncode}: {tail[0][:200]}"}
         append_result(results, {"model": name, "policy": short_name(current), **verdict})
         log(f"  {name} x {short_name(current)}: {verdict['status']}")
+
+
+def chunks(models, per_worker: int, big: int = 100_000_000):
+    """Consecutive groups of at most per_worker models; a big model runs alone (its memory is
+    given back when its worker exits)."""
+    out, cur = [], []
+    for m in models:
+        if model_params(m) > big:
+            out += [cur] if cur else []
+            out.append([m])
+            cur = []
+            continue
+        cur.append(m)
+        if len(cur) >= max(1, per_worker):
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
 
 
 # ---------------------------------------------------------------- table
@@ -274,7 +300,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pair-cpu-s", type=float, default=900.0, help="CPU seconds one pair may use")
     ap.add_argument("--max-rss-gb", type=float, default=10.0, help="resident memory one worker may use")
     ap.add_argument("--json", action="store_true", help="print the records as one JSON object")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--models-per-worker", type=int, default=8,
+                    help="models one worker process runs (models over 100M parameters get one each)")
+    ap.add_argument("--worker", nargs="*", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -308,9 +336,9 @@ def main(argv=None) -> int:
     log = (lambda s: print(s, file=sys.stderr, flush=True))
     models = models_smallest_first(names)
     try:
-        for i, name in enumerate(models):
-            log(f"[{i + 1}/{len(models)}] {name}")
-            run_model(name, graph_policies, results, args.pair_cpu_s, args.max_rss_gb, log)
+        for i, chunk in enumerate(chunks(models, args.models_per_worker)):
+            log(f"[{models.index(chunk[0]) + 1}-{models.index(chunk[-1]) + 1}/{len(models)}] {' '.join(chunk)}")
+            run_models(chunk, graph_policies, results, args.pair_cpu_s, args.max_rss_gb, log)
         records = [r for r in read_results(results) if r["model"] in set(models)
                    and r["policy"] in {short_name(p) for p in graph_policies}]
     finally:
