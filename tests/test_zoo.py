@@ -22,12 +22,14 @@ def pol(name):
     return os.path.join(ROOT, "policies", name + ".yaml")
 
 
-def test_worker_appends_one_line_per_pair(zoo, tmp_path):
+def test_worker_appends_one_line_per_pair_and_names_a_method_that_applies_nowhere(zoo, tmp_path):
     res = str(tmp_path / "z.jsonl")
-    zoo.worker(["squeezenet1_1"], [pol("acgc_auto")], res)
+    zoo.worker(["squeezenet1_1"], [pol("camp_sp")], res)
     (r,) = zoo.read_results(res)
-    assert (r["model"], r["policy"], r["status"]) == ("squeezenet1_1", "acgc_auto", "ok")
+    assert (r["model"], r["policy"], r["status"]) == ("squeezenet1_1", "camp_sp", "ok")
     assert r["transform_s"] >= 0 and r["input"] == 64
+    # squeezenet has no residual add: CAMP's block rule (optional) reaches no node, and the record says so
+    assert len(r["notes"]) == 1 and r["notes"][0].startswith("dual_precision applies to no node")
 
 
 def test_restart_skips_done_pairs_and_ignores_a_cut_line(zoo, tmp_path, capsys):

@@ -100,6 +100,21 @@ def append_result(path: str, rec: dict) -> None:
 
 # ---------------------------------------------------------------- one pair (worker side)
 
+def unapplied_rules(cm) -> list:
+    """The plan's optional rules whose treatment reached no node of this model (CAMP's
+    residual-add rule on a network without residual adds): the pair runs, without that method."""
+    plan, notes = cm.plan, []
+    for r in plan.policy.rules:
+        if not r.optional:
+            continue
+        for key, v in r.treatments.items():
+            if v is not None and not any(r.index in e.rules and key in e.treatments for e in plan.entries.values()):
+                where = f"at line {r.line} " if getattr(r, "line", None) else ""
+                notes.append(f"{key} applies to no node: the optional rule {where}"
+                             f"({r.match.describe()}) matches nothing in this model")
+    return notes
+
+
 def run_pair(name: str, policy: str) -> dict:
     import torch
     import torch.nn.functional as F
@@ -132,8 +147,10 @@ def run_pair(name: str, policy: str) -> dict:
     cm.step()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss {loss.item()}")
-    return {"status": "ok", "transform_s": round(transform_s, 3),
-            "step_s": round(time.perf_counter() - t1, 3), "input": size}
+    rec = {"status": "ok", "transform_s": round(transform_s, 3),
+           "step_s": round(time.perf_counter() - t1, 3), "input": size}
+    rec["notes"] = unapplied_rules(cm)  # always present: a record without it predates the check
+    return rec
 
 
 def code_version() -> str:
@@ -257,7 +274,7 @@ def cell(r) -> str:
         return "-"
     s = r["status"]
     if s == "ok":
-        return f"ok {r['transform_s']:.2f}s"
+        return f"ok{'*' if r.get('notes') else ''} {r['transform_s']:.2f}s"
     if s == "error":
         return r["reason"].split(":")[0]
     return s
@@ -280,6 +297,10 @@ def table(records, models=None, policies=None, comm=()) -> str:
         if bad:
             lines.append(f"\n{title}:")
             lines += [f"  {c['model']} x {c['policy']}: {c['reason']}" for c in bad]
+    partial = [c for c in cells if c and c["status"] == "ok" and c.get("notes")]
+    if partial:
+        lines.append("\nok*: ran, but a method of the policy applies nowhere in this model (the plan):")
+        lines += [f"  {c['model']} x {c['policy']}: {'; '.join(c['notes'])}" for c in partial]
     not_run = sum(1 for c in cells if c is None)
     lines.append(f"\n{counts['ok']} ok, {counts['n/a']} not applicable, {counts['error']} errors, "
                  f"{counts['timeout']} timeout, {counts['memory']} memory guard, {not_run} not run "
