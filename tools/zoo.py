@@ -186,6 +186,27 @@ def worker(names, policies, results: str) -> int:
     return 0
 
 
+def backfill_notes(results: str, log=print) -> int:
+    """Ok records written before the notes check: recompute their notes from the plan alone
+    (compile with dry_run: trace and plan, nothing rewritten) and append the completed record."""
+    import torch
+    import fxcompress
+    from identity_all import config_for
+    n = 0
+    for r in read_results(results):
+        if r["status"] != "ok" or "notes" in r:
+            continue
+        path = os.path.join(ROOT, "policies", r["policy"] + ".yaml")
+        kwargs, size = config_for(r["model"])
+        torch.manual_seed(0)
+        model = tvm.get_model(r["model"], weights=None, **kwargs)
+        cm = fxcompress.compile(model, path, example_inputs=torch.randn(2, 3, size, size), dry_run=True)
+        append_result(results, {**r, "notes": unapplied_rules(cm)})
+        n += 1
+        log(f"  notes for {r['model']} x {r['policy']}")
+    return n
+
+
 # ---------------------------------------------------------------- driver
 
 def _proc_cpu_s(pid: int) -> float:
@@ -321,6 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pair-cpu-s", type=float, default=900.0, help="CPU seconds one pair may use")
     ap.add_argument("--max-rss-gb", type=float, default=10.0, help="resident memory one worker may use")
     ap.add_argument("--json", action="store_true", help="print the records as one JSON object")
+    ap.add_argument("--backfill-notes", action="store_true",
+                    help="add the plan's notes to ok records of --results that predate them; run nothing else")
     ap.add_argument("--models-per-worker", type=int, default=8,
                     help="models one worker process runs (models over 100M parameters get one each)")
     ap.add_argument("--worker", nargs="*", default=None, help=argparse.SUPPRESS)
@@ -330,6 +353,9 @@ def main(argv=None) -> int:
         return worker(args.worker, args.policies, args.results)
 
     names = args.only or tvm.list_models(module=tvm)
+    if args.backfill_notes:
+        print(f"{backfill_notes(args.results)} records completed")
+        return 0
     if args.table_from:
         if not os.path.exists(args.table_from):
             print(f"zoo: {args.table_from}: no such results file", file=sys.stderr)
