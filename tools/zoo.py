@@ -223,8 +223,16 @@ def _proc_rss_gb(pid: int) -> float:
     return 0.0
 
 
+def _mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / (1 << 20)
+    return float("inf")
+
+
 def run_models(names, policies, results: str, pair_cpu_s: float, max_rss_gb: float,
-               log=print) -> None:
+               log=print, min_free_gb: float = 0.0) -> None:
     """Run the pairs of these models not yet in `results` in one worker process (torch imported
     once), restarting it past a pair that timed out, ran out of the memory guard or killed it."""
     if isinstance(names, str):
@@ -252,6 +260,9 @@ def run_models(names, policies, results: str, pair_cpu_s: float, max_rss_gb: flo
             if rss > max_rss_gb:
                 verdict = {"status": "memory", "reason": f"resident memory {rss:.1f} GiB over the "
                                                          f"{max_rss_gb:g} GiB guard (--max-rss-gb)"}
+            elif _mem_available_gb() < min_free_gb:  # the machine is shared: never push others into the OOM killer
+                verdict = {"status": "memory", "reason": f"machine's available memory fell under {min_free_gb:g} GiB "
+                                                         f"at {rss:.1f} GiB resident (--min-free-gb)"}
             elif cpu - cpu_mark > pair_cpu_s:
                 verdict = {"status": "timeout", "reason": f"over {pair_cpu_s:g} CPU seconds "
                                                           f"(--pair-cpu-s)"}
@@ -341,6 +352,8 @@ def main(argv=None) -> int:
     ap.add_argument("--table-from", default=None, help="print the table of a results file; run nothing")
     ap.add_argument("--pair-cpu-s", type=float, default=900.0, help="CPU seconds one pair may use")
     ap.add_argument("--max-rss-gb", type=float, default=10.0, help="resident memory one worker may use")
+    ap.add_argument("--min-free-gb", type=float, default=1.5,
+                    help="stop a pair when the machine's available memory falls under this")
     ap.add_argument("--json", action="store_true", help="print the records as one JSON object")
     ap.add_argument("--backfill-notes", action="store_true",
                     help="add the plan's notes to ok records of --results that predate them; run nothing else")
@@ -385,7 +398,7 @@ def main(argv=None) -> int:
     try:
         for i, chunk in enumerate(chunks(models, args.models_per_worker)):
             log(f"[{models.index(chunk[0]) + 1}-{models.index(chunk[-1]) + 1}/{len(models)}] {' '.join(chunk)}")
-            run_models(chunk, graph_policies, results, args.pair_cpu_s, args.max_rss_gb, log)
+            run_models(chunk, graph_policies, results, args.pair_cpu_s, args.max_rss_gb, log, args.min_free_gb)
         records = [r for r in read_results(results) if r["model"] in set(models)
                    and r["policy"] in {short_name(p) for p in graph_policies}]
     finally:
