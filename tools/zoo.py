@@ -37,6 +37,7 @@ sys.path.insert(0, HERE)
 import torchvision.models as tvm  # noqa: E402
 
 STATUSES = ("ok", "n/a", "error", "timeout", "memory")
+NOTES_V = 2  # the notes' wording: --backfill-notes redoes records of an older one
 
 
 def policy_files(root: str = ROOT):
@@ -102,16 +103,21 @@ def append_result(path: str, rec: dict) -> None:
 
 def unapplied_rules(cm) -> list:
     """The plan's optional rules whose treatment reached no node of this model (CAMP's
-    residual-add rule on a network without residual adds): the pair runs, without that method."""
+    residual-add rule on a network without residual adds, or with adds the pass refuses):
+    the pair runs, without that method; the note carries the plan's own reason."""
     plan, notes = cm.plan, []
     for r in plan.policy.rules:
         if not r.optional:
             continue
         for key, v in r.treatments.items():
-            if v is not None and not any(r.index in e.rules and key in e.treatments for e in plan.entries.values()):
-                where = f"at line {r.line} " if getattr(r, "line", None) else ""
-                notes.append(f"{key} applies to no node: the optional rule {where}"
-                             f"({r.match.describe()}) matches nothing in this model")
+            matched = [e for e in plan.entries.values() if r.index in e.rules]
+            if v is None or any(key in e.treatments for e in matched):
+                continue
+            where = f"at line {r.line} " if getattr(r, "line", None) else ""
+            head = f"{key} applies to no node: the optional rule {where}({r.match.describe()})"
+            skipped = [e.skipped[key] for e in matched if key in e.skipped]
+            notes.append(f"{head} matches {len(matched)} node(s), the plan skips them all: {skipped[0]}"
+                         if skipped else f"{head} matches nothing in this model")
     return notes
 
 
@@ -150,6 +156,7 @@ def run_pair(name: str, policy: str) -> dict:
     rec = {"status": "ok", "transform_s": round(transform_s, 3),
            "step_s": round(time.perf_counter() - t1, 3), "input": size}
     rec["notes"] = unapplied_rules(cm)  # always present: a record without it predates the check
+    rec["notes_v"] = NOTES_V
     return rec
 
 
@@ -194,14 +201,14 @@ def backfill_notes(results: str, log=print) -> int:
     from identity_all import config_for
     n = 0
     for r in read_results(results):
-        if r["status"] != "ok" or "notes" in r:
+        if r["status"] != "ok" or ("notes" in r and r.get("notes_v") == NOTES_V):
             continue
         path = os.path.join(ROOT, "policies", r["policy"] + ".yaml")
         kwargs, size = config_for(r["model"])
         torch.manual_seed(0)
         model = tvm.get_model(r["model"], weights=None, **kwargs)
         cm = fxcompress.compile(model, path, example_inputs=torch.randn(2, 3, size, size), dry_run=True)
-        append_result(results, {**r, "notes": unapplied_rules(cm)})
+        append_result(results, {**r, "notes": unapplied_rules(cm), "notes_v": NOTES_V})
         n += 1
         log(f"  notes for {r['model']} x {r['policy']}")
     return n
