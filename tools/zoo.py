@@ -339,7 +339,11 @@ def table(records, models=None, policies=None, comm=()) -> str:
     partial = [c for c in cells if c and c["status"] == "ok" and c.get("notes")]
     if partial:
         lines.append("\nok*: ran, but a method of the policy applies nowhere in this model (the plan):")
-        lines += [f"  {c['model']} x {c['policy']}: {'; '.join(c['notes'])}" for c in partial]
+        groups = {}  # one line per (policy, reason): the same reason recurs across a model family
+        for c in partial:
+            for note in c["notes"]:
+                groups.setdefault((c["policy"], note), []).append(c["model"])
+        lines += [f"  {p}: {note}\n      {', '.join(ms)}" for (p, note), ms in groups.items()]
     not_run = sum(1 for c in cells if c is None)
     lines.append(f"\n{counts['ok']} ok, {counts['n/a']} not applicable, {counts['error']} errors, "
                  f"{counts['timeout']} timeout, {counts['memory']} memory guard, {not_run} not run "
