@@ -147,6 +147,23 @@ def test_straight_through_gradients():
     assert y.grad.tolist() == [0.0, 1.0, 0.0] and p.alpha.grad.item() == 1.0  # PACT: d/dalpha = 1 above the clip
 
 
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bits", [1, 4])
+def test_activation_quantizer_inference_path_gives_the_training_values(bits, signed):
+    """Without autograd the activation quantizer skips the straight-through
+    arithmetic (fewer passes in routed inference); same grid values."""
+    x = torch.randn(1000) * 1.5
+    trained = quantize_activation(x.clone().requires_grad_(), bits, signed).detach()
+    with torch.no_grad():
+        infer = quantize_activation(x.clone().requires_grad_(), bits, signed)
+    plain = quantize_activation(x, bits, signed)  # no grad needed: the same path
+    torch.testing.assert_close(infer, trained, rtol=0, atol=1e-6)
+    assert torch.equal(infer, plain)
+    n = 2 ** bits - 1
+    grid = (infer + 1) * n / 2 if signed else infer * n
+    assert torch.allclose(grid, grid.round(), atol=1e-5) and len(torch.unique(infer)) <= n + 1
+
+
 def test_fixed_mode_quantizes_every_layer_but_first_and_last():
     net = UserNet()
     cm = fxcompress.compile(net, {"settings": {"dual_precision": {"mode": "fixed"}},
@@ -213,8 +230,12 @@ def test_routed_eval_equals_masked_two_branch_output(pre_gate):
         for b in ctl.blocks.values():
             b.set_routed(False)
         masked = cm(x)
+        for b in ctl.blocks.values():
+            b.set_routed(True)
+    routed_grad = cm(x)  # grad enabled: the merge copies the low output instead of writing into it
     assert all(0 < u < 1 for u in usage.values()), usage  # both paths really used
     torch.testing.assert_close(routed, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed_grad.detach(), routed, rtol=1e-5, atol=1e-5)
 
 
 def test_routed_eval_runs_the_high_path_only_for_chosen_samples():
@@ -372,6 +393,35 @@ def test_distill_option_trains_the_low_path_toward_the_high_path():
     cm.eval()
     with torch.no_grad():
         assert cm.extra_loss(cm(x), y) is None
+
+
+def test_energy_option_adds_the_relative_energy_straight_through_to_the_gates():
+    """settings energy (option, off by default, mode sp): extra_loss is
+    energy * relative energy at the batch's hard choices; its gradient pushes
+    every gate's p_high down (choosing the low path saves energy)."""
+    pol = policy("sp")
+    pol["settings"]["dual_precision"]["energy"] = 3.0
+    torch.manual_seed(0)
+    cm = fxcompress.compile(UserNet(blocks=2), pol, (torch.randn(2, 1, 8, 8),))
+    ctl = cm.controllers["dual_precision"]
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    cm.train()
+    extra = cm.extra_loss(cm(x), y)
+    # the gates start high for every sample (p_high = sigmoid(1))
+    assert extra is not None
+    torch.testing.assert_close(extra.detach(), torch.tensor(3.0 * ctl.cost.summary()["relative_all_high"]))
+    extra.backward()
+    for b in ctl.blocks.values():
+        g = b.gate.fc.bias.grad
+        assert g[1] > 0 and g[0] < 0  # descent lowers the high logit, raises the low one
+        assert b.choice is None  # consumed
+    cm.eval()
+    with torch.no_grad():
+        assert cm.extra_loss(cm(x), y) is None
+    bad = policy("rl")
+    bad["settings"]["dual_precision"]["energy"] = 1.0
+    with pytest.raises(PolicyError, match="energy"):
+        fxcompress.compile(UserNet(), bad, (torch.randn(2, 1, 8, 8),))
 
 
 def test_warmup_settings_are_checked():

@@ -23,8 +23,11 @@ usage, relative to the all-4-bit network (fxcompress/bops.py).
     .venv/bin/python tools/replicate_camp.py --seeds 5 --jobs 5 --depth 14 --epochs 10 --camp-epochs 6 \
         --warmup-epochs 6 --warmup-high 0.25 --warmup-lr 0.05 --alphas 1.25,1.5,2 --w-rl 1 \
         --png docs/camp_energy.png --json docs/camp_energy.json   # BENCHMARKS.md, round 3
+    .venv/bin/python tools/replicate_camp.py --seeds 5 --jobs 5 --depth 14 --epochs 10 --camp-epochs 6 \
+        --warmup-epochs 6 --warmup-high 0.25 --warmup-lr 0.05 --alphas "" --energies 2,4 --skip fp,w1,sp,w4c \
+        --png docs/camp_energy_round4.png --json docs/camp_energy_round4.json   # round 4: sp + energy term
     .venv/bin/python tools/replicate_camp.py --seeds 1 --epochs 2 --camp-epochs 1 --alphas 0.1   # smoke run
-    .venv/bin/python tools/replicate_camp.py --timing --timing-batch 256   # routed vs both paths, wall time
+    .venv/bin/python tools/replicate_camp.py --timing --timing-batch 256 --usage 0.1,0.5   # routed vs both, wall time
 
 --timing (no training): one CAMP model, gates set so that a fraction
 --usage of the samples takes the high path in every block; eval wall time of
@@ -71,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--camp-lr", type=float, default=0.01, help="CAMP stages (the authors: 0.01 from the 4-bit model)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--alphas", default="0.1,1,4", help="RL alpha values, comma-separated")
+    p.add_argument("--energies", default="",
+                   help="recipe option (not in the SPEC): supervised CAMP with the loss's energy term (settings "
+                   "energy) at each weight, comma-separated, from the same start as RL (warm-up included)")
     p.add_argument("--w-rl", type=float, default=0.01)
     p.add_argument("--rl-from", choices=("w4", "sp"), default="w4",
                    help="RL starts from the all-4-bit model (issue 15; default) or the supervised CAMP model "
@@ -96,7 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--png", help="write the energy-accuracy plot here")
     p.add_argument("--from-json", help="no training: the table (and --png) from the seeds a saved --json holds")
     p.add_argument("--timing", action="store_true", help="only the routed-inference timing")
-    p.add_argument("--usage", type=float, default=0.5, help="--timing: fraction of samples on the high path")
+    p.add_argument("--usage", default="0.5",
+                   help="--timing: fraction of samples on the high path (comma-separated: one line each)")
     p.add_argument("--timing-batch", type=int, default=256)
     p.add_argument("--timing-reps", type=int, default=20)
     p.add_argument("--pre-gate", action="store_true",
@@ -197,7 +204,7 @@ def build(args, channels, seed):
     return resnet_cifar(args.depth, 10, channels, args.width)
 
 
-def run_seed(seed, data, args, alphas):
+def run_seed(seed, data, args, alphas, energies=()):
     t0 = time.perf_counter()
     ex = data["xte"][:2]
     ch = data["xtr"].shape[1]
@@ -247,8 +254,21 @@ def run_seed(seed, data, args, alphas):
         rl = train(rl, data, args, seed, args.camp_epochs, args.camp_lr)
         res["rl_train_usage"][str(a)] = train_usage(rl)
         res["rl"][str(a)] = evaluate(rl, data)
+    res["spe"] = {}
+    res["spe_train_usage"] = {}
+    for e in energies:
+        spe = fxcompress.compile(build(args, ch, seed), camp_policy("sp", energy=e, pre_gate=args.pre_gate,
+                                                                   distill=args.distill), ex)
+        spe.load_state_dict(start, strict=False)
+        spe = train(spe, data, args, seed, args.camp_epochs, args.camp_lr)
+        res["spe_train_usage"][str(e)] = train_usage(spe)
+        res["spe"][str(e)] = evaluate(spe, data)
     res["train_s"] = time.perf_counter() - t0
     return res
+
+
+def floats(text):
+    return [float(a) for a in str(text).split(",") if a.strip()]
 
 
 def mean_sd(vals):
@@ -258,12 +278,13 @@ def mean_sd(vals):
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
-def rows(results, alphas):
+def rows(results, alphas, energies=()):
     names = [("FP", lambda r: r.get("fp")), ("all 1-bit", lambda r: r.get("w1")), ("all 4-bit", lambda r: r["w4"]),
              ("all 4-bit, trained on", lambda r: r.get("w4c")), ("CAMP sp", lambda r: r.get("sp")),
              ("CAMP after warm-up (gates untrained)", lambda r: r.get("warm")),
              ("CAMP after warm-up, every gate low", lambda r: r.get("warm_low"))] + [
-        (f"CAMP rl a={a}", (lambda a: lambda r: r["rl"][str(a)])(a)) for a in alphas]
+        (f"CAMP rl a={a}", (lambda a: lambda r: r["rl"][str(a)])(a)) for a in alphas] + [
+        (f"CAMP sp energy={e}", (lambda e: lambda r: r.get("spe", {}).get(str(e)))(e)) for e in energies]
     out = []
     for name, get0 in names:
         if any(get0(r) is None for r in results):
@@ -332,7 +353,7 @@ def calibrate(model, x, usage):
         b.gate.fc.bias.data[1] += -torch.quantile(seen[0], 1 - usage) + 1e-6
 
 
-def timing(args, data):
+def timing(args, data, usage_target):
     torch.manual_seed(0)
     model = fxcompress.compile(build(args, data["xtr"].shape[1], 0), camp_policy("sp", pre_gate=args.pre_gate),
                                data["xte"][:2])
@@ -340,7 +361,7 @@ def timing(args, data):
     ctl = model.controllers["dual_precision"]
     for b in ctl.blocks.values():
         torch.nn.init.normal_(b.gate.fc.weight, std=1.0)
-    calibrate(model, x, args.usage)
+    calibrate(model, x, usage_target)
     ctl.reset_eval()
     times = {True: [], False: []}
     with torch.no_grad():
@@ -376,32 +397,37 @@ def main(argv=None):
         vi, ti = order[:nv], order[nv:]
         data = {"xtr": data["xtr"][ti], "ytr": data["ytr"][ti], "xte": data["xtr"][vi], "yte": data["ytr"][vi]}
     if args.timing:
-        t = timing(args, data)
-        print(f"routed eval{' (pre-gate)' if args.pre_gate else ''}, ResNet-{args.depth} at {args.upscale}px, "
-              f"batch {t['batch']}, high-path usage "
-              f"{t['usage']:.2f}: routed {t['routed_ms']:.1f} ms, both paths {t['both_ms']:.1f} ms, ratio "
-              f"{t['ratio']:.3f} (medians of {t['reps']} interleaved runs; BOPs energy {t['energy']:.3f})")
+        out = []
+        for u in floats(args.usage):
+            t = timing(args, data, u)
+            out.append(t)
+            print(f"routed eval{' (pre-gate)' if args.pre_gate else ''}, ResNet-{args.depth} at {args.upscale}px, "
+                  f"batch {t['batch']}, high-path usage "
+                  f"{t['usage']:.2f}: routed {t['routed_ms']:.1f} ms, both paths {t['both_ms']:.1f} ms, ratio "
+                  f"{t['ratio']:.3f} (medians of {t['reps']} interleaved runs; BOPs energy {t['energy']:.3f})",
+                  flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "timing": t}, f, indent=2)
+                json.dump({"args": vars(args), "timing": out if len(out) > 1 else out[0]}, f, indent=2)
         return 0
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
         results, saved_args = saved["seeds"], saved["args"]
-        alphas = [float(a) for a in saved_args["alphas"].split(",") if a.strip()]
+        alphas = floats(saved_args["alphas"])
+        energies = floats(saved_args.get("energies", ""))
         print(f"{args.from_json}: seeds {[r['seed'] for r in results]} of a run with " +
               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved_args.items()
                        if k in ("seeds", "depth", "upscale", "epochs", "camp_epochs", "alphas", "w_rl", "rl_from", "warmup_epochs",
-                                "warmup_high", "warmup_lr", "rl_baseline", "distill", "val")))
-        summary = rows(results, alphas)
+                                "warmup_high", "warmup_lr", "rl_baseline", "distill", "energies", "val")))
+        summary = rows(results, alphas, energies)
         print(table(summary, len(results), "validation" if saved_args.get("val") else "test"))
         if args.png:
             print("wrote", plot(results, summary, args.png, "validation" if saved_args.get("val") else "test"))
         return 0
-    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    alphas, energies = floats(args.alphas), floats(args.energies)
     print(f"digits {len(data['ytr'])} train / {len(data['yte'])} {'validation' if args.val else 'test'} at {args.upscale}px; ResNet-{args.depth}; "
-          f"{args.epochs} epochs (FP, 1-bit, 4-bit), {args.camp_epochs} per CAMP stage; RL alphas {alphas}",
+          f"{args.epochs} epochs (FP, 1-bit, 4-bit), {args.camp_epochs} per CAMP stage; RL alphas {alphas}; sp energy weights {energies}",
           flush=True)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     results = []
@@ -416,7 +442,9 @@ def main(argv=None):
             + (f" u{r[k][2]:.2f}" if r[k][2] is not None else "")
             for k in ("fp", "w1", "w4", "w4c", "sp", "warm", "warm_low") if k in r) + "  " +
               "  ".join(f"rl a={a} {v[0]:.2f} @{v[1]:.3f} u{v[2]:.2f} [" +
-                        " ".join(f"{u:.2f}" for u in v[3].values()) + "]" for a, v in r["rl"].items()) +
+                        " ".join(f"{u:.2f}" for u in v[3].values()) + "]" for a, v in r["rl"].items()) + "  " +
+              "  ".join(f"sp e={e} {v[0]:.2f} @{v[1]:.3f} u{v[2]:.2f} [" +
+                        " ".join(f"{u:.2f}" for u in v[3].values()) + "]" for e, v in r.get("spe", {}).items()) +
               f"  [{r['train_s']:.0f} s]", flush=True)
 
     if args.jobs > 1:
@@ -426,13 +454,13 @@ def main(argv=None):
 
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                     initargs=(args.threads,)) as pool:
-            for fut in cf.as_completed([pool.submit(run_seed, s, data, args, alphas) for s in seeds]):
+            for fut in cf.as_completed([pool.submit(run_seed, s, data, args, alphas, energies) for s in seeds]):
                 show(fut.result())
         results.sort(key=lambda r: r["seed"])
     else:
         for seed in seeds:
-            show(run_seed(seed, data, args, alphas))
-    summary = rows(results, alphas)
+            show(run_seed(seed, data, args, alphas, energies))
+    summary = rows(results, alphas, energies)
     print(table(summary, len(results), "validation" if args.val else "test"))
     if args.png:
         print("wrote", plot(results, summary, args.png, "validation" if args.val else "test"))

@@ -147,15 +147,21 @@ class DualPrecisionSettings:
     #: distillation term, mean((low - high.detach())^2) summed over blocks, in
     #: training (both paths run on every sample then)
     distill: float = 0.0
+    #: recipe option, not in the SPEC (0: off, the SPEC's supervised loss): mode
+    #: sp adds energy * (relative energy at the batch's gate choices) to the
+    #: loss, straight-through to the gates (runtime/dual_precision.py)
+    energy: float = 0.0
 
     def check(self):
         check_range("warmup_epochs", self.warmup_epochs, 0, 100000)
         check_range("warmup_high", self.warmup_high, 0.0, 1.0)
-        for name in ("alpha", "w_rl", "distill"):
+        for name in ("alpha", "w_rl", "distill", "energy"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(name, f"must be a number >= 0, got {v}")
         check_range("gamma", self.gamma, 0.0, 1.0)
+        if self.energy > 0 and self.mode != "sp":
+            raise ConfigError("energy", f"applies to mode sp (the RL reward is alpha), not mode {self.mode}")
 
 
 @dataclass
@@ -413,7 +419,7 @@ class DualPrecisionPass(Pass):
             result.controllers["dual_precision"] = DualPrecisionController(
                 blocks, cost, settings.mode, settings.alpha, settings.gamma, settings.w_rl,
                 settings.warmup_epochs, settings.warmup_high, settings.rl_baseline,
-                settings.distill)
+                settings.distill, settings.energy)
             if blocks:
                 result.notes.append(f"{len(blocks)} dual block(s) ({settings.mode}"
                                     f"{', pre-gate' if settings.pre_gate else ''}): {', '.join(blocks)}")

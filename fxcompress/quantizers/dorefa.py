@@ -42,6 +42,13 @@ def quantize_activation(x: torch.Tensor, bits: int, signed: bool = False) -> tor
     if bits >= 32:
         return x
     n = float(2 ** bits - 1)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # inference: no straight-through arithmetic (its add and subtract are
+        # two more passes over the tensor) and one new tensor, rounded in
+        # place; the values are the grid's exactly
+        if signed:
+            return torch.clamp(x, -1, 1).add_(1).mul_(0.5).mul_(n).round_().mul_(2).div_(n).sub_(1)
+        return torch.clamp(x, 0, 1).mul_(n).round_().div_(n)
     if signed:
         # [-1, 1] -> [0, 1], the unsigned grid, and back: 1 bit gives {-1, 1}
         return 2 * round_st((torch.clamp(x, -1, 1) + 1) * 0.5 * n) / n - 1

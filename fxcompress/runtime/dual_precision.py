@@ -32,6 +32,14 @@ cross-entropy (the authors' code broadcast gives every sample the batch mean).
 Option `rl_baseline` (settings; off by default, not in the SPEC): R_i,b -
 mean_b R_i,b in place of R_i,b, the usual REINFORCE baseline (same expected
 gradient up to the sample's own share of the mean, less variance).
+Option `energy` (settings; 0 = off, not in the SPEC; mode sp only): the
+supervised loss gets energy * E, E the relative energy (fxcompress/bops.py)
+at the batch's hard gate choices; its gradient reaches each gate through the
+same straight-through m as the cross-entropy's. Without it the supervised
+gates have no reason to pick the low path (every gate ends high). It is the
+RL objective's expected value (CE - reward, with each block's saving weighted
+by its BOPs instead of alpha / N each), differentiated straight through
+instead of by REINFORCE, so it needs no sampling.
 Option `distill` (settings; 0 = off, not in the SPEC): in training both paths
 run on the whole batch, and distill * sum over blocks of
 mean((low - high.detach())^2) is added (through extra_loss), so the 1-bit
@@ -133,8 +141,13 @@ class Merge(nn.Module):
         if self.pre_gate:
             out = high.new_empty((m.shape[0],) + tuple(high.shape[1:]))
             out.index_copy_(0, (~hard).nonzero().squeeze(1), low)
-        else:
+        elif torch.is_grad_enabled() and low.requires_grad:
             out = low.clone()
+        else:
+            # post-gate inference: the low path's output (every sample) has
+            # been read by the gate and nothing else reads it; the high rows
+            # go into it, saving a copy of the whole batch
+            out = low
         return out.index_copy_(0, hi, high)
 
 
@@ -162,6 +175,8 @@ class DualBlock(nn.Module):
         #: RL: log pi(a) of the latest training forward (B,), and a
         self.log_prob: Optional[torch.Tensor] = None
         self.action: Optional[torch.Tensor] = None
+        #: sp: the latest training forward's m (B,), straight-through (the energy option)
+        self.choice: Optional[torch.Tensor] = None
         #: tests and the timing tool: force every sample to one path (0 or 1)
         self.force: Optional[float] = None
         #: warm-up (the controller sets it for the first `warmup_epochs`): in
@@ -186,6 +201,7 @@ class DualBlock(nn.Module):
         else:
             hard = _hard(p).to(p.dtype)
             m = hard + p - p.detach()
+            self.choice = m
         with torch.no_grad():
             used = _hard(m).to(torch.float64).sum()
             if self.training:
@@ -283,7 +299,7 @@ class DualPrecisionController(Controller):
 
     def __init__(self, blocks: Dict[str, DualBlock], cost: CostModel, mode: str = "sp", alpha: float = 0.1,
                  gamma: float = 1.0, w_rl: float = 0.01, warmup_epochs: int = 0, warmup_high: float = 0.5,
-                 rl_baseline: bool = False, distill: float = 0.0):
+                 rl_baseline: bool = False, distill: float = 0.0, energy: float = 0.0):
         super().__init__()
         self._blocks: Dict[str, DualBlock] = dict(blocks)  # plain dict: the graph module owns them
         self.cost = cost
@@ -295,6 +311,8 @@ class DualPrecisionController(Controller):
         #: option (not in the SPEC; 0 = off): weight of the per-block feature
         #: distillation mean((low - high.detach())^2), summed over the blocks
         self.distill = distill
+        #: option (not in the SPEC; 0 = off; sp): weight of the relative energy in the loss
+        self.energy = energy
         for b in self._blocks.values():
             b.merge.keep = distill > 0
         self.epochs: List[Dict[str, Any]] = []  # per epoch: train/test usage per block
@@ -314,6 +332,11 @@ class DualPrecisionController(Controller):
                                             (b.merge.pair for b in blocks)))
         for b in blocks:
             b.merge.pair = None
+        if self.energy > 0 and self.mode == "sp" and blocks and all(b.choice is not None for b in blocks):
+            # the batch's usage per block, straight-through: E is linear in it
+            terms.append(self.energy * self.cost.relative({n: b.choice.mean() for n, b in self._blocks.items()}))
+        for b in blocks:
+            b.choice = None
         if self.mode == "rl" and blocks and not any(b.log_prob is None for b in blocks):
             terms.append(rl_loss(outputs, targets, [b.log_prob for b in blocks], [b.action for b in blocks],
                                  self.alpha, self.gamma, self.w_rl, self._clear, self.rl_baseline))
