@@ -512,3 +512,19 @@ def test_compiled_max_input_saved_exact(name):
     # measured 0.0027 against eager's 0.0005 at 8 bits; NaN before the fix
     assert err_c <= 10 * err_e + 0.01
     torch._dynamo.reset()
+
+
+def test_inductor_with_custom_op_hooks_warns_known_defect():
+    """The known inductor gradient defect with the activation custom ops is
+    said when the user asks for inductor, not left silent; aot_eager is not
+    warned about (it matches eager: test_compiled_activation_policies_match_eager)."""
+    import warnings
+
+    x, _ = _data()
+    cm = fxcompress.compile(SmallCNN(), _policy("acgc_auto"), example_inputs=x[:1])
+    with pytest.warns(RuntimeWarning, match="known defect"):
+        cm.compile_with("inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm.compile_with("aot_eager")
+    torch._dynamo.reset()
