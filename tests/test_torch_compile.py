@@ -514,17 +514,34 @@ def test_compiled_max_input_saved_exact(name):
     torch._dynamo.reset()
 
 
-def test_inductor_with_custom_op_hooks_warns_known_defect():
-    """The known inductor gradient defect with the activation custom ops is
-    said when the user asks for inductor, not left silent; aot_eager is not
-    warned about (it matches eager: test_compiled_activation_policies_match_eager)."""
-    import warnings
-
-    x, _ = _data()
-    cm = fxcompress.compile(SmallCNN(), _policy("acgc_auto"), example_inputs=x[:1])
-    with pytest.warns(RuntimeWarning, match="known defect"):
-        cm.compile_with("inductor")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        cm.compile_with("aot_eager")
+@pytest.mark.parametrize("name", ["acgc_auto"])
+def test_inductor_custom_op_hooks_match_eager_gradients(name):
+    """Under inductor the pack op gets a private copy of the saved tensor:
+    inductor reuses a buffer once its last reader ran, and a stored form
+    that kept a reference to it changed under it (second conv's weight
+    gradient: 100 % off, eager 2 %; ResNet-20 on digits went NaN). Nearest
+    rounding: compiled and eager store the same codes, so the gradients
+    agree closely, not only in size."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, y = _data(0, 8)
+    pol = _policy(name)
+    cm = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
+    cm.compile_with("inductor", fullgraph=True)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05)
+    cm.attach_optimizer(opt)
+    for i in range(3):
+        _step(cm, opt, *_data(i, 8))
+    eager = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
+    eager.load_state_dict(cm.state_dict())
+    for k, c in cm.controllers.items():
+        eager.controllers[k].load_state(c.state())
+    grads = {}
+    for label, m in (("eager", eager), ("compiled", cm)):
+        m.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y).backward()
+        grads[label] = dict(m.named_parameters())
+    w = "graph_module.conv2.weight"
+    ge, gc = grads["eager"][w].grad, grads["compiled"][w].grad
+    assert float((gc - ge).norm() / ge.norm()) < 1e-3
     torch._dynamo.reset()

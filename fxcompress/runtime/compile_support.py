@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -303,6 +302,13 @@ def pack_saved(x: torch.Tensor, spec_id: int, relu_id: int) -> torch.Tensor:
     relu_id (0: none): the ReLU whose result x is; its 1-bit mask is stored
     first, as eager's ReLU node stores it, so that the consumer's AutoQuant
     pack shares it (stores only the non-zeros) and unpack keeps the sign."""
+    # A stored form may keep a reference to x's storage (a tensor kept
+    # exact, a deferred pack). Inductor sees an op that returns a fresh
+    # handle and reads x once, so it reuses x's buffer for a later output:
+    # the stored form then changed under it (wrong weight gradients, NaN on
+    # ResNet-20; aot_eager does not reuse buffers). A private copy is what
+    # the op's schema promises; one contiguous copy per saved tensor.
+    x = x.clone(memory_format=torch.contiguous_format)
     relu = _SPECS[relu_id].pack(x) if relu_id else None
     obj = _SPECS[spec_id].pack(x)
     key = next(_KEYS)
@@ -546,17 +552,6 @@ class CompiledCall:
         for m in self.specs:
             m.compiled_hooks = self.hooks is not None
         self.ledger = next((m._ledger for m in self.specs if m.first and m._ledger is not None), None)
-        if backend == "inductor" and (isinstance(self.hooks, SpecHooks) or getattr(self.hooks, "c_path", False)):
-            # Known defect (issue 13, 2026-11-28): with these custom-op hooks
-            # inductor's compiled backward gives wrong weight gradients (a
-            # tiny CNN's second conv: 100 % relative error, 2 % eager; aot_eager
-            # matches eager exactly), and ResNet-20 on digits went NaN in
-            # epoch 1. Not a layout or partitioner or buffer-pool effect
-            # (each ruled out); cause not found. Said, not hidden.
-            warnings.warn(
-                "fxcompress: inductor with compressed activations (AutoQuant/zero-value custom ops) gives "
-                "wrong weight gradients in this version (known defect, issue 13); use backend='aot_eager' "
-                "or eager for training with this policy", RuntimeWarning, stacklevel=3)
         self.fn = torch.compile(gm, backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
         self.eager_calls = 0  # statistics steps run eager (counted for the report)
 
