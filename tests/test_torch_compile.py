@@ -344,6 +344,27 @@ def test_compiled_stochastic_unbiased():
     torch._dynamo.reset()
 
 
+def _compiled_and_eager_twin(name, backend):
+    """The small CNN under policy `name`, compiled with `backend` (fullgraph)
+    and trained 3 steps (a statistics step among them under auto), and an
+    eager twin with its weights and controller state; and a fresh batch."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, y = _data(0, 8)
+    pol = _policy(name)
+    cm = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
+    cm.compile_with(backend, fullgraph=True)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05)
+    cm.attach_optimizer(opt)
+    for i in range(3):
+        _step(cm, opt, *_data(i, 8))
+    eager = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
+    eager.load_state_dict(cm.state_dict())
+    for k, c in cm.controllers.items():
+        eager.controllers[k].load_state(c.state())
+    return cm, eager, x, y
+
+
 @pytest.mark.parametrize("name", ["acgc_auto", "acgc_zvc8", "acgc_2bit"])
 def test_compiled_activation_policies_match_eager(name, monkeypatch):
     """AutoQuant, zvc and fixed 2 bits (on CPU with the C path: through the
@@ -354,16 +375,7 @@ def test_compiled_activation_policies_match_eager(name, monkeypatch):
     graph saves what AOT keeps, one tensor where eager may store two forms),
     and the compiled gradient is within that error of eager's."""
     monkeypatch.setenv("FXC_COMPILE_C_PACK", "1")  # the fixed-width C route (opt-in: compile_support)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    x, y = _data(0, 8)
-    pol = _policy(name)
-    cm = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
-    cm.compile_with("aot_eager", fullgraph=True)
-    opt = torch.optim.SGD(cm.parameters(), lr=0.05)
-    cm.attach_optimizer(opt)
-    for i in range(3):
-        _step(cm, opt, *_data(i, 8))
+    cm, eager, x, y = _compiled_and_eager_twin(name, "aot_eager")
     call = cm.__dict__["_compiled"]
     assert not any(s.collect for s in call.specs)
     if name == "acgc_2bit":
@@ -373,10 +385,6 @@ def test_compiled_activation_policies_match_eager(name, monkeypatch):
         assert call.hooks.c_path
     if name == "acgc_auto":
         assert call.eager_calls >= 1 and any(s.dx2 is not None for s in call.specs)
-    eager = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
-    eager.load_state_dict(cm.state_dict())
-    for k, c in cm.controllers.items():
-        eager.controllers[k].load_state(c.state())
     base = fxcompress.compile(SmallCNN(), {"version": 1}, example_inputs=x[:1])
     base.load_state_dict(cm.state_dict(), strict=False)
     outs, grads = [], []
@@ -522,20 +530,7 @@ def test_inductor_custom_op_hooks_match_eager_gradients(name):
     gradient: 100 % off, eager 2 %; ResNet-20 on digits went NaN). Nearest
     rounding: compiled and eager store the same codes, so the gradients
     agree closely, not only in size."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    x, y = _data(0, 8)
-    pol = _policy(name)
-    cm = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
-    cm.compile_with("inductor", fullgraph=True)
-    opt = torch.optim.SGD(cm.parameters(), lr=0.05)
-    cm.attach_optimizer(opt)
-    for i in range(3):
-        _step(cm, opt, *_data(i, 8))
-    eager = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
-    eager.load_state_dict(cm.state_dict())
-    for k, c in cm.controllers.items():
-        eager.controllers[k].load_state(c.state())
+    cm, eager, x, y = _compiled_and_eager_twin(name, "inductor")
     grads = {}
     for label, m in (("eager", eager), ("compiled", cm)):
         m.zero_grad(set_to_none=True)

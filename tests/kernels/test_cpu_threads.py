@@ -34,21 +34,27 @@ def _outputs(x):
     return out
 
 
-def test_c_loops_equal_reference_at_1_2_3_threads(monkeypatch):
-    x = torch.randn(8, 24, 40, 41, generator=torch.Generator().manual_seed(0))  # 315 K elements
+def _assert_c_equals_reference(monkeypatch, run):
+    """run()'s tensors with the C loops at 1, 2 and 3 threads: the same dtype
+    and bytes as with the torch reference (FXC_CPU_FAST=0)."""
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("FXC_CPU_FAST", "0")
-        ref = _outputs(x)
+        ref = run()
         monkeypatch.setenv("FXC_CPU_FAST", "1")
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            got = _outputs(x)
+            got = run()
             assert len(got) == len(ref)
             for i, (g, r) in enumerate(zip(got, ref)):
                 assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
     finally:
         torch.set_num_threads(before)
+
+
+def test_c_loops_equal_reference_at_1_2_3_threads(monkeypatch):
+    x = torch.randn(8, 24, 40, 41, generator=torch.Generator().manual_seed(0))  # 315 K elements
+    _assert_c_equals_reference(monkeypatch, lambda: _outputs(x))
 
 
 def test_psgd_scaling_equal_reference_at_1_2_3_threads():
@@ -99,19 +105,7 @@ def test_zero_value_streams_cut_per_thread_equal_reference(monkeypatch, rounding
         z = ap.mixed_zvc_pack(xr3, torch.tensor(widths), m, nnz, rounding, seed=9, amax=a)
         return [q for _, g, _ in z.groups for q in g.parts] + [ap.mixed_zvc_unpack(z)]
 
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.setenv("FXC_CPU_FAST", "0")
-        ref = run()
-        monkeypatch.setenv("FXC_CPU_FAST", "1")
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            got = run()
-            assert len(got) == len(ref)
-            for i, (g, r) in enumerate(zip(got, ref)):
-                assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
-    finally:
-        torch.set_num_threads(before)
+    _assert_c_equals_reference(monkeypatch, run)
 
 
 def test_relu_mask_with_statistics_equal_separate_passes():
@@ -168,16 +162,4 @@ def test_width_groups_share_one_parallel_region_equal_reference(monkeypatch, rou
             out += [q for _, g, _ in z.groups for q in g.parts] + [ap.mixed_zvc_unpack(z)]
         return out
 
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.setenv("FXC_CPU_FAST", "0")
-        ref = run()
-        monkeypatch.setenv("FXC_CPU_FAST", "1")
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            got = run()
-            assert len(got) == len(ref)
-            for i, (g, r) in enumerate(zip(got, ref)):
-                assert g.dtype == r.dtype and torch.equal(g, r), (n, i)
-    finally:
-        torch.set_num_threads(before)
+    _assert_c_equals_reference(monkeypatch, run)
