@@ -208,10 +208,10 @@ def c_path_available() -> bool:
     """Whether the fixed-width hooks route CPU tensors through the C kernels:
     opt-in (FXC_COMPILE_C_PACK=1) and CPU tensors take actpack's C loops in
     eager (kernels/dispatch.py: FXC_CPU_FAST on, the library built, Triton
-    not forced onto the CPU). Opt-in because under inductor this route's
-    gradients measured wrong: tiny CNN acgc_2bit, gradient error against the
-    uncompressed model 0.59 against eager's 0.12 (0.08 under aot_eager, and
-    0.08 under inductor with the plain code); not traced yet."""
+    not forced onto the CPU). Opt-in until its compiled step time is
+    measured against the plain code's (README, torch.compile). Its inductor
+    gradients were wrong (tiny CNN acgc_2bit: 0.59 against eager's 0.12)
+    until pack_saved took a private copy of its input; now 0.082."""
     from ..kernels.actpack_cpu import lib
     from ..kernels.cbuild import cpu_fast_enabled
     from ..kernels.dispatch import force_triton
