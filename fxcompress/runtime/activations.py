@@ -57,6 +57,7 @@ import torch.nn as nn
 
 from ..config import from_dict
 from ..kernels import actpack
+from ..kernels.auto_pack import PackedAuto, auto_pack, auto_unpack
 from .activations_config import ActivationsConfig
 from .function_paths import _function_path, resolve_function
 from .ledger import Ledger, _node_stats, _storage_key, shared_ledger
@@ -173,6 +174,8 @@ class SaveSpec(nn.Module):
             return actpack.unpack_mask_values(obj.packed, obj.on, obj.off, obj.dtype)
         if isinstance(obj, _WindowIndex):
             return _decode_window_index(obj)
+        if isinstance(obj, PackedAuto):
+            return auto_unpack(obj)
         if isinstance(obj, actpack.PackedZVC):
             return actpack.zvc_unpack(obj)
         if isinstance(obj, actpack.PackedMixed):
@@ -248,7 +251,16 @@ class SaveSpec(nn.Module):
         # generator) continues the same stream
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if s.rounding == "stochastic" else 0
         if s.mode == "auto" and self.dx2 is not None and s.granularity == "channel":
-            if relu is not None and not signed:
+            # the C path: widths, groups and codes in two calls (kernels/auto_pack.py)
+            zvc = relu is not None and not signed
+            obj = None if (s.zvc and not zvc) else auto_pack(
+                x3, amax, signed, self.dx2, self.bn_terms, s.max_bits, s.rounding, seed,
+                nnz_c if zvc else None, relu.packed if zvc else None, spread=self.bn_terms is None, shape=t.shape)
+            if obj is not None:
+                st["quant_elements"] += t.numel()
+                st["quant_bits"] += float(obj.code_bits())
+                return obj
+            if zvc:
                 # a ReLU output: the ReLU already stores (t > 0) as its 1-bit
                 # mask, so only the non-zeros are stored here (their codes)
                 # and the mask is shared, not stored twice. Zeros are then
