@@ -48,6 +48,7 @@ of the packed tensors actually held.
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -310,6 +311,9 @@ class SaveSpec(nn.Module):
 
 # graph entry
 
+_NO_SKIP: frozenset = frozenset()
+
+
 def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     """Run one op with its saved tensors stored packed (`how` is for readers
     of gm.code: what this node stores, e.g. 'Conv2d: 2-bit per-channel')."""
@@ -329,14 +333,21 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
         spec._ledger.reset()
     skip = set()
     if spec._fn is None and spec._method is None and isinstance(args[0], nn.Module):
-        for p in args[0].parameters():
-            skip.add(p.data_ptr())
-        for b in args[0].buffers():
-            skip.add(b.data_ptr())
+        mod = args[0]
+        if mod._modules:
+            tensors = itertools.chain(mod.parameters(), mod.buffers())
+        else:  # a leaf module (conv, norm): its own dicts, not the recursive generators
+            tensors = itertools.chain(mod._parameters.values(), mod._buffers.values())
+        for p in tensors:
+            if p is not None:
+                skip.add(p.data_ptr())
     for i in spec.weight_args:
         if i < len(args) and torch.is_tensor(args[i]):
             skip.add(args[i].data_ptr())
-    spec._skip = skip
+    # set per call, twice: past nn.Module.__setattr__ (its parameter, buffer
+    # and submodule checks cost more than the rest of this wrapper)
+    sd = spec.__dict__
+    sd["_skip"] = skip
     if spec.rule == "maxpool":
         x = args[1] if spec._fn is None and spec._method is None else args[0]
         spec.geom["in_w"] = x.shape[-1]
@@ -345,7 +356,7 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
         kept = keep_inputs(args)  # before the call: an in-place op overwrites its input
     with torch.autograd.graph.saved_tensors_hooks(spec.pack, spec.unpack), sdpa_backend(spec, args):
         out = spec.call(args, kwargs)
-    spec._skip = set()
+    sd["_skip"] = _NO_SKIP
     if kept is not None:
         record_probe(spec, kept, kwargs, out)
     elif spec.collect:
