@@ -1314,15 +1314,17 @@ static int64_t auto_layout(const int64_t *hdr, uint8_t *buf, int *gbits, int *gn
 
 /* Widths and groups of a tensor viewed as (A, C, B) with max|x_c| = amax:
  * the rule's arguments are fxc_auto_bits' (dx2: the conv/linear budget, or
- * bn's per-channel one), its counts are nnz (zvc: the elements > 0 of each
+ * BatchNorm's per-channel one from bn5, NULL for none), its counts are nnz (zvc: the elements > 0 of each
  * channel, int64) or A*B; spread: multiply dx2 by numel / sum(nnz) (the
  * bound's total error over the non-zeros only, runtime/activations.py).
  * kind: the grid kind the codes use. Returns the code bytes, -1 when out
  * of memory. */
-int64_t fxc_auto_plan(int64_t A, int64_t C, int64_t B, const float *amax, double eps, const double *const *bn,
+int64_t fxc_auto_plan(int64_t A, int64_t C, int64_t B, const float *amax, double eps, const double *bn5,
                       double K, double numer, double dx2, const int64_t *nnz, int spread, int is_signed, int kind,
                       int max_bits, int rounds, uint8_t *meta) {
     if (auto_scratch(C)) return -1;
+    /* bn5: BatchNorm's terms as one block of 5 x C (fxc_auto_bits' order) */
+    const double *bn[5] = {bn5, bn5 + C, bn5 + 2 * C, bn5 + 3 * C, bn5 + 4 * C};
     double *counts = auto_work + 6 * C;
     int64_t *bits = auto_iwork + 2 * C;
     int64_t tot = 0;
@@ -1334,8 +1336,8 @@ int64_t fxc_auto_plan(int64_t A, int64_t C, int64_t B, const float *amax, double
         const double scale = (double)(A * C * B) / (double)tot;
         dx2 = dx2 * scale;
     }
-    fxc_auto_bits(C, amax, eps, bn, K, numer, dx2, counts, is_signed, max_bits, rounds, auto_work, auto_iwork,
-                  bits);
+    fxc_auto_bits(C, amax, eps, bn5 ? bn : NULL, K, numer, dx2, counts, is_signed, max_bits, rounds, auto_work,
+                  auto_iwork, bits);
     int32_t *order = (int32_t *)meta;
     float *kinv = (float *)(meta + 4 * C);
     int64_t *hdr = (int64_t *)(meta + 8 * C);

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 
 from . import bufpool
 from .actpack_cpu import lib as _lib
-from .autobits import _bn_arrays
+from .autobits import _BN_KEYS
 from .cbuild import cpu_fast_enabled
 from .dispatch import use_triton
 from .fixed_width import Packed
@@ -91,6 +92,24 @@ class PackedAuto:
         return out
 
 
+def _bn_block(terms: Dict[str, Any], C: int):
+    """BatchNorm's terms as one float64 block of 5 x C (scalars broadcast,
+    autobits._BN_KEYS' order): (its address, K, numer), cached in the
+    terms dict under "_block" (a SaveSpec drops "_" keys when copied or
+    pickled; the address is an int, so nothing here stops either); None for
+    a term of another length."""
+    got = terms.get("_block")
+    if got is None or got[0] != C:
+        try:
+            rows = [np.broadcast_to(terms[k].detach().double().cpu().numpy() if torch.is_tensor(terms[k])
+                                    else np.asarray(terms[k], dtype=np.float64), (C,)) for k in _BN_KEYS]
+        except ValueError:
+            return None
+        block = np.ascontiguousarray(np.stack(rows), dtype=np.float64)
+        got = terms["_block"] = (C, block, block.ctypes.data, float(terms["K"]), float(terms["numer"]))
+    return got[2], got[3], got[4]
+
+
 def auto_pack(x3: torch.Tensor, amax: torch.Tensor, signed: bool, dx2: float, bn_terms: Optional[Dict[str, Any]],
               max_bits: int, rounding: str, seed: int, nnz: Optional[torch.Tensor] = None, mask=None,
               spread: bool = False, shape=None) -> Optional[PackedAuto]:
@@ -108,12 +127,12 @@ def auto_pack(x3: torch.Tensor, amax: torch.Tensor, signed: bool, dx2: float, bn
     A, C, B = x3.shape
     if C == 0 or amax.numel() != C:
         return None
-    bn_ptrs, K, numer = None, 0.0, 0.0
+    bn_ptr, K, numer = None, 0.0, 0.0
     if bn_terms is not None:
-        try:
-            _, _, bn_ptrs, K, numer = _bn_arrays(bn_terms, C)
-        except ValueError:  # a term of another length: the caller's path decides
+        got = _bn_block(bn_terms, C)
+        if got is None:  # a term of another length: the caller's path decides
             return None
+        bn_ptr, K, numer = got
         dx2 = 0.0
     zvc = nnz is not None
     stoch = rounding == "stochastic"
@@ -123,7 +142,7 @@ def auto_pack(x3: torch.Tensor, amax: torch.Tensor, signed: bool, dx2: float, bn
             nnz = nnz.to(torch.int64).contiguous()
     meta = torch.empty(8 * C + 8 * _HDR_WORDS, dtype=torch.uint8)
     mp = meta.data_ptr()
-    nb = lib.fxc_auto_plan(A, C, B, amax.data_ptr(), EPS, bn_ptrs, K, numer, float(dx2),
+    nb = lib.fxc_auto_plan(A, C, B, amax.data_ptr(), EPS, bn_ptr, K, numer, float(dx2),
                            nnz.data_ptr() if zvc else None, int(spread), int(bool(signed)) if not zvc else 0, kind,
                            int(max_bits), _ROUNDS, mp)
     if nb < 0:

@@ -37,6 +37,11 @@ entries die with the source tensor (weakref.finalize), so a reused address
 can never hit a stale entry, and with the forward (Ledger.reset), so the
 same tensor object fed again is packed again.
 
+On CPU with the C loops, AutoQuant's widths, grouping and codes of a saved
+tensor take two C calls (kernels/auto_pack.py, PackedAuto: one code buffer
+and one meta block), the same widths and bytes as the width rule and the
+group packers one by one, which stay the path elsewhere (no compiler, CUDA).
+
 Around it: runtime/ledger.py (the registry and byte counts a graph's specs
 share), runtime/stored_forms.py (kept, shape-only, masks, window indices),
 runtime/widths.py (AutoQuant's width rule), runtime/measure.py (measured
@@ -58,7 +63,6 @@ import torch.nn as nn
 
 from ..config import from_dict
 from ..kernels import actpack
-from ..kernels.auto_pack import PackedAuto, auto_pack, auto_unpack
 from .activations_config import ActivationsConfig
 from .function_paths import _function_path, resolve_function
 from .ledger import Ledger, _node_stats, _storage_key, shared_ledger
@@ -175,8 +179,8 @@ class SaveSpec(nn.Module):
             return actpack.unpack_mask_values(obj.packed, obj.on, obj.off, obj.dtype)
         if isinstance(obj, _WindowIndex):
             return _decode_window_index(obj)
-        if isinstance(obj, PackedAuto):
-            return auto_unpack(obj)
+        if isinstance(obj, actpack.PackedAuto):
+            return actpack.auto_unpack(obj)
         if isinstance(obj, actpack.PackedZVC):
             return actpack.zvc_unpack(obj)
         if isinstance(obj, actpack.PackedMixed):
@@ -254,7 +258,7 @@ class SaveSpec(nn.Module):
         if s.mode == "auto" and self.dx2 is not None and s.granularity == "channel":
             # the C path: widths, groups and codes in two calls (kernels/auto_pack.py)
             zvc = relu is not None and not signed
-            obj = None if (s.zvc and not zvc) else auto_pack(
+            obj = None if (s.zvc and not zvc) else actpack.auto_pack(
                 x3, amax, signed, self.dx2, self.bn_terms, s.max_bits, s.rounding, seed,
                 nnz_c if zvc else None, relu.packed if zvc else None, spread=self.bn_terms is None, shape=t.shape)
             if obj is not None:
