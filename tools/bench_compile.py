@@ -27,7 +27,9 @@ compiled with `--backend` (default inductor):
 
 --timing: resnet50, batch 32, 64x64 (`--quick`: resnet18, batch 4, 32x32),
 none / 2bit / auto / psgd: median step time (forward, backward, SGD step)
-eager and compiled, compressed/uncompressed ratios in each; step peak
+eager and compiled, compressed/uncompressed ratios in each (also
+`2bit_plain`, `2bit_c`: compiled 2bit with its CPU route forced, side by
+side in one run: `--timing-modes none 2bit_plain 2bit_c auto`); step peak
 memory by bench_activations' method (a fresh process with
 MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0, VmHWM after one step
 minus VmRSS before), eager and compiled. Do not take timing figures on a
@@ -359,7 +361,13 @@ def print_table(rows, header=True):
 
 # ------------------------------------------------------------------ timing
 
-TIMING_MODES = {"none": None, "2bit": "acgc_2bit.yaml", "auto": "acgc_auto.yaml", "psgd": "psgd_w4.yaml"}
+TIMING_MODES = {"none": None, "2bit": "acgc_2bit.yaml", "auto": "acgc_auto.yaml", "psgd": "psgd_w4.yaml",
+                "2bit_plain": "acgc_2bit.yaml", "2bit_c": "acgc_2bit.yaml"}
+# The fixed-width hooks' two CPU routes under compile, each forced in its
+# child's environment (compile_support.c_path_available): inductor's loops
+# for the plain tensor code, or the C kernels through fxcompress::pack_saved.
+# Compiled only: eager runs the C kernels either way (its row is 2bit's).
+ROUTE_ENV = {"2bit_plain": "0", "2bit_c": "1"}
 
 
 def _timing_model(quick: bool):
@@ -426,6 +434,8 @@ def memory_child(mode: str, compiled: bool, quick: bool, backend: str) -> dict:
 
 def _child(kind: str, mode: str, compiled: bool, quick: bool, backend: str, steps: int) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT)
+    if mode in ROUTE_ENV:
+        env["FXC_COMPILE_C_PACK"] = ROUTE_ENV[mode]
     if kind == "memory":
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
     cmd = [sys.executable, __file__, "--child", kind, mode, "1" if compiled else "0", "1" if quick else "0",
@@ -439,7 +449,7 @@ def _child(kind: str, mode: str, compiled: bool, quick: bool, backend: str, step
 def timing(quick: bool, backend: str, steps: int, modes) -> dict:
     res = {}
     for mode in modes:
-        for compiled in (False, True):
+        for compiled in (False, True) if mode not in ROUTE_ENV else (True,):
             key = f"{mode}/{'compiled' if compiled else 'eager'}"
             r = _child("time", mode, compiled, quick, backend, steps)
             r.update(_child("memory", mode, compiled, quick, backend, steps))
@@ -449,10 +459,11 @@ def timing(quick: bool, backend: str, steps: int, modes) -> dict:
     for kind in ("eager", "compiled"):
         base = res.get(f"none/{kind}")
         for mode in modes:
-            if mode != "none" and base:
-                r = res[f"{mode}/{kind}"]
+            r = res.get(f"{mode}/{kind}")
+            if mode != "none" and base and r:
                 r["ratio_vs_none"] = r["step_s"] / base["step_s"]
                 r["memory_vs_none"] = r["peak_added"] / base["peak_added"] if base["peak_added"] else None
+                print(f"  {mode}/{kind}: step {r['ratio_vs_none']:.2f}x the uncompressed one", flush=True)
     return res
 
 
@@ -514,7 +525,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny model, aot_eager, 6 steps (a check that it runs)")
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--timing-modes", nargs="+", default=["none,2bit,auto,psgd"],
-                    help="modes among none 2bit auto psgd (space- or comma-separated)")
+                    help="modes among none 2bit auto psgd 2bit_plain 2bit_c (space- or comma-separated; "
+                         "2bit_plain / 2bit_c: compiled only, the fixed-width hooks' CPU route forced to "
+                         "inductor's plain tensor code / the C kernels through fxcompress::pack_saved)")
     ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--main-job", action="store_true",
                     help="time per epoch of the default ResNet-20 digits job, eager vs --compile")
