@@ -356,6 +356,12 @@ def test_relu_mask_shared_keeps_sign():
     h = torch.ops.fxcompress.pack_saved(x, conv.compile_id, relu.compile_id)
     y = torch.ops.fxcompress.unpack_saved(h, conv.compile_id, relu.compile_id, list(x.shape), torch.float32)
     assert torch.equal(y > 0, x > 0)
+    # and otherwise the convolution's decoded values (the smallest float where they read 0)
+    x = torch.randn(2, 4, 8, 8).relu()
+    h = torch.ops.fxcompress.pack_saved(x, conv.compile_id, relu.compile_id)
+    y = torch.ops.fxcompress.unpack_saved(h, conv.compile_id, relu.compile_id, list(x.shape), torch.float32)
+    ref = conv.unpack(conv.pack(x))
+    assert torch.equal(y, torch.where(x > 0, ref.clamp(min=torch.finfo(torch.float32).tiny), ref))
 
 
 class _TwoLinear(torch.nn.Module):

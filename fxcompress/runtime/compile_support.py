@@ -63,7 +63,7 @@ import torch.nn as nn
 
 from ..kernels import actpack
 from .ledger import _node_stats
-from .stored_forms import _Kept
+from .stored_forms import _Kept, _Mask
 
 
 def _channel_view(x: torch.Tensor) -> torch.Tensor:
@@ -376,15 +376,33 @@ def unpack_saved(h: torch.Tensor, spec_id: int, relu_id: int, shape: List[int], 
     """The tensor a handle stores, contiguous."""
     obj, relu = _STORE[int(h[0])]
     v = _SPECS[spec_id].unpack(obj)
+    if isinstance(obj, _Kept):
+        # the stored copy itself: the compiled backward may write into an
+        # op's output buffer, and a second backward unpacks it again
+        v = v.clone(memory_format=torch.contiguous_format)
     if relu is not None and v.is_floating_point():
-        # one tensor serves the ReLU's backward (x > 0) and the consumer's:
-        # a positive value whose code is 0 must stay positive
-        pos = _SPECS[relu_id].unpack(relu).reshape(v.shape) > 0
-        v = torch.where(pos, v.clamp(min=torch.finfo(v.dtype).tiny), v)
-    v = v.reshape(shape).to(dtype)
-    # a kept tensor is returned by eager's unpack itself: a copy here, as the
-    # compiled backward may reuse an op's output buffer
-    return v.clone(memory_format=torch.contiguous_format) if hasattr(obj, "t") else v.contiguous()
+        v = _keep_positive(v, relu, _SPECS[relu_id].unpack(relu))
+    return v.reshape(shape).to(dtype).contiguous()
+
+
+def _keep_positive(v: torch.Tensor, relu, m: torch.Tensor) -> torch.Tensor:
+    """v (a decoded ReLU result) with the elements the ReLU's mask `m`
+    marks as > 0 kept > 0: one tensor serves the ReLU's backward (x > 0)
+    and the consumer's, and a small positive value whose code is 0 must
+    not read as 0 there.
+
+    With the mask decoded to 1.0 / 0.0 (a `_Mask` of a float ReLU) in v's
+    dtype: max(v, m * tiny) in place (v and m are this call's own decoded
+    tensors), the same as where(m > 0, max(v, tiny), v) since v >= 0 where
+    m is 0 (a ReLU's zeros decode to exactly 0 on the unsigned grid, or
+    are exact under zvc); two passes without allocations where that was
+    four with three."""
+    tiny = torch.finfo(v.dtype).tiny
+    m = m.reshape(v.shape)
+    if isinstance(relu, _Mask) and relu.on == 1.0 and relu.off == 0.0 and m.dtype == v.dtype \
+            and v.is_contiguous() and m.is_contiguous():
+        return torch.maximum(v, m.mul_(tiny), out=v)
+    return torch.where(m > 0, v.clamp(min=tiny), v)
 
 
 @unpack_saved.register_fake
