@@ -384,3 +384,63 @@ def test_a_pack_belongs_to_one_forward():
         packs += [obj for key, obj in spec._ledger.registry.items() if key[0] == ptr]
     assert len(packs) == 2 and packs[0] is not packs[1]
     assert not torch.equal(spec.unpack(packs[0]), spec.unpack(packs[1]))  # new draws
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_c_auto_pack_stores_what_the_reference_stores(monkeypatch, rounding):
+    """One training step after the statistics, on copies of one model: with
+    the C path (kernels/auto_pack.py: widths, groups and codes in two calls
+    per tensor) at 1, 2 and 3 threads, every tensor backward decodes, the
+    byte accounting and (at 1 thread) the gradients equal the reference's
+    (FXC_CPU_FAST=0: numpy widths, torch packers), on a conv input (signed),
+    a BatchNorm input (per-channel budget) and a ReLU output (non-zeros
+    only, the shared mask)."""
+    import dataclasses
+
+    from fxcompress.kernels.auto_pack import PackedAuto
+    from fxcompress.runtime.activations import SaveSpec
+
+    cm = _small_auto_net()
+    for m in cm.modules():
+        if isinstance(m, SaveSpec):
+            m.settings = dataclasses.replace(m.settings, rounding=rounding)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    for _ in range(2):
+        _train_step(cm, opt, x, y)
+    decoded, kinds = [], []
+    unpack = SaveSpec.unpack
+
+    def recording(self, obj):
+        v = unpack(self, obj)
+        kinds.append(type(obj).__name__)
+        decoded.append(v.clone())
+        return v
+
+    monkeypatch.setattr(SaveSpec, "unpack", recording)
+
+    def run(fast: str, threads: int):
+        monkeypatch.setenv("FXC_CPU_FAST", fast)
+        c = copy.deepcopy(cm)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            decoded.clear(), kinds.clear()
+            torch.manual_seed(9)
+            c.zero_grad()
+            F.cross_entropy(c(x), y).backward()
+        finally:
+            torch.set_num_threads(before)
+        return (list(decoded), list(kinds), [p.grad.clone() for p in c.parameters()],
+                dict(c.graph_module.fxc_act__0._ledger.totals()))
+
+    ref = run("0", 1)
+    assert PackedAuto.__name__ not in ref[1]
+    for threads in (1, 2, 3):
+        got = run("1", threads)
+        assert got[1].count(PackedAuto.__name__) >= 3  # the three auto forms took the C path
+        assert len(got[0]) == len(ref[0]) and all(torch.equal(a, b) for a, b in zip(got[0], ref[0])), threads
+        assert got[3] == ref[3]
+        if threads == 1:
+            assert all(torch.equal(a, b) for a, b in zip(got[2], ref[2]))

@@ -9,10 +9,13 @@ names, so the runtime has one import for everything it stores:
     zvc.py           zero-value compression at one width
     mixed_width.py   per-channel widths (AutoQuant)
     mixed_zvc.py     per-channel widths, zeros given by a shared mask
+    auto_pack.py     AutoQuant's widths, groups and codes of a tensor in
+                     two C calls (the two above, without their Python)
     window_index.py  max-pool indices as window slots
     actpack_cpu.py   the C loops (actpack_cpu.c) all of them share
 Which path runs (Triton, C, torch reference) is decided in dispatch.py.
 """
+from .auto_pack import PackedAuto, auto_pack, auto_unpack  # noqa: F401
 from .bitmask import (PackedMask, pack_mask, pack_mask_gt, pack_mask_gt_stats, unpack_mask,  # noqa: F401
                       unpack_mask_values)
 from .fixed_width import (Packed, pack_codes, quant_pack, stats, stats_nnz, unpack, unpack_codes,  # noqa: F401

@@ -11,6 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include "counter_hash.h"
+/* AutoQuant's width rule (fxc_auto_bits), for fxc_auto_plan below: the same
+ * source as kernels/autobits.py's own library, compiled into this one too */
+#include "autobits_cpu.c"
 #ifdef __AVX2__
 #include <immintrin.h>
 /* expand LUT: for a mask byte, lane q takes code number popcount(bits below q) */
@@ -1236,4 +1239,167 @@ int fxc_group_widths(int64_t C, const int64_t *bits, const float *amax, int is_s
         kinv[j] = 1.0f / kk;
     }
     return G;
+}
+
+/* ---- AutoQuant, one saved tensor in two calls (kernels/auto_pack.py).
+ * Per tensor the Python around the width rule, the grouping and the packing
+ * (~20 calls, numpy and ctypes arrays, a Packed object per group) cost more
+ * than their C. fxc_auto_plan runs the width rule (fxc_auto_bits) and the
+ * grouping (fxc_group_widths) and returns the bytes the codes need; the
+ * caller allocates them, once, and fxc_auto_pack packs every group with
+ * fxc_mixed_pack / fxc_mixed_zvc_pack, so the bytes are theirs; fxc_auto_unpack
+ * decodes with fxc_mixed_unpack / fxc_mixed_zvc_unpack. Layout: the code
+ * buffer holds the groups in width order, per group its slices high first
+ * (what mixed_width._alloc_parts makes); the meta block holds order (int32,
+ * C), kinv (float32, C), then the header (int64): G, code bits, code
+ * bytes, start[0..G], widths[0..G), codes per group[0..G) (the non-zeros
+ * under zvc, else A * channels * B). k and the rule's scratch live per
+ * thread between the plan and the pack of one tensor (the caller runs the
+ * two back to back on one thread). */
+#define AUTO_HDR 3
+
+static _Thread_local double *auto_work;
+static _Thread_local int64_t *auto_iwork;
+static _Thread_local float *auto_k;
+static _Thread_local int64_t auto_cap;
+
+static int auto_scratch(int64_t C) {
+    if (C <= auto_cap) return 0;
+    double *w = (double *)realloc(auto_work, (size_t)C * 7 * sizeof(double));
+    if (w) auto_work = w;
+    int64_t *iw = (int64_t *)realloc(auto_iwork, (size_t)C * 3 * sizeof(int64_t));
+    if (iw) auto_iwork = iw;
+    float *k = (float *)realloc(auto_k, (size_t)C * sizeof(float));
+    if (k) auto_k = k;
+    if (!w || !iw || !k) return -1;
+    auto_cap = C;
+    return 0;
+}
+
+/* slices of a width, high first (rounding.slices): widths w, shifts sh */
+static int auto_slices(int bits, int *w, int *sh) {
+    static const int ws[5] = {8, 8, 4, 2, 1};
+    int n = 0, rem = bits;
+    for (int q = 0; q < 5; ++q)
+        if (rem >= ws[q]) {
+            rem -= ws[q];
+            w[n] = ws[q];
+            sh[n++] = rem;
+        }
+    return n;
+}
+
+/* per group its slices and their places in buf (NULL: only the size);
+ * returns the bytes of all codes */
+static int64_t auto_layout(const int64_t *hdr, uint8_t *buf, int *gbits, int *gnp, int *w, int *sh,
+                           uint8_t **outs) {
+    const int G = (int)hdr[0];
+    const int64_t *widths = hdr + AUTO_HDR + G + 1, *gn = widths + G;
+    int64_t off = 0;
+    for (int g = 0; g < G; ++g) {
+        gbits[g] = (int)widths[g];
+        gnp[g] = auto_slices(gbits[g], w + 5 * g, sh + 5 * g);
+        for (int q = 0; q < 5; ++q) {
+            if (q >= gnp[g]) {
+                outs[5 * g + q] = NULL;
+                continue;
+            }
+            const int per = 8 / w[5 * g + q];
+            outs[5 * g + q] = buf ? buf + off : NULL;
+            off += (gn[g] + per - 1) / per;
+        }
+    }
+    return off;
+}
+
+/* Widths and groups of a tensor viewed as (A, C, B) with max|x_c| = amax:
+ * the rule's arguments are fxc_auto_bits' (dx2: the conv/linear budget, or
+ * BatchNorm's per-channel one from bn5, NULL for none), its counts are nnz (zvc: the elements > 0 of each
+ * channel, int64) or A*B; spread: multiply dx2 by numel / sum(nnz) (the
+ * bound's total error over the non-zeros only, runtime/activations.py).
+ * kind: the grid kind the codes use. Returns the code bytes, -1 when out
+ * of memory. */
+int64_t fxc_auto_plan(int64_t A, int64_t C, int64_t B, const float *amax, double eps, const double *bn5,
+                      double K, double numer, double dx2, const int64_t *nnz, int spread, int is_signed, int kind,
+                      int max_bits, int rounds, uint8_t *meta) {
+    if (auto_scratch(C)) return -1;
+    /* bn5: BatchNorm's terms as one block of 5 x C (fxc_auto_bits' order) */
+    const double *bn[5] = {bn5, bn5 + C, bn5 + 2 * C, bn5 + 3 * C, bn5 + 4 * C};
+    double *counts = auto_work + 6 * C;
+    int64_t *bits = auto_iwork + 2 * C;
+    int64_t tot = 0;
+    for (int64_t c = 0; c < C; ++c) {
+        counts[c] = nnz ? (double)nnz[c] : (double)(A * B);
+        if (nnz) tot += nnz[c];
+    }
+    if (spread && nnz && tot) {
+        const double scale = (double)(A * C * B) / (double)tot;
+        dx2 = dx2 * scale;
+    }
+    fxc_auto_bits(C, amax, eps, bn5 ? bn : NULL, K, numer, dx2, counts, is_signed, max_bits, rounds, auto_work,
+                  auto_iwork, bits);
+    int32_t *order = (int32_t *)meta;
+    float *kinv = (float *)(meta + 4 * C);
+    int64_t *hdr = (int64_t *)(meta + 8 * C);
+    int64_t *start = hdr + AUTO_HDR;
+    int widths[16];
+    int64_t gnnz[16];
+    const int G = fxc_group_widths(C, bits, amax, kind, (float)eps, order, start, widths, auto_k, kinv, nnz,
+                                   nnz ? gnnz : NULL);
+    hdr[0] = G;
+    int64_t code_bits = 0;
+    for (int g = 0; g < G; ++g) {
+        const int64_t n = nnz ? gnnz[g] : A * (start[g + 1] - start[g]) * B;
+        hdr[AUTO_HDR + G + 1 + g] = widths[g];
+        hdr[AUTO_HDR + 2 * G + 1 + g] = n;
+        code_bits += widths[g] * n;
+    }
+    hdr[1] = code_bits;
+    int gbits[16], gnp[16], w[80], sh[80];
+    uint8_t *outs[80];
+    hdr[2] = auto_layout(hdr, NULL, gbits, gnp, w, sh, outs);
+    return hdr[2];
+}
+
+/* Pack x (A, C, B) as its plan says (the plan made on this thread just
+ * before); seed: the tensor's draw, group g's key mix_seed(seed + g) as
+ * rounding.mix_seed makes it. zvc: mask (x > 0, 1 bit per element, or NULL)
+ * as fxc_mixed_zvc_pack takes it. Returns the code bits (the header's),
+ * -1 when out of memory. */
+int64_t fxc_auto_pack(const float *x, int64_t A, int64_t C, int64_t B, const uint8_t *meta, int zvc, int kind, int stoch,
+                  int64_t seed, const uint8_t *mask, uint8_t *buf) {
+    const int32_t *order = (const int32_t *)meta;
+    const int64_t *hdr = (const int64_t *)(meta + 8 * C);
+    const int G = (int)hdr[0];
+    int gbits[16], gnp[16], w[80], sh[80];
+    uint8_t *outs[80];
+    uint32_t keys[16];
+    auto_layout(hdr, buf, gbits, gnp, w, sh, outs);
+    for (int g = 0; g < G; ++g)
+        keys[g] = stoch ? fxc_mix32((uint32_t)((uint64_t)(seed + g) * 0x9E3779B1u + 0x7F4A7C15u)) : 0u;
+    const int64_t *start = hdr + AUTO_HDR;
+    const int rc = zvc ? fxc_mixed_zvc_pack(x, auto_k, A, C, B, order, G, start, hdr + AUTO_HDR + 2 * G + 1, gbits,
+                                            gnp, w, sh, stoch, keys, mask, outs)
+                       : fxc_mixed_pack(x, auto_k, A, C, B, order, G, start, gbits, gnp, w, sh, kind, stoch, keys,
+                                        outs);
+    return rc ? -1 : hdr[1];
+}
+
+int fxc_auto_unpack(const uint8_t *buf, const uint8_t *meta, int64_t A, int64_t C, int64_t B, int zvc, int kind,
+                    const uint8_t *mask, float *out) {
+    const int32_t *order = (const int32_t *)meta;
+    const float *kinv = (const float *)(meta + 4 * C);
+    const int64_t *hdr = (const int64_t *)(meta + 8 * C);
+    const int G = (int)hdr[0];
+    int gbits[16], gnp[16], w[80], sh[80];
+    uint8_t *outs[80];
+    const float *kg[16];
+    auto_layout(hdr, (uint8_t *)buf, gbits, gnp, w, sh, outs);
+    const int64_t *start = hdr + AUTO_HDR;
+    for (int g = 0; g < G; ++g) kg[g] = kinv + start[g];
+    if (zvc)
+        return fxc_mixed_zvc_unpack((const uint8_t *const *)outs, w, sh, gnp, kg, A, C, B, order, G, start,
+                                    hdr + AUTO_HDR + 2 * G + 1, mask, out);
+    return fxc_mixed_unpack((const uint8_t *const *)outs, w, sh, gnp, kg, A, C, B, order, G, start, gbits, kind,
+                            out);
 }

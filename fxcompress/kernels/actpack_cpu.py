@@ -41,6 +41,14 @@ def _declare(lib) -> None:
                      ("fxc_mixed_zvc_unpack", [P, P, P, P, P, I64, I64, I64, P, I, P, P, P, P])):
         getattr(lib, f).argtypes = extra
         getattr(lib, f).restype = I
+    # AutoQuant in two calls per tensor (kernels/auto_pack.py)
+    D = ctypes.c_double
+    lib.fxc_auto_plan.argtypes = [I64, I64, I64, P, D, P, D, D, D, P, I, I, I, I, I, P]
+    lib.fxc_auto_plan.restype = I64
+    lib.fxc_auto_pack.argtypes = [P, I64, I64, I64, P, I, I, I, I64, P, P]
+    lib.fxc_auto_pack.restype = I64
+    lib.fxc_auto_unpack.argtypes = [P, P, I64, I64, I64, I, I, P, P]
+    lib.fxc_auto_unpack.restype = I
     lib.fxc_set_threads.argtypes = [I]
     lib.fxc_stats.restype = lib.fxc_stats_nnz.restype = I
     for f in ("fxc_quant_pack", "fxc_pack_codes", "fxc_unpack_codes", "fxc_unpack_dequant",

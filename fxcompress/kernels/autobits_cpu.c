@@ -34,36 +34,44 @@ static double pairwise_sum(const double* a, int64_t n) {
     return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
 }
 
-/* Stable sort of idx[0..n) (initially 0..n-1) by key ascending, keys >= 0
- * or +inf: their bit patterns order as unsigned integers, so an LSD radix
- * sort (8 passes of a byte, a pass skipped when every key shares that byte)
- * gives np.argsort(kind="stable")'s order in a few linear passes. */
-static void radix_sort(int64_t* idx, int64_t* tmp, const double* key, int64_t n) {
-    int64_t cnt[256];
-    for (int pass = 0; pass < 8; ++pass) {
-        const int sh = 8 * pass;
-        memset(cnt, 0, sizeof cnt);
-        for (int64_t i = 0; i < n; ++i) {
-            uint64_t u;
-            memcpy(&u, &key[idx[i]], sizeof u);
-            ++cnt[(u >> sh) & 255u];
-        }
+/* Stable sort of the n values v by their keys k (the bit patterns of
+ * float64 keys >= 0 or NaN: these order as unsigned integers as numpy
+ * orders the floats): an LSD radix sort of (key, value) pairs, a byte a
+ * pass, the eight histograms taken in one read and a pass skipped when
+ * every key shares that byte; with kt, vt as the other buffers. Returns
+ * the buffer holding the sorted values. Stable, so it gives
+ * np.argsort(kind="stable")'s order. */
+static int64_t *radix_sort(uint64_t *k, int64_t *v, uint64_t *kt, int64_t *vt, int64_t n) {
+    int64_t cnt[8][256];
+    memset(cnt, 0, sizeof cnt);
+    for (int64_t i = 0; i < n; ++i) {
+        const uint64_t u = k[i];
+        for (int p = 0; p < 8; ++p) ++cnt[p][(u >> (8 * p)) & 255u];
+    }
+    for (int p = 0; p < 8; ++p) {
+        const int sh = 8 * p;
         int same = 0;
-        for (int v = 0; v < 256; ++v) same |= cnt[v] == n;
+        for (int b = 0; b < 256; ++b) same |= cnt[p][b] == n;
         if (same) continue;
         int64_t pos = 0;
-        for (int v = 0; v < 256; ++v) {
-            int64_t c = cnt[v];
-            cnt[v] = pos;
+        for (int b = 0; b < 256; ++b) {
+            const int64_t c = cnt[p][b];
+            cnt[p][b] = pos;
             pos += c;
         }
         for (int64_t i = 0; i < n; ++i) {
-            uint64_t u;
-            memcpy(&u, &key[idx[i]], sizeof u);
-            tmp[cnt[(u >> sh) & 255u]++] = idx[i];
+            const int64_t j = cnt[p][(k[i] >> sh) & 255u]++;
+            kt[j] = k[i];
+            vt[j] = v[i];
         }
-        memcpy(idx, tmp, (size_t)n * sizeof(int64_t));
+        uint64_t *tk = k;
+        k = kt;
+        kt = tk;
+        int64_t *tv = v;
+        v = vt;
+        vt = tv;
     }
+    return v;
 }
 
 /* BatchNorm's per-channel budget (_bn_dx2_np): all arrays per channel. */
@@ -92,7 +100,8 @@ void fxc_auto_bits(int64_t C, const float* amax, double eps, const double* const
     double* r = work + 2 * C;
     double* tmp = work + 3 * C;
     double* cost = work + 4 * C;
-    double* key = work + 5 * C;
+    uint64_t* ukey = (uint64_t*)(work + 5 * C);
+    uint64_t* utmp = (uint64_t*)tmp; /* free once the slack is summed */
     int64_t* order = iwork;
     int64_t* otmp = iwork + C;
     double d0 = (dx2_scalar > 1e-30 || dx2_scalar != dx2_scalar) ? dx2_scalar : 1e-30;
@@ -122,31 +131,38 @@ void fxc_auto_bits(int64_t C, const float* amax, double eps, const double* const
         int any_ok = 0;
         for (int64_t c = 0; c < C; ++c) {
             /* half a grid step: a / max(2^(b+sh) - 2, 1), exact, as numpy's
-             * exp2 of a whole number gives it */
-            const double den = ldexp(1.0, (int)(bits[c] + sh)) - 2.0;
+             * exp2 of a whole number gives it (b + sh <= 17: the shift is
+             * exact, and unlike ldexp it lets the loop vectorise) */
+            const double den = (double)((int64_t)1 << (bits[c] + sh)) - 2.0;
             double q = a[c] / (den > 1.0 ? den : 1.0);
             r[c] = q * q / d[c];
             tmp[c] = counts[c] * r[c];
         }
         double slack = budget - pairwise_sum(tmp, C);
+        /* the channels that may lose a bit, cheapest first (the rest, key
+         * +inf in numpy's sort, come after them with cost 0: never taken,
+         * and adding their 0 leaves the running sum as it is) */
+        int64_t m = 0;
         for (int64_t c = 0; c < C; ++c) {
-            int ok = bits[c] > lo && counts[c] > 0;
-            any_ok |= ok;
-            cost[c] = ok ? 3.0 * counts[c] * r[c] : 0.0;
-            key[c] = ok ? r[c] : INFINITY;
-            order[c] = c;
+            if (bits[c] > lo && counts[c] > 0) {
+                cost[c] = 3.0 * counts[c] * r[c];
+                memcpy(&ukey[m], &r[c], sizeof(double));
+                order[m++] = c;
+            }
         }
+        any_ok = m > 0;
         if (slack <= 0 || !any_ok) break;
-        radix_sort(order, otmp, key, C);
+        const int64_t *sorted = radix_sort(ukey, order, utmp, otmp, m);
+        /* costs are >= 0, so the running sum only grows: once past the
+         * slack (or NaN) no later channel is taken */
         double cum = 0.0;
         int64_t taken = 0;
-        for (int64_t i = 0; i < C; ++i) {
-            int64_t c = order[i];
+        for (int64_t i = 0; i < m; ++i) {
+            const int64_t c = sorted[i];
             cum += cost[c];
-            if (cum <= slack && key[c] != INFINITY) {
-                bits[c] -= 1;
-                ++taken;
-            }
+            if (!(cum <= slack)) break;
+            bits[c] -= 1;
+            ++taken;
         }
         if (!taken) break;
     }

@@ -37,6 +37,11 @@ entries die with the source tensor (weakref.finalize), so a reused address
 can never hit a stale entry, and with the forward (Ledger.reset), so the
 same tensor object fed again is packed again.
 
+On CPU with the C loops, AutoQuant's widths, grouping and codes of a saved
+tensor take two C calls (kernels/auto_pack.py, PackedAuto: one code buffer
+and one meta block), the same widths and bytes as the width rule and the
+group packers one by one, which stay the path elsewhere (no compiler, CUDA).
+
 Around it: runtime/ledger.py (the registry and byte counts a graph's specs
 share), runtime/stored_forms.py (kept, shape-only, masks, window indices),
 runtime/widths.py (AutoQuant's width rule), runtime/measure.py (measured
@@ -48,6 +53,7 @@ of the packed tensors actually held.
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -173,6 +179,8 @@ class SaveSpec(nn.Module):
             return actpack.unpack_mask_values(obj.packed, obj.on, obj.off, obj.dtype)
         if isinstance(obj, _WindowIndex):
             return _decode_window_index(obj)
+        if isinstance(obj, actpack.PackedAuto):
+            return actpack.auto_unpack(obj)
         if isinstance(obj, actpack.PackedZVC):
             return actpack.zvc_unpack(obj)
         if isinstance(obj, actpack.PackedMixed):
@@ -248,7 +256,16 @@ class SaveSpec(nn.Module):
         # generator) continues the same stream
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if s.rounding == "stochastic" else 0
         if s.mode == "auto" and self.dx2 is not None and s.granularity == "channel":
-            if relu is not None and not signed:
+            # the C path: widths, groups and codes in two calls (kernels/auto_pack.py)
+            zvc = relu is not None and not signed
+            obj = None if (s.zvc and not zvc) else actpack.auto_pack(
+                x3, amax, signed, self.dx2, self.bn_terms, s.max_bits, s.rounding, seed,
+                nnz_c if zvc else None, relu.packed if zvc else None, spread=self.bn_terms is None, shape=t.shape)
+            if obj is not None:
+                st["quant_elements"] += t.numel()
+                st["quant_bits"] += float(obj.code_bits())
+                return obj
+            if zvc:
                 # a ReLU output: the ReLU already stores (t > 0) as its 1-bit
                 # mask, so only the non-zeros are stored here (their codes)
                 # and the mask is shared, not stored twice. Zeros are then
@@ -298,6 +315,9 @@ class SaveSpec(nn.Module):
 
 # graph entry
 
+_NO_SKIP: frozenset = frozenset()
+
+
 def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
     """Run one op with its saved tensors stored packed (`how` is for readers
     of gm.code: what this node stores, e.g. 'Conv2d: 2-bit per-channel')."""
@@ -317,14 +337,21 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
         spec._ledger.reset()
     skip = set()
     if spec._fn is None and spec._method is None and isinstance(args[0], nn.Module):
-        for p in args[0].parameters():
-            skip.add(p.data_ptr())
-        for b in args[0].buffers():
-            skip.add(b.data_ptr())
+        mod = args[0]
+        if mod._modules:
+            tensors = itertools.chain(mod.parameters(), mod.buffers())
+        else:  # a leaf module (conv, norm): its own dicts, not the recursive generators
+            tensors = itertools.chain(mod._parameters.values(), mod._buffers.values())
+        for p in tensors:
+            if p is not None:
+                skip.add(p.data_ptr())
     for i in spec.weight_args:
         if i < len(args) and torch.is_tensor(args[i]):
             skip.add(args[i].data_ptr())
-    spec._skip = skip
+    # set per call, twice: past nn.Module.__setattr__ (its parameter, buffer
+    # and submodule checks cost more than the rest of this wrapper)
+    sd = spec.__dict__
+    sd["_skip"] = skip
     if spec.rule == "maxpool":
         x = args[1] if spec._fn is None and spec._method is None else args[0]
         spec.geom["in_w"] = x.shape[-1]
@@ -333,7 +360,7 @@ def fxc_save(spec: SaveSpec, how: str, *args, **kwargs):
         kept = keep_inputs(args)  # before the call: an in-place op overwrites its input
     with torch.autograd.graph.saved_tensors_hooks(spec.pack, spec.unpack), sdpa_backend(spec, args):
         out = spec.call(args, kwargs)
-    spec._skip = set()
+    sd["_skip"] = _NO_SKIP
     if kept is not None:
         record_probe(spec, kept, kwargs, out)
     elif spec.collect:
