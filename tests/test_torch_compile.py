@@ -266,8 +266,9 @@ def _spec(name, bits=2, zvc=False, rule="conv", ledger=None, geom=None, **settin
 def _stored_form_cases():
     """(label, spec id, relu id, tensor) covering every form pack_saved
     stores: fixed-width codes, zvc, a ReLU mask shared with its consumer's
-    fixed and AutoQuant (mixed widths, non-zeros only) packs, a bool mask,
-    max-pool window slots, shape only, and a tensor kept as it is."""
+    fixed and AutoQuant (mixed widths, non-zeros only) packs (on CPU with the
+    C loops: PackedAuto, kernels/auto_pack.py), a bool mask, max-pool window
+    slots, shape only, and a tensor kept as it is."""
     from fxcompress.runtime.ledger import Ledger
 
     lg = Ledger()
