@@ -429,17 +429,19 @@ def _compiled_and_eager_twin(name, backend, net=SmallCNN):
     return cm, eager, x, y
 
 
-@pytest.mark.parametrize("name", ["acgc_auto", "acgc_zvc8", "acgc_2bit"])
-def test_compiled_activation_policies_match_eager(name, monkeypatch):
+@pytest.mark.parametrize("name,backend", [("acgc_auto", "aot_eager"), ("acgc_zvc8", "aot_eager"),
+                                          ("acgc_2bit", "aot_eager"), ("acgc_2bit", "inductor")])
+def test_compiled_activation_policies_match_eager(name, backend, monkeypatch):
     """AutoQuant, zvc and fixed 2 bits (on CPU with the C path: through the
-    custom ops, the C kernels) compiled whole: after a statistics step (run eager)
+    custom ops, the C kernels; also under inductor, whose buffer reuse
+    pack_saved must survive) compiled whole: after a statistics step (run eager)
     and compiled steps, the compiled model and an eager twin with the same
     weights and budgets give the same outputs; their gradients' error
     against the uncompressed gradient is of the same size (the compiled
     graph saves what AOT keeps, one tensor where eager may store two forms),
     and the compiled gradient is within that error of eager's."""
     monkeypatch.setenv("FXC_COMPILE_C_PACK", "1")  # the fixed-width C route (opt-in: compile_support)
-    cm, eager, x, y = _compiled_and_eager_twin(name, "aot_eager")
+    cm, eager, x, y = _compiled_and_eager_twin(name, backend)
     call = cm.__dict__["_compiled"]
     assert not any(s.collect for s in call.specs)
     if name == "acgc_2bit":
