@@ -4,6 +4,7 @@
     .venv/bin/python tools/bench_compile.py --quick              # tiny CNN, aot_eager (seconds)
     .venv/bin/python tools/bench_compile.py --timing             # resnet50 b32 64x64 step time + peak memory
     .venv/bin/python tools/bench_compile.py --main-job --epochs 3  # ResNet-20 digits epochs, eager vs --compile
+    .venv/bin/python tools/bench_compile.py --op-counts          # custom-op calls per compiled ResNet-20 step
 
 Table, per (model, policy), the model compressed with the policy and
 compiled with `--backend` (default inductor):
@@ -467,6 +468,70 @@ def timing(quick: bool, backend: str, steps: int, modes) -> dict:
     return res
 
 
+# ------------------------------------------------------------------ op counts
+
+def op_counts(backend: str, policy: str = "acgc_auto.yaml", steps: int = 2) -> dict:
+    """Per compiled training step of ResNet-20 at the main job's shapes
+    (batch 64, 1x16x16): calls of the custom ops pack_saved / unpack_saved,
+    of SaveSpec.pack inside them, and tensor copies (Tensor.clone) made while
+    they run. Counts, not time: meaningful on a loaded machine."""
+    import fxcompress.runtime.activations as acts
+    from fxcompress.models.resnet_cifar import resnet_cifar
+    from fxcompress.runtime import compile_support as cs
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
+    cm = compress(resnet_cifar(20, 10, 1), os.path.join(ROOT, "policies", policy), x)
+    cm.compile_with(backend)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    cm.attach_optimizer(opt)
+    for _ in range(12):  # compile, AutoQuant's first statistics steps (run eager)
+        step(cm, opt, x, y)
+    n = Counter()
+    inside = [0]
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            n[name] += 1
+            inside[0] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] -= 1
+        return wrapped
+
+    ops = {"pack_saved": cs.pack_saved, "unpack_saved": cs.unpack_saved}
+    saved = {k: dict(op._backend_fns) for k, op in ops.items()}
+    pack, clone = acts.SaveSpec.pack, torch.Tensor.clone
+
+    def spec_pack(self, t):
+        n["SaveSpec.pack"] += 1
+        return pack(self, t)
+
+    def counted_clone(self, *a, **k):
+        if inside[0]:
+            n["Tensor.clone"] += 1
+        return clone(self, *a, **k)
+
+    try:
+        for k, op in ops.items():
+            for dev, fn in list(op._backend_fns.items()):
+                op._backend_fns[dev] = counting(k, fn)
+        acts.SaveSpec.pack, torch.Tensor.clone = spec_pack, counted_clone
+        eager0 = cm.__dict__["_compiled"].eager_calls
+        for _ in range(steps):
+            step(cm, opt, x, y)
+        assert cm.__dict__["_compiled"].eager_calls == eager0, "a statistics step among the counted ones"
+    finally:
+        for k, op in ops.items():
+            op._backend_fns.clear()
+            op._backend_fns.update(saved[k])
+        acts.SaveSpec.pack, torch.Tensor.clone = pack, clone
+    res = {k: n[k] / steps for k in ("pack_saved", "unpack_saved", "SaveSpec.pack", "Tensor.clone")}
+    print("  per compiled step: " + ", ".join(f"{k} {v:g}" for k, v in res.items()), flush=True)
+    return res
+
+
 # ------------------------------------------------------------------ main job
 
 MAIN_JOB_MODES = {"none": None, "auto": "acgc_auto.yaml"}
@@ -531,6 +596,9 @@ def main(argv=None):
     ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--main-job", action="store_true",
                     help="time per epoch of the default ResNet-20 digits job, eager vs --compile")
+    ap.add_argument("--op-counts", action="store_true",
+                    help="custom-op calls and copies per compiled acgc_auto step of ResNet-20 at the main "
+                         "job's shapes (counts, not time)")
     ap.add_argument("--epochs", type=int, default=2, help="--main-job: epochs per run (>= 2: epoch 1 compiles)")
     ap.add_argument("--train-args", default="", help="--main-job: extra `fxcompress train` arguments (quoted)")
     ap.add_argument("--cells", default="",
@@ -548,6 +616,13 @@ def main(argv=None):
         fn = timing_child if kind == "time" else memory_child
         args = (mode, compiled == "1", quick == "1", backend) + ((int(steps),) if kind == "time" else ())
         print(json.dumps(fn(*args)))
+        return 0
+    if a.op_counts:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        res = op_counts(a.backend)
+        if a.json:
+            print(json.dumps(res, indent=1))
         return 0
     if a.main_job:
         import shlex
