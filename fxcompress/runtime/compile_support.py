@@ -38,7 +38,10 @@ else the op that made it) and calls two torch.library custom ops:
 bits, zvc, AutoQuant widths from the budget the controller set at its last
 step, the ledger's byte accounting) and returns a one-element handle;
 `fxcompress::unpack_saved` decodes it. The packed object lives in a table
-outside the graph while the handle (what autograd saves) lives. Why custom
+outside the graph while the handle (what autograd saves) lives. A save its
+node keeps as it is (decided by dtype and shape) stays in the graph, no
+op call; what a pack may and may not hold of its input under inductor's
+buffer reuse: pack_saved. Why custom
 ops and not plain tensor code: the stored sizes depend on the data (the
 non-zeros, the widths picked from max|x_c| each step), and the widths on a
 budget that changes at statistics steps; traced, either would be a
