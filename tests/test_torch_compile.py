@@ -249,15 +249,72 @@ def test_hooks_for_each_kind_of_policy(monkeypatch):
     assert not cs.activation_hooks_for(fixed.graph_module)[0].c_path
 
 
-def _spec(name, bits=2, zvc=False, rule="conv"):
+def _spec(name, bits=2, zvc=False, rule="conv", ledger=None, geom=None, **settings):
     from fxcompress.runtime.activations import SaveSpec
     from fxcompress.runtime.activations_config import ActivationsConfig
     from fxcompress.runtime.ledger import Ledger
 
-    spec = SaveSpec(name, "Conv2d", rule, ActivationsConfig(bits=bits, zvc=zvc, min_numel=0), ledger=Ledger())
-    spec._ledger.reset()
+    settings.setdefault("min_numel", 0)
+    spec = SaveSpec(name, "Conv2d", rule, ActivationsConfig(bits=bits, zvc=zvc, **settings),
+                    ledger=ledger or Ledger(), geom=geom)
+    if ledger is None:
+        spec._ledger.reset()
     cs.register_spec(spec)
     return spec
+
+
+def _stored_form_cases():
+    """(label, spec id, relu id, tensor) covering every form pack_saved
+    stores: fixed-width codes, zvc, a ReLU mask shared with its consumer's
+    fixed and AutoQuant (mixed widths, non-zeros only) packs (on CPU with the
+    C loops: PackedAuto, kernels/auto_pack.py), a bool mask, max-pool window
+    slots, shape only, and a tensor kept as it is."""
+    from fxcompress.runtime.ledger import Ledger
+
+    lg = Ledger()
+    lg.reset()
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    conv, zvc, relu = _spec("f", 4, ledger=lg), _spec("z", 8, True, ledger=lg), _spec("r", 1, rule="relu", ledger=lg)
+    auto = _spec("a", ledger=lg, mode="auto")
+    auto.dx2 = 1e-4  # a budget: per-channel widths
+    pool = _spec("p", rule="maxpool", ledger=lg,
+                 geom={"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0), "dilation": (1, 1), "in_w": 8})
+    kept = _spec("k", 4, ledger=lg, min_numel=10 ** 6)
+    _, idx = F.max_pool2d_with_indices(x, 2)
+    return [("quant", conv, 0, x.clone()), ("zvc", zvc, 0, x.relu()), ("relu+quant", conv, relu, x.relu()),
+            ("mixed", auto, 0, x.clone()), ("relu+mixed_zvc", auto, relu, x.relu()),
+            ("bool mask", conv, 0, x > 0), ("window", pool, 0, idx), ("shape", pool, 0, x.clone()),
+            ("kept", kept, 0, x.clone())]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_pack_saved_keeps_nothing_of_its_input(case):
+    """Inductor reuses a saved tensor's buffer once pack_saved (its last
+    reader) has run, writing in place with no version bump. What a handle
+    stores must survive that: its input overwritten that way and packed
+    again (a reused buffer saved by a later node), the first handle still
+    gives what it gave before. Failed before the fix both ways: the ledger's
+    share-by-storage registry handed the second pack the first's form, and
+    a kept form held the input itself."""
+    label, spec, relu, x = _stored_form_cases()[case]
+    op = torch.ops.fxcompress
+    sid, rid = spec.compile_id, 0 if relu == 0 else relu.compile_id
+    h1 = op.pack_saved(x, sid, rid)
+    before = op.unpack_saved(h1, sid, rid, list(x.shape), x.dtype).clone()
+    other = torch.flip(x, dims=[0, -1]) if x.dtype != torch.bool else ~x
+    if x.is_floating_point():
+        other = other * 3.0
+    with torch.autograd._unsafe_preserve_version_counter(x):
+        x.copy_(other)  # as an inductor kernel writes a reused buffer
+    h2 = op.pack_saved(x, sid, rid)
+    after = op.unpack_saved(h1, sid, rid, list(x.shape), x.dtype)
+    second = op.unpack_saved(h2, sid, rid, list(x.shape), x.dtype)
+    if label == "shape":  # uninitialised values of the right shape: nothing else to compare
+        assert after.shape == second.shape == x.shape
+        return
+    assert torch.equal(after, before), label
+    assert not torch.equal(second, before), label
 
 
 @pytest.mark.parametrize("zvc", [False, True])
@@ -300,6 +357,12 @@ def test_relu_mask_shared_keeps_sign():
     h = torch.ops.fxcompress.pack_saved(x, conv.compile_id, relu.compile_id)
     y = torch.ops.fxcompress.unpack_saved(h, conv.compile_id, relu.compile_id, list(x.shape), torch.float32)
     assert torch.equal(y > 0, x > 0)
+    # and otherwise the convolution's decoded values (the smallest float where they read 0)
+    x = torch.randn(2, 4, 8, 8).relu()
+    h = torch.ops.fxcompress.pack_saved(x, conv.compile_id, relu.compile_id)
+    y = torch.ops.fxcompress.unpack_saved(h, conv.compile_id, relu.compile_id, list(x.shape), torch.float32)
+    ref = conv.unpack(conv.pack(x))
+    assert torch.equal(y, torch.where(x > 0, ref.clamp(min=torch.finfo(torch.float32).tiny), ref))
 
 
 class _TwoLinear(torch.nn.Module):
@@ -344,38 +407,41 @@ def test_compiled_stochastic_unbiased():
     torch._dynamo.reset()
 
 
-def _compiled_and_eager_twin(name, backend):
-    """The small CNN under policy `name`, compiled with `backend` (fullgraph)
+def _compiled_and_eager_twin(name, backend, net=SmallCNN):
+    """The small CNN (or `net`) under policy `name`, compiled with `backend` (fullgraph)
     and trained 3 steps (a statistics step among them under auto), and an
     eager twin with its weights and controller state; and a fresh batch."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     x, y = _data(0, 8)
     pol = _policy(name)
-    cm = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
+    model = net()
+    cm = fxcompress.compile(copy.deepcopy(model), pol, example_inputs=x[:1])
     cm.compile_with(backend, fullgraph=True)
     opt = torch.optim.SGD(cm.parameters(), lr=0.05)
     cm.attach_optimizer(opt)
     for i in range(3):
         _step(cm, opt, *_data(i, 8))
-    eager = fxcompress.compile(SmallCNN(), pol, example_inputs=x[:1])
+    eager = fxcompress.compile(model, pol, example_inputs=x[:1])
     eager.load_state_dict(cm.state_dict())
     for k, c in cm.controllers.items():
         eager.controllers[k].load_state(c.state())
     return cm, eager, x, y
 
 
-@pytest.mark.parametrize("name", ["acgc_auto", "acgc_zvc8", "acgc_2bit"])
-def test_compiled_activation_policies_match_eager(name, monkeypatch):
+@pytest.mark.parametrize("name,backend", [("acgc_auto", "aot_eager"), ("acgc_zvc8", "aot_eager"),
+                                          ("acgc_2bit", "aot_eager"), ("acgc_2bit", "inductor")])
+def test_compiled_activation_policies_match_eager(name, backend, monkeypatch):
     """AutoQuant, zvc and fixed 2 bits (on CPU with the C path: through the
-    custom ops, the C kernels) compiled whole: after a statistics step (run eager)
+    custom ops, the C kernels; also under inductor, whose buffer reuse
+    pack_saved must survive) compiled whole: after a statistics step (run eager)
     and compiled steps, the compiled model and an eager twin with the same
     weights and budgets give the same outputs; their gradients' error
     against the uncompressed gradient is of the same size (the compiled
     graph saves what AOT keeps, one tensor where eager may store two forms),
     and the compiled gradient is within that error of eager's."""
     monkeypatch.setenv("FXC_COMPILE_C_PACK", "1")  # the fixed-width C route (opt-in: compile_support)
-    cm, eager, x, y = _compiled_and_eager_twin(name, "aot_eager")
+    cm, eager, x, y = _compiled_and_eager_twin(name, backend)
     call = cm.__dict__["_compiled"]
     assert not any(s.collect for s in call.specs)
     if name == "acgc_2bit":
@@ -522,21 +588,50 @@ def test_compiled_max_input_saved_exact(name):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("name", ["acgc_auto"])
-def test_inductor_custom_op_hooks_match_eager_gradients(name):
-    """Under inductor the pack op gets a private copy of the saved tensor:
-    inductor reuses a buffer once its last reader ran, and a stored form
-    that kept a reference to it changed under it (second conv's weight
-    gradient: 100 % off, eager 2 %; ResNet-20 on digits went NaN). Nearest
-    rounding: compiled and eager store the same codes, so the gradients
-    agree closely, not only in size."""
-    cm, eager, x, y = _compiled_and_eager_twin(name, "inductor")
+class _ThreeBN(torch.nn.Module):
+    """Three conv-BatchNorm layers of one width (ReLU between them): their
+    kept BatchNorm statistics (1-D) are buffers of one size, which inductor
+    reuses for each other. No ReLU after the last: inductor's partitioner
+    then saves what eager saves, so compiled and eager store the same
+    codes and their gradients agree closely."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.ModuleList([torch.nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1) for i in range(3)])
+        self.b = torch.nn.ModuleList([torch.nn.BatchNorm2d(8) for _ in range(3)])
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        for i, (c, b) in enumerate(zip(self.c, self.b)):
+            x = b(c(x))
+            x = F.relu(x) if i < 2 else x
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name,net,kept_through_op", [("acgc_auto", SmallCNN, False),
+                                                      ("acgc_zvc8", _ThreeBN, True)])
+def test_inductor_custom_op_hooks_match_eager_gradients(name, net, kept_through_op, monkeypatch):
+    """Under inductor a saved tensor's buffer is reused once pack_saved
+    (its last reader) has run. The pack must not depend on it afterwards
+    (pack_saved: its own registry per call, a copy for a kept form); it did
+    (second conv's weight gradient 100 % off, eager 2 %; ResNet-20 on
+    digits went NaN). Nearest rounding: compiled and eager store the same
+    codes, so the gradients agree closely, not only in size.
+    `kept_through_op`: the saves stored as they are (BatchNorm statistics)
+    go through the op too instead of staying in the graph (spec_pack), the
+    one form that holds its input: measured without its copy, the first
+    BatchNorm's weight gradient 86 % off eager's (0.004 % with it)."""
+    if kept_through_op:
+        monkeypatch.setattr(cs, "kept_in_graph", lambda spec, x: False)
+    cm, eager, x, y = _compiled_and_eager_twin(name, "inductor", net)
     grads = {}
     for label, m in (("eager", eager), ("compiled", cm)):
         m.zero_grad(set_to_none=True)
         F.cross_entropy(m(x), y).backward()
         grads[label] = dict(m.named_parameters())
-    w = "graph_module.conv2.weight"
-    ge, gc = grads["eager"][w].grad, grads["compiled"][w].grad
-    assert float((gc - ge).norm() / ge.norm()) < 1e-3
+    weights = ["graph_module.conv2.weight"] if net is SmallCNN else \
+        [f"graph_module.{k}.{i}.weight" for k in "cb" for i in range(3)]
+    for w in weights:
+        ge, gc = grads["eager"][w].grad, grads["compiled"][w].grad
+        assert float((gc - ge).norm() / ge.norm()) < (1e-3 if net is SmallCNN else 0.05), w
     torch._dynamo.reset()

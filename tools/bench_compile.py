@@ -4,6 +4,7 @@
     .venv/bin/python tools/bench_compile.py --quick              # tiny CNN, aot_eager (seconds)
     .venv/bin/python tools/bench_compile.py --timing             # resnet50 b32 64x64 step time + peak memory
     .venv/bin/python tools/bench_compile.py --main-job --epochs 3  # ResNet-20 digits epochs, eager vs --compile
+    .venv/bin/python tools/bench_compile.py --op-counts          # custom-op calls per compiled ResNet-20 step
 
 Table, per (model, policy), the model compressed with the policy and
 compiled with `--backend` (default inductor):
@@ -27,7 +28,9 @@ compiled with `--backend` (default inductor):
 
 --timing: resnet50, batch 32, 64x64 (`--quick`: resnet18, batch 4, 32x32),
 none / 2bit / auto / psgd: median step time (forward, backward, SGD step)
-eager and compiled, compressed/uncompressed ratios in each; step peak
+eager and compiled, compressed/uncompressed ratios in each (also
+`2bit_plain`, `2bit_c`: compiled 2bit with its CPU route forced, side by
+side in one run: `--timing-modes none 2bit_plain 2bit_c auto`); step peak
 memory by bench_activations' method (a fresh process with
 MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0, VmHWM after one step
 minus VmRSS before), eager and compiled. Do not take timing figures on a
@@ -359,7 +362,13 @@ def print_table(rows, header=True):
 
 # ------------------------------------------------------------------ timing
 
-TIMING_MODES = {"none": None, "2bit": "acgc_2bit.yaml", "auto": "acgc_auto.yaml", "psgd": "psgd_w4.yaml"}
+TIMING_MODES = {"none": None, "2bit": "acgc_2bit.yaml", "auto": "acgc_auto.yaml", "psgd": "psgd_w4.yaml",
+                "2bit_plain": "acgc_2bit.yaml", "2bit_c": "acgc_2bit.yaml"}
+# The fixed-width hooks' two CPU routes under compile, each forced in its
+# child's environment (compile_support.c_path_available): inductor's loops
+# for the plain tensor code, or the C kernels through fxcompress::pack_saved.
+# Compiled only: eager runs the C kernels either way (its row is 2bit's).
+ROUTE_ENV = {"2bit_plain": "0", "2bit_c": "1"}
 
 
 def _timing_model(quick: bool):
@@ -426,6 +435,8 @@ def memory_child(mode: str, compiled: bool, quick: bool, backend: str) -> dict:
 
 def _child(kind: str, mode: str, compiled: bool, quick: bool, backend: str, steps: int) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT)
+    if mode in ROUTE_ENV:
+        env["FXC_COMPILE_C_PACK"] = ROUTE_ENV[mode]
     if kind == "memory":
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
     cmd = [sys.executable, __file__, "--child", kind, mode, "1" if compiled else "0", "1" if quick else "0",
@@ -439,7 +450,7 @@ def _child(kind: str, mode: str, compiled: bool, quick: bool, backend: str, step
 def timing(quick: bool, backend: str, steps: int, modes) -> dict:
     res = {}
     for mode in modes:
-        for compiled in (False, True):
+        for compiled in (False, True) if mode not in ROUTE_ENV else (True,):
             key = f"{mode}/{'compiled' if compiled else 'eager'}"
             r = _child("time", mode, compiled, quick, backend, steps)
             r.update(_child("memory", mode, compiled, quick, backend, steps))
@@ -449,10 +460,75 @@ def timing(quick: bool, backend: str, steps: int, modes) -> dict:
     for kind in ("eager", "compiled"):
         base = res.get(f"none/{kind}")
         for mode in modes:
-            if mode != "none" and base:
-                r = res[f"{mode}/{kind}"]
+            r = res.get(f"{mode}/{kind}")
+            if mode != "none" and base and r:
                 r["ratio_vs_none"] = r["step_s"] / base["step_s"]
                 r["memory_vs_none"] = r["peak_added"] / base["peak_added"] if base["peak_added"] else None
+                print(f"  {mode}/{kind}: step {r['ratio_vs_none']:.2f}x the uncompressed one", flush=True)
+    return res
+
+
+# ------------------------------------------------------------------ op counts
+
+def op_counts(backend: str, policy: str = "acgc_auto.yaml", steps: int = 2) -> dict:
+    """Per compiled training step of ResNet-20 at the main job's shapes
+    (batch 64, 1x16x16): calls of the custom ops pack_saved / unpack_saved,
+    of SaveSpec.pack inside them, and tensor copies (Tensor.clone) made while
+    they run. Counts, not time: meaningful on a loaded machine."""
+    import fxcompress.runtime.activations as acts
+    from fxcompress.models.resnet_cifar import resnet_cifar
+    from fxcompress.runtime import compile_support as cs
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
+    cm = compress(resnet_cifar(20, 10, 1), os.path.join(ROOT, "policies", policy), x)
+    cm.compile_with(backend)
+    opt = torch.optim.SGD(cm.parameters(), lr=0.01)
+    cm.attach_optimizer(opt)
+    for _ in range(12):  # compile, AutoQuant's first statistics steps (run eager)
+        step(cm, opt, x, y)
+    n = Counter()
+    inside = [0]
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            n[name] += 1
+            inside[0] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] -= 1
+        return wrapped
+
+    ops = {"pack_saved": cs.pack_saved, "unpack_saved": cs.unpack_saved}
+    saved = {k: dict(op._backend_fns) for k, op in ops.items()}
+    pack, clone = acts.SaveSpec.pack, torch.Tensor.clone
+
+    def spec_pack(self, t):
+        n["SaveSpec.pack"] += 1
+        return pack(self, t)
+
+    def counted_clone(self, *a, **k):
+        if inside[0]:
+            n["Tensor.clone"] += 1
+        return clone(self, *a, **k)
+
+    try:
+        for k, op in ops.items():
+            for dev, fn in list(op._backend_fns.items()):
+                op._backend_fns[dev] = counting(k, fn)
+        acts.SaveSpec.pack, torch.Tensor.clone = spec_pack, counted_clone
+        eager0 = cm.__dict__["_compiled"].eager_calls
+        for _ in range(steps):
+            step(cm, opt, x, y)
+        assert cm.__dict__["_compiled"].eager_calls == eager0, "a statistics step among the counted ones"
+    finally:
+        for k, op in ops.items():
+            op._backend_fns.clear()
+            op._backend_fns.update(saved[k])
+        acts.SaveSpec.pack, torch.Tensor.clone = pack, clone
+    res = {k: n[k] / steps for k in ("pack_saved", "unpack_saved", "SaveSpec.pack", "Tensor.clone")}
+    print("  per compiled step: " + ", ".join(f"{k} {v:g}" for k, v in res.items()), flush=True)
     return res
 
 
@@ -514,10 +590,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny model, aot_eager, 6 steps (a check that it runs)")
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--timing-modes", nargs="+", default=["none,2bit,auto,psgd"],
-                    help="modes among none 2bit auto psgd (space- or comma-separated)")
+                    help="modes among none 2bit auto psgd 2bit_plain 2bit_c (space- or comma-separated; "
+                         "2bit_plain / 2bit_c: compiled only, the fixed-width hooks' CPU route forced to "
+                         "inductor's plain tensor code / the C kernels through fxcompress::pack_saved)")
     ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--main-job", action="store_true",
                     help="time per epoch of the default ResNet-20 digits job, eager vs --compile")
+    ap.add_argument("--op-counts", action="store_true",
+                    help="custom-op calls and copies per compiled acgc_auto step of ResNet-20 at the main "
+                         "job's shapes (counts, not time)")
     ap.add_argument("--epochs", type=int, default=2, help="--main-job: epochs per run (>= 2: epoch 1 compiles)")
     ap.add_argument("--train-args", default="", help="--main-job: extra `fxcompress train` arguments (quoted)")
     ap.add_argument("--cells", default="",
@@ -535,6 +616,13 @@ def main(argv=None):
         fn = timing_child if kind == "time" else memory_child
         args = (mode, compiled == "1", quick == "1", backend) + ((int(steps),) if kind == "time" else ())
         print(json.dumps(fn(*args)))
+        return 0
+    if a.op_counts:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        res = op_counts(a.backend)
+        if a.json:
+            print(json.dumps(res, indent=1))
         return 0
     if a.main_job:
         import shlex

@@ -38,7 +38,10 @@ else the op that made it) and calls two torch.library custom ops:
 bits, zvc, AutoQuant widths from the budget the controller set at its last
 step, the ledger's byte accounting) and returns a one-element handle;
 `fxcompress::unpack_saved` decodes it. The packed object lives in a table
-outside the graph while the handle (what autograd saves) lives. Why custom
+outside the graph while the handle (what autograd saves) lives. A save its
+node keeps as it is (decided by dtype and shape) stays in the graph, no
+op call; what a pack may and may not hold of its input under inductor's
+buffer reuse: pack_saved. Why custom
 ops and not plain tensor code: the stored sizes depend on the data (the
 non-zeros, the widths picked from max|x_c| each step), and the widths on a
 budget that changes at statistics steps; traced, either would be a
@@ -62,6 +65,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..kernels import actpack
+from .ledger import _node_stats
+from .stored_forms import _Kept, _Mask
 
 
 def _channel_view(x: torch.Tensor) -> torch.Tensor:
@@ -204,19 +209,24 @@ def _hook_graph_module(fn) -> fx.GraphModule:
     return gm
 
 
+# The fixed-width hooks' CPU route when FXC_COMPILE_C_PACK is unset (see
+# c_path_available; README, torch.compile, says why).
+C_PACK_DEFAULT = False
+
+
 def c_path_available() -> bool:
-    """Whether the fixed-width hooks route CPU tensors through the C kernels:
-    opt-in (FXC_COMPILE_C_PACK=1) and CPU tensors take actpack's C loops in
-    eager (kernels/dispatch.py: FXC_CPU_FAST on, the library built, Triton
-    not forced onto the CPU). Opt-in until its compiled step time is
-    measured against the plain code's (README, torch.compile). Its inductor
-    gradients were wrong (tiny CNN acgc_2bit: 0.59 against eager's 0.12)
-    until pack_saved took a private copy of its input; now 0.082."""
+    """Whether the fixed-width hooks route CPU tensors through the C kernels
+    (fxcompress::pack_saved) instead of inductor's loops for the plain
+    tensor code: FXC_COMPILE_C_PACK=1 on, =0 off, unset C_PACK_DEFAULT; and
+    only where CPU tensors take actpack's C loops in eager
+    (kernels/dispatch.py: FXC_CPU_FAST on, the library built, Triton not
+    forced onto the CPU)."""
     from ..kernels.actpack_cpu import lib
     from ..kernels.cbuild import cpu_fast_enabled
     from ..kernels.dispatch import force_triton
 
-    if os.environ.get("FXC_COMPILE_C_PACK", "") != "1":
+    env = os.environ.get("FXC_COMPILE_C_PACK", "")
+    if env == "0" or (env != "1" and not C_PACK_DEFAULT):
         return False
     if force_triton() and os.environ.get("TRITON_INTERPRET", "") == "1":
         return False
@@ -301,21 +311,62 @@ def pack_saved(x: torch.Tensor, spec_id: int, relu_id: int) -> torch.Tensor:
 
     relu_id (0: none): the ReLU whose result x is; its 1-bit mask is stored
     first, as eager's ReLU node stores it, so that the consumer's AutoQuant
-    pack shares it (stores only the non-zeros) and unpack keeps the sign."""
-    # A stored form may keep a reference to x's storage (a tensor kept
-    # exact, a deferred pack). Inductor sees an op that returns a fresh
-    # handle and reads x once, so it reuses x's buffer for a later output:
-    # the stored form then changed under it (wrong weight gradients, NaN on
-    # ResNet-20; aot_eager does not reuse buffers). A private copy is what
-    # the op's schema promises; one contiguous copy per saved tensor.
-    x = x.clone(memory_format=torch.contiguous_format)
-    relu = _SPECS[relu_id].pack(x) if relu_id else None
-    obj = _SPECS[spec_id].pack(x)
+    pack shares it (stores only the non-zeros) and unpack keeps the sign.
+
+    x's buffer is inductor's: once this op (its last reader as far as
+    inductor knows) has run, inductor reuses it for a later result, writing
+    in place with no version bump. What is stored must not depend on it
+    afterwards. Two things did (wrong weight gradients under inductor, NaN
+    on ResNet-20; aot_eager reuses no buffer):
+    - the ledger's registry, which shares a pack between saves of one
+      storage, keyed by address, geometry and version: a reused buffer of
+      the same shape matched an earlier save's key, so the consumer of a
+      ReLU got BatchNorm's pack of the convolution output that had sat in
+      that buffer. Under compile every saved tensor reaches this op once,
+      so sharing across calls has nothing to share: each call packs in a
+      registry of its own (the ReLU mask and its consumer still share
+      inside the call);
+    - a kept form (`_Kept`, the tensor itself) holds x: it gets a copy.
+    Every other stored form is new tensors only (codes, scales, channel
+    indices, masks, shapes; tests/test_torch_compile.py checks each form
+    against an overwritten input), so no other copy is made."""
+    spec = _SPECS[spec_id]
+    with _own_registry(spec._ledger):
+        relu = _SPECS[relu_id].pack(x) if relu_id else None
+        obj = spec.pack(x)
     key = next(_KEYS)
     h = torch.tensor([key], dtype=torch.int64)
-    _STORE[key] = (obj, relu)
+    _STORE[key] = (_private(obj, x), _private(relu, x))
     weakref.finalize(h, _forget, key)  # the packed object lives as long as autograd keeps the handle
     return h
+
+
+class _own_registry:
+    """The ledger's share-by-storage registry (and its counted sets) empty
+    for one pack_saved call, the forward's restored after (pack_saved)."""
+
+    __slots__ = ("ledger", "saved")
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+
+    def __enter__(self):
+        lg = self.ledger
+        if lg is not None:
+            self.saved = (lg.registry, lg.seen, lg.counted)
+            lg.registry, lg.seen, lg.counted = {}, set(), set()
+
+    def __exit__(self, *exc):
+        if self.ledger is not None:
+            self.ledger.registry, self.ledger.seen, self.ledger.counted = self.saved
+        return False
+
+
+def _private(obj, x: torch.Tensor):
+    """A kept form that holds x's storage, with a copy in its place."""
+    if isinstance(obj, _Kept) and obj.t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return _Kept(obj.t.clone())
+    return obj
 
 
 @pack_saved.register_fake
@@ -328,15 +379,33 @@ def unpack_saved(h: torch.Tensor, spec_id: int, relu_id: int, shape: List[int], 
     """The tensor a handle stores, contiguous."""
     obj, relu = _STORE[int(h[0])]
     v = _SPECS[spec_id].unpack(obj)
+    if isinstance(obj, _Kept):
+        # the stored copy itself: the compiled backward may write into an
+        # op's output buffer, and a second backward unpacks it again
+        v = v.clone(memory_format=torch.contiguous_format)
     if relu is not None and v.is_floating_point():
-        # one tensor serves the ReLU's backward (x > 0) and the consumer's:
-        # a positive value whose code is 0 must stay positive
-        pos = _SPECS[relu_id].unpack(relu).reshape(v.shape) > 0
-        v = torch.where(pos, v.clamp(min=torch.finfo(v.dtype).tiny), v)
-    v = v.reshape(shape).to(dtype)
-    # a kept tensor is returned by eager's unpack itself: a copy here, as the
-    # compiled backward may reuse an op's output buffer
-    return v.clone(memory_format=torch.contiguous_format) if hasattr(obj, "t") else v.contiguous()
+        v = _keep_positive(v, relu, _SPECS[relu_id].unpack(relu))
+    return v.reshape(shape).to(dtype).contiguous()
+
+
+def _keep_positive(v: torch.Tensor, relu, m: torch.Tensor) -> torch.Tensor:
+    """v (a decoded ReLU result) with the elements the ReLU's mask `m`
+    marks as > 0 kept > 0: one tensor serves the ReLU's backward (x > 0)
+    and the consumer's, and a small positive value whose code is 0 must
+    not read as 0 there.
+
+    With the mask decoded to 1.0 / 0.0 (a `_Mask` of a float ReLU) in v's
+    dtype: max(v, m * tiny) in place (v and m are this call's own decoded
+    tensors), the same as where(m > 0, max(v, tiny), v) since v >= 0 where
+    m is 0 (a ReLU's zeros decode to exactly 0 on the unsigned grid, or
+    are exact under zvc); two passes without allocations where that was
+    four with three."""
+    tiny = torch.finfo(v.dtype).tiny
+    m = m.reshape(v.shape)
+    if isinstance(relu, _Mask) and relu.on == 1.0 and relu.off == 0.0 and m.dtype == v.dtype \
+            and v.is_contiguous() and m.is_contiguous():
+        return torch.maximum(v, m.mul_(tiny), out=v)
+    return torch.where(m > 0, v.clamp(min=tiny), v)
 
 
 @unpack_saved.register_fake
@@ -424,6 +493,17 @@ def compared_in_backward(ctx) -> bool:
     return False
 
 
+def kept_in_graph(spec, x) -> bool:
+    """Whether spec_pack leaves saved tensor x in the graph: its node stores
+    it as it is (see there)."""
+    return spec._form(x) == "kept"
+
+
+# {saved fx node: (spec's node, bytes)} of the graph being traced: the saves
+# spec_pack leaves kept (set by CompiledCall around its compiled call)
+_KEPT_SINK: Optional[Dict[str, Tuple[str, int]]] = None
+
+
 def spec_pack(x):
     """Pack hook body: the saved tensor as its node's SaveSpec stores it, by
     the custom op; x itself when no compressed node stores it (or the
@@ -435,6 +515,15 @@ def spec_pack(x):
         return x
     spec, relu = specs_for(ctx["_node"], ctx.get("_bw_graph"))
     if spec is None:
+        return x
+    if kept_in_graph(spec, x):
+        # stored as it is (1-D norm statistics, below min_numel, integers):
+        # decided by dtype and shape alone, so here, at trace time. Left in
+        # the graph, inductor keeps it as any saved tensor (no op call, no
+        # copy); its bytes are counted after each compiled forward
+        # (CompiledCall), as eager's ledger counts a kept save
+        if _KEPT_SINK is not None:
+            _KEPT_SINK[ctx["_node"].name] = (spec.node, x.numel() * x.element_size())
         return x
     if spec.rule == "maxpool" and x.dtype == torch.int64:
         _set_pool_width(spec, ctx["_node"])
@@ -554,6 +643,7 @@ class CompiledCall:
         self.ledger = next((m._ledger for m in self.specs if m.first and m._ledger is not None), None)
         self.fn = torch.compile(gm, backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
         self.eager_calls = 0  # statistics steps run eager (counted for the report)
+        self.kept: Dict[tuple, Dict[str, Tuple[str, int]]] = {}  # per input shapes: spec_pack's kept saves
 
     def __call__(self, *args, **kwargs):
         training = self.gm.training and torch.is_grad_enabled()
@@ -563,8 +653,31 @@ class CompiledCall:
             self.eager_calls += 1
             return self.gm(*args, **kwargs)
         if self.hooks is not None and training:
-            if self.ledger is not None and (isinstance(self.hooks, SpecHooks) or getattr(self.hooks, "c_path", False)):
+            counts = self.ledger is not None and (isinstance(self.hooks, SpecHooks)
+                                                  or getattr(self.hooks, "c_path", False))
+            if counts:
                 self.ledger.reset()  # eager's first node does this in fxc_save (traced away here)
-            with self.hooks.enter():
-                return self.fn(*args, **kwargs)
+            # one graph per input shapes (dynamic=False): the kept saves its trace recorded
+            kept = self.kept.setdefault(_shapes_key(args, kwargs), {})
+            global _KEPT_SINK
+            outer, _KEPT_SINK = _KEPT_SINK, kept
+            try:
+                with self.hooks.enter():
+                    out = self.fn(*args, **kwargs)
+            finally:
+                _KEPT_SINK = outer
+            if counts:
+                for node, nbytes in kept.values():
+                    st = _node_stats(self.ledger, node)
+                    st["fp32_bytes"] += nbytes
+                    st["stored_bytes"] += nbytes
+                    st["kept"] += nbytes
+            return out
         return self.fn(*args, **kwargs)
+
+
+def _shapes_key(args, kwargs) -> tuple:
+    def one(a):
+        return (tuple(a.shape), a.dtype, a.device) if torch.is_tensor(a) else type(a).__name__
+
+    return tuple(map(one, args)) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
