@@ -635,3 +635,21 @@ def test_inductor_custom_op_hooks_match_eager_gradients(name, net, kept_through_
         ge, gc = grads["eager"][w].grad, grads["compiled"][w].grad
         assert float((gc - ge).norm() / ge.norm()) < (1e-3 if net is SmallCNN else 0.05), w
     torch._dynamo.reset()
+
+
+def test_inductor_with_activation_hooks_warns_and_aot_eager_does_not():
+    """The open inductor defect (README, torch.compile) is said where a user
+    meets it: compiling an activation policy with inductor warns once;
+    aot_eager, whose numerics match eager, does not; nor does a policy
+    without activation rules."""
+    import warnings as w
+
+    x, _ = _data()
+    cm = fxcompress.compile(SmallCNN(), _policy("acgc_2bit"), example_inputs=x[:1])
+    with pytest.warns(UserWarning, match="aot_eager"):
+        cm.compile_with("inductor")
+    for policy, backend in (("acgc_2bit", "aot_eager"), ("psgd_w4", "inductor")):
+        cm = fxcompress.compile(SmallCNN(), _policy(policy), example_inputs=x[:1])
+        with w.catch_warnings():
+            w.simplefilter("error")
+            cm.compile_with(backend)
