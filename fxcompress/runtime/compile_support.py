@@ -212,7 +212,7 @@ def _hook_graph_module(fn) -> fx.GraphModule:
 
 # The fixed-width hooks' CPU route when FXC_COMPILE_C_PACK is unset (see
 # c_path_available; README, torch.compile, says why).
-C_PACK_DEFAULT = False
+C_PACK_DEFAULT = True
 
 
 def c_path_available() -> bool:
