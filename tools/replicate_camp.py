@@ -248,7 +248,7 @@ def cached(args, seed, what, keys, make):
 
 
 W4_KEYS = ("depth", "width", "upscale", "batch_size", "lr", "weight_decay", "epochs", "val")
-WARM_KEYS = W4_KEYS + ("camp_lr", "camp_epochs", "rl_from", "warmup_epochs", "warmup_lr", "warmup_high", "distill",
+WARM_KEYS = W4_KEYS + ("camp_lr", "rl_from", "warmup_epochs", "warmup_lr", "warmup_high", "distill",
                        "pre_gate")
 
 
