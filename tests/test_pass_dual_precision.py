@@ -424,6 +424,42 @@ def test_energy_option_adds_the_relative_energy_straight_through_to_the_gates():
         fxcompress.compile(UserNet(), bad, (torch.randn(2, 1, 8, 8),))
 
 
+def test_energy_target_penalises_only_the_energy_above_the_budget():
+    """settings energy_target (option, 0 = off): the energy term is
+    energy * max(0, E - energy_target): zero, with no gradient to the gates,
+    for a batch at or under the budget; above it, the excess, pushing the
+    gates low as the plain term does."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    high = None
+    for margin in (0.05, -0.05):  # budget above, then below the batch's energy (every gate high)
+        pol = policy("sp")
+        torch.manual_seed(0)
+        probe = fxcompress.compile(UserNet(blocks=2), pol, (torch.randn(2, 1, 8, 8),))
+        high = probe.controllers["dual_precision"].cost.summary()["relative_all_high"]
+        pol["settings"]["dual_precision"].update(energy=3.0, energy_target=high + margin)
+        torch.manual_seed(0)
+        cm = fxcompress.compile(UserNet(blocks=2), pol, (torch.randn(2, 1, 8, 8),))
+        ctl = cm.controllers["dual_precision"]
+        cm.train()
+        extra = cm.extra_loss(cm(x), y)
+        assert extra is not None
+        extra.backward()
+        grads = [b.gate.fc.bias.grad for b in ctl.blocks.values()]
+        if margin > 0:
+            assert float(extra.detach()) == 0.0
+            assert all(g is None or float(g.abs().sum()) == 0.0 for g in grads)
+        else:
+            torch.testing.assert_close(extra.detach(), torch.tensor(3.0 * 0.05), atol=1e-6, rtol=1e-5)
+            assert all(g[1] > 0 and g[0] < 0 for g in grads)  # descent: toward the low path
+    for bad, match in (({"energy_target": 0.5}, "energy_target"), ({"energy": 1.0, "energy_target": -0.1},
+                                                                    "energy_target")):
+        pol = policy("sp")
+        pol["settings"]["dual_precision"].update(bad)
+        with pytest.raises(PolicyError, match=match):
+            fxcompress.compile(UserNet(), pol, (torch.randn(2, 1, 8, 8),))
+
+
 def test_warmup_settings_are_checked():
     pol = policy("rl")
     pol["settings"]["dual_precision"].update(warmup_high=1.5)

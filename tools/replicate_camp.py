@@ -26,6 +26,7 @@ usage, relative to the all-4-bit network (fxcompress/bops.py).
     .venv/bin/python tools/replicate_camp.py --seeds 5 --jobs 5 --depth 14 --epochs 10 --camp-epochs 6 \
         --warmup-epochs 6 --warmup-high 0.25 --warmup-lr 0.05 --alphas "" --energies 2,4 --skip fp,w1,sp,w4c \
         --png docs/camp_energy_round4.png --json docs/camp_energy_round4.json   # round 4: sp + energy term
+    .venv/bin/python tools/replicate_camp.py --quick   # seconds: the pipeline end to end (energy with a target)
     .venv/bin/python tools/replicate_camp.py --seeds 1 --epochs 2 --camp-epochs 1 --alphas 0.1   # smoke run
     .venv/bin/python tools/replicate_camp.py --timing --timing-batch 256 --usage 0.1,0.5   # routed vs both, wall time
 
@@ -76,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--alphas", default="0.1,1,4", help="RL alpha values, comma-separated")
     p.add_argument("--energies", default="",
                    help="recipe option (not in the SPEC): supervised CAMP with the loss's energy term (settings "
-                   "energy) at each weight, comma-separated, from the same start as RL (warm-up included)")
+                   "energy) at each weight, comma-separated, from the same start as RL (warm-up included); "
+                   "WEIGHT:TARGET also sets settings energy_target (only the energy above TARGET is penalised)")
     p.add_argument("--w-rl", type=float, default=0.01)
     p.add_argument("--rl-from", choices=("w4", "sp"), default="w4",
                    help="RL starts from the all-4-bit model (issue 15; default) or the supervised CAMP model "
@@ -98,6 +100,11 @@ def parse_args(argv=None):
     p.add_argument("--skip", default="", help="rows not to train, comma-separated: fp, w1, sp, w4c")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process each")
+    p.add_argument("--cache", help="keep the 4-bit and warmed-up models here (per seed and the settings that "
+                   "make them) and reuse them in later runs with the same settings")
+    p.add_argument("--quick", action="store_true",
+                   help="a seconds-long check of the whole pipeline: 1 seed, ResNet-8, 1 epoch a stage, warm-up 1, "
+                   "energies 2:0.7, no RL, no fp/1-bit/sp rows (overrides those flags)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write the energy-accuracy plot here")
     p.add_argument("--from-json", help="no training: the table (and --png) from the seeds a saved --json holds")
@@ -108,7 +115,11 @@ def parse_args(argv=None):
     p.add_argument("--timing-reps", type=int, default=20)
     p.add_argument("--pre-gate", action="store_true",
                    help="the gate reads the block input, so the low path is routed too (training and --timing)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.jobs, args.depth, args.epochs, args.camp_epochs = 1, 1, 8, 1, 1
+        args.warmup_epochs, args.alphas, args.energies, args.skip = 1, "", "2:0.7", "fp,w1,sp,w4c"
+    return args
 
 
 def camp_policy(mode, **settings):
@@ -204,6 +215,43 @@ def build(args, channels, seed):
     return resnet_cifar(args.depth, 10, channels, args.width)
 
 
+def energy_settings(text):
+    """--energies: "2,4:0.65" -> [(2.0, 0.0), (4.0, 0.65)] (weight, target; 0 = no target)."""
+    out = []
+    for item in str(text).split(","):
+        if item.strip():
+            w, _, t = item.partition(":")
+            out.append((float(w), float(t) if t.strip() else 0.0))
+    return out
+
+
+def energy_key(e):
+    w, t = e
+    return f"{w}" + (f":{t}" if t else "")
+
+
+def cached(args, seed, what, keys, make):
+    """make() -> a state dict, kept under --cache by the arguments that determine it."""
+    if not args.cache:
+        return make()
+    import hashlib
+
+    ident = json.dumps({k: getattr(args, k) for k in keys} | {"seed": seed, "what": what}, sort_keys=True)
+    path = os.path.join(args.cache, f"{what}_s{seed}_{hashlib.sha1(ident.encode()).hexdigest()[:12]}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    state = make()
+    os.makedirs(args.cache, exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return state
+
+
+W4_KEYS = ("depth", "width", "upscale", "batch_size", "lr", "weight_decay", "epochs", "val")
+WARM_KEYS = W4_KEYS + ("camp_lr", "rl_from", "warmup_epochs", "warmup_lr", "warmup_high", "distill",
+                       "pre_gate")
+
+
 def run_seed(seed, data, args, alphas, energies=()):
     t0 = time.perf_counter()
     ex = data["xte"][:2]
@@ -211,7 +259,8 @@ def run_seed(seed, data, args, alphas, energies=()):
     skip = {k.strip() for k in args.skip.split(",") if k.strip()}
     res = {"seed": seed}
     w4 = fxcompress.compile(build(args, ch, seed), fixed_policy(4), ex)
-    w4 = train(w4, data, args, seed, args.epochs, args.lr)
+    w4.load_state_dict(cached(args, seed, "w4", W4_KEYS,
+                              lambda: train(w4, data, args, seed, args.epochs, args.lr).state_dict()))
     cost = w4.controllers["dual_precision"].cost
     res["w4"] = evaluate(w4, data)
     if "fp" not in skip:
@@ -240,7 +289,11 @@ def run_seed(seed, data, args, alphas, energies=()):
             "rl", pre_gate=args.pre_gate, warmup_epochs=args.warmup_epochs, warmup_high=args.warmup_high,
             distill=args.distill), ex)
         warm.load_state_dict(start, strict=False)
-        warm = train(warm, data, args, seed + 104729, args.warmup_epochs, args.warmup_lr or args.camp_lr)
+
+        def warm_up():
+            return train(warm, data, args, seed + 104729, args.warmup_epochs, args.warmup_lr or args.camp_lr).state_dict()
+        # (every model is built right after torch.manual_seed(seed): a cached start changes no later result)
+        warm.load_state_dict(cached(args, seed, "warm", WARM_KEYS, warm_up))
         res["warm"] = evaluate(warm, data)  # the gates as they started: what warm-up alone gives
         res["warm_low"] = evaluate_forced(warm, data, 0.0)  # and its 1-bit paths alone
         start = warm.state_dict()
@@ -257,12 +310,12 @@ def run_seed(seed, data, args, alphas, energies=()):
     res["spe"] = {}
     res["spe_train_usage"] = {}
     for e in energies:
-        spe = fxcompress.compile(build(args, ch, seed), camp_policy("sp", energy=e, pre_gate=args.pre_gate,
-                                                                   distill=args.distill), ex)
+        spe = fxcompress.compile(build(args, ch, seed), camp_policy("sp", energy=e[0], energy_target=e[1],
+                                                                   pre_gate=args.pre_gate, distill=args.distill), ex)
         spe.load_state_dict(start, strict=False)
         spe = train(spe, data, args, seed, args.camp_epochs, args.camp_lr)
-        res["spe_train_usage"][str(e)] = train_usage(spe)
-        res["spe"][str(e)] = evaluate(spe, data)
+        res["spe_train_usage"][energy_key(e)] = train_usage(spe)
+        res["spe"][energy_key(e)] = evaluate(spe, data)
     res["train_s"] = time.perf_counter() - t0
     return res
 
@@ -284,7 +337,8 @@ def rows(results, alphas, energies=()):
              ("CAMP after warm-up (gates untrained)", lambda r: r.get("warm")),
              ("CAMP after warm-up, every gate low", lambda r: r.get("warm_low"))] + [
         (f"CAMP rl a={a}", (lambda a: lambda r: r["rl"][str(a)])(a)) for a in alphas] + [
-        (f"CAMP sp energy={e}", (lambda e: lambda r: r.get("spe", {}).get(str(e)))(e)) for e in energies]
+        (f"CAMP sp energy={e[0]}" + (f" target={e[1]}" if e[1] else ""),
+         (lambda k: lambda r: r.get("spe", {}).get(k))(energy_key(e))) for e in energies]
     out = []
     for name, get0 in names:
         if any(get0(r) is None for r in results):
@@ -415,7 +469,7 @@ def main(argv=None):
             saved = json.load(f)
         results, saved_args = saved["seeds"], saved["args"]
         alphas = floats(saved_args["alphas"])
-        energies = floats(saved_args.get("energies", ""))
+        energies = energy_settings(saved_args.get("energies", ""))
         print(f"{args.from_json}: seeds {[r['seed'] for r in results]} of a run with " +
               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved_args.items()
                        if k in ("seeds", "depth", "upscale", "epochs", "camp_epochs", "alphas", "w_rl", "rl_from", "warmup_epochs",
@@ -425,7 +479,7 @@ def main(argv=None):
         if args.png:
             print("wrote", plot(results, summary, args.png, "validation" if saved_args.get("val") else "test"))
         return 0
-    alphas, energies = floats(args.alphas), floats(args.energies)
+    alphas, energies = floats(args.alphas), energy_settings(args.energies)
     print(f"digits {len(data['ytr'])} train / {len(data['yte'])} {'validation' if args.val else 'test'} at {args.upscale}px; ResNet-{args.depth}; "
           f"{args.epochs} epochs (FP, 1-bit, 4-bit), {args.camp_epochs} per CAMP stage; RL alphas {alphas}; sp energy weights {energies}",
           flush=True)

@@ -151,6 +151,12 @@ class DualPrecisionSettings:
     #: sp adds energy * (relative energy at the batch's gate choices) to the
     #: loss, straight-through to the gates (runtime/dual_precision.py)
     energy: float = 0.0
+    #: recipe option, not in the SPEC (0: off, the whole energy is penalised):
+    #: with energy > 0, penalise only the relative energy above this budget,
+    #: energy * max(0, E - energy_target), so the gates stop at the budget
+    #: (below it only the cross-entropy moves them, toward the 4-bit path)
+    #: instead of drifting on toward all-low with every step
+    energy_target: float = 0.0
 
     def check(self):
         check_range("warmup_epochs", self.warmup_epochs, 0, 100000)
@@ -160,6 +166,9 @@ class DualPrecisionSettings:
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(name, f"must be a number >= 0, got {v}")
         check_range("gamma", self.gamma, 0.0, 1.0)
+        check_range("energy_target", self.energy_target, 0.0, 100.0)
+        if self.energy_target > 0 and self.energy == 0:
+            raise ConfigError("energy_target", "needs an energy weight > 0 (settings energy)")
         if self.energy > 0 and self.mode != "sp":
             raise ConfigError("energy", f"applies to mode sp (the RL reward is alpha), not mode {self.mode}")
 
@@ -419,7 +428,7 @@ class DualPrecisionPass(Pass):
             result.controllers["dual_precision"] = DualPrecisionController(
                 blocks, cost, settings.mode, settings.alpha, settings.gamma, settings.w_rl,
                 settings.warmup_epochs, settings.warmup_high, settings.rl_baseline,
-                settings.distill, settings.energy)
+                settings.distill, settings.energy, settings.energy_target)
             if blocks:
                 result.notes.append(f"{len(blocks)} dual block(s) ({settings.mode}"
                                     f"{', pre-gate' if settings.pre_gate else ''}): {', '.join(blocks)}")

@@ -40,6 +40,11 @@ gates have no reason to pick the low path (every gate ends high). It is the
 RL objective's expected value (CE - reward, with each block's saving weighted
 by its BOPs instead of alpha / N each), differentiated straight through
 instead of by REINFORCE, so it needs no sampling.
+Option `energy_target` (settings; 0 = off): the term becomes
+energy * max(0, E - energy_target). A batch at or under the budget adds
+nothing, so the cross-entropy alone moves the gates there (toward the 4-bit
+path, the more accurate one) and the usage settles at the budget instead of
+falling on toward all-low as the plain term does with every step.
 Option `distill` (settings; 0 = off, not in the SPEC): in training both paths
 run on the whole batch, and distill * sum over blocks of
 mean((low - high.detach())^2) is added (through extra_loss), so the 1-bit
@@ -299,7 +304,8 @@ class DualPrecisionController(Controller):
 
     def __init__(self, blocks: Dict[str, DualBlock], cost: CostModel, mode: str = "sp", alpha: float = 0.1,
                  gamma: float = 1.0, w_rl: float = 0.01, warmup_epochs: int = 0, warmup_high: float = 0.5,
-                 rl_baseline: bool = False, distill: float = 0.0, energy: float = 0.0):
+                 rl_baseline: bool = False, distill: float = 0.0, energy: float = 0.0,
+                 energy_target: float = 0.0):
         super().__init__()
         self._blocks: Dict[str, DualBlock] = dict(blocks)  # plain dict: the graph module owns them
         self.cost = cost
@@ -313,6 +319,8 @@ class DualPrecisionController(Controller):
         self.distill = distill
         #: option (not in the SPEC; 0 = off; sp): weight of the relative energy in the loss
         self.energy = energy
+        #: option (0 = off): only the energy above this budget is penalised
+        self.energy_target = energy_target
         for b in self._blocks.values():
             b.merge.keep = distill > 0
         self.epochs: List[Dict[str, Any]] = []  # per epoch: train/test usage per block
@@ -334,7 +342,10 @@ class DualPrecisionController(Controller):
             b.merge.pair = None
         if self.energy > 0 and self.mode == "sp" and blocks and all(b.choice is not None for b in blocks):
             # the batch's usage per block, straight-through: E is linear in it
-            terms.append(self.energy * self.cost.relative({n: b.choice.mean() for n, b in self._blocks.items()}))
+            e = self.cost.relative({n: b.choice.mean() for n, b in self._blocks.items()})
+            if self.energy_target > 0:
+                e = torch.relu(e - self.energy_target)  # under the budget: no term, no gradient
+            terms.append(self.energy * e)
         for b in blocks:
             b.choice = None
         if self.mode == "rl" and blocks and not any(b.log_prob is None for b in blocks):
