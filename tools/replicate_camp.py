@@ -94,6 +94,11 @@ def parse_args(argv=None):
     p.add_argument("--distill", type=float, default=0.0,
                    help="recipe option (not in the SPEC; 0 = off): weight of the per-block low-to-high feature "
                    "distillation, in the warm-up and the RL stage")
+    p.add_argument("--kd", type=float, default=0.0,
+                   help="recipe option (not in the SPEC; 0 = off): in the warm-up and the CAMP stages, the loss is "
+                   "(1 - KD) * CE + KD * T^2 * KL(teacher || model) at temperature --kd-t, the teacher the frozen "
+                   "all-4-bit model the CAMP model starts from (keeps the shared weights serving the 4-bit path)")
+    p.add_argument("--kd-t", type=float, default=2.0, help="--kd temperature")
     p.add_argument("--val", type=float, default=0.0,
                    help="hold out this fraction of the training set and report on it instead of the test set "
                    "(for choosing alpha and epochs without looking at the test set)")
@@ -148,8 +153,18 @@ def batches(x, y, bs, seed, epoch):
         yield x[idx], y[idx]
 
 
-def train(model, data, args, seed, epochs, lr):
+def kd_loss(out, ref, t):
+    """Hinton's distillation term: T^2 * KL(softmax(ref / T) || softmax(out / T)), batch mean."""
+    return t * t * F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(ref / t, 1), reduction="batchmean",
+                            log_target=True)
+
+
+def train(model, data, args, seed, epochs, lr, teacher=None):
+    """SGD, step schedule; with a teacher (--kd), CE is mixed with distillation to its logits."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    kd = getattr(args, "kd", 0.0) if teacher is not None else 0.0
+    if kd:
+        teacher.eval()
     hook = getattr(model, "extra_loss", None)
     for epoch in range(epochs):
         decays = (max(1, round(epochs * 0.5)), max(1, round(epochs * 0.75)))
@@ -161,6 +176,10 @@ def train(model, data, args, seed, epochs, lr):
         for xb, yb in batches(data["xtr"], data["ytr"], args.batch_size, seed, epoch):
             out = model(xb)
             loss = F.cross_entropy(out, yb)
+            if kd:
+                with torch.no_grad():
+                    ref = teacher(xb)
+                loss = (1 - kd) * loss + kd * kd_loss(out, ref, args.kd_t)
             extra = hook(out, yb) if hook else None
             if extra is not None:
                 loss = loss + extra
@@ -236,9 +255,11 @@ def cached(args, seed, what, keys, make):
         return make()
     import hashlib
 
+    if what != "w4" and getattr(args, "kd", 0.0):
+        keys = keys + ("kd", "kd_t")
     ident = json.dumps({k: getattr(args, k) for k in keys} | {"seed": seed, "what": what}, sort_keys=True)
     path = os.path.join(args.cache, f"{what}_s{seed}_{hashlib.sha1(ident.encode()).hexdigest()[:12]}.pt")
-    if os.path.exists(path):
+    if os.path.exists(path):  # (--kd adds its keys only when on, so older caches stay valid)
         return torch.load(path, weights_only=True)
     state = make()
     os.makedirs(args.cache, exist_ok=True)
@@ -284,6 +305,7 @@ def run_seed(seed, data, args, alphas, energies=()):
         sp = train(sp, data, args, seed, args.camp_epochs, args.camp_lr)
         res["sp"] = evaluate(sp, data)
     start = sp.state_dict() if args.rl_from == "sp" else w4.state_dict()
+    teacher = w4 if args.kd else None  # --kd: the CAMP stages distil from the frozen 4-bit model
     if args.warmup_epochs:
         warm = fxcompress.compile(build(args, ch, seed), camp_policy(
             "rl", pre_gate=args.pre_gate, warmup_epochs=args.warmup_epochs, warmup_high=args.warmup_high,
@@ -291,7 +313,8 @@ def run_seed(seed, data, args, alphas, energies=()):
         warm.load_state_dict(start, strict=False)
 
         def warm_up():
-            return train(warm, data, args, seed + 104729, args.warmup_epochs, args.warmup_lr or args.camp_lr).state_dict()
+            return train(warm, data, args, seed + 104729, args.warmup_epochs, args.warmup_lr or args.camp_lr,
+                         teacher).state_dict()
         # (every model is built right after torch.manual_seed(seed): a cached start changes no later result)
         warm.load_state_dict(cached(args, seed, "warm", WARM_KEYS, warm_up))
         res["warm"] = evaluate(warm, data)  # the gates as they started: what warm-up alone gives
@@ -304,7 +327,7 @@ def run_seed(seed, data, args, alphas, energies=()):
                                                                   rl_baseline=args.rl_baseline,
                                                                   distill=args.distill), ex)
         rl.load_state_dict(start, strict=False)
-        rl = train(rl, data, args, seed, args.camp_epochs, args.camp_lr)
+        rl = train(rl, data, args, seed, args.camp_epochs, args.camp_lr, teacher)
         res["rl_train_usage"][str(a)] = train_usage(rl)
         res["rl"][str(a)] = evaluate(rl, data)
     res["spe"] = {}
@@ -313,7 +336,7 @@ def run_seed(seed, data, args, alphas, energies=()):
         spe = fxcompress.compile(build(args, ch, seed), camp_policy("sp", energy=e[0], energy_target=e[1],
                                                                    pre_gate=args.pre_gate, distill=args.distill), ex)
         spe.load_state_dict(start, strict=False)
-        spe = train(spe, data, args, seed, args.camp_epochs, args.camp_lr)
+        spe = train(spe, data, args, seed, args.camp_epochs, args.camp_lr, teacher)
         res["spe_train_usage"][energy_key(e)] = train_usage(spe)
         res["spe"][energy_key(e)] = evaluate(spe, data)
     res["train_s"] = time.perf_counter() - t0
@@ -473,7 +496,7 @@ def main(argv=None):
         print(f"{args.from_json}: seeds {[r['seed'] for r in results]} of a run with " +
               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved_args.items()
                        if k in ("seeds", "depth", "upscale", "epochs", "camp_epochs", "alphas", "w_rl", "rl_from", "warmup_epochs",
-                                "warmup_high", "warmup_lr", "rl_baseline", "distill", "energies", "val")))
+                                "warmup_high", "warmup_lr", "rl_baseline", "distill", "kd", "kd_t", "energies", "val")))
         summary = rows(results, alphas, energies)
         print(table(summary, len(results), "validation" if saved_args.get("val") else "test"))
         if args.png:
