@@ -236,6 +236,18 @@ def test_routed_eval_equals_masked_two_branch_output(pre_gate):
     assert all(0 < u < 1 for u in usage.values()), usage  # both paths really used
     torch.testing.assert_close(routed, masked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(routed_grad.detach(), routed, rtol=1e-5, atol=1e-5)
+    # compiled eval (fullgraph): merged by the mask, not routed by the
+    # data-dependent sub-batches (which failed to compile), same outputs
+    import torch._dynamo as dynamo
+
+    try:
+        cm.compile_with("aot_eager", fullgraph=True)
+        with torch.no_grad():
+            compiled_out = cm(x)
+    finally:
+        cm.compile_with(None)
+        dynamo.reset()
+    torch.testing.assert_close(compiled_out, routed, rtol=1e-5, atol=1e-5)
 
 
 def test_routed_eval_runs_the_high_path_only_for_chosen_samples():
@@ -557,7 +569,7 @@ def test_a_block_named_by_module_path():
 
 def test_training_forward_is_one_dynamo_graph():
     """Quantizers, gate and merge are plain tensor code: torch.compile sees the
-    training forward whole (routed eval breaks at the data-dependent split)."""
+    training forward whole (compiled eval: test_routed_eval_equals_masked_two_branch_output)."""
     import torch._dynamo as dynamo
 
     _, cm = compiled(mode="rl", blocks=2)

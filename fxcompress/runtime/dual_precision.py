@@ -118,7 +118,9 @@ class Route(nn.Module):
         self.routed = True
 
     def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.routed:
+        if self.training or not self.routed or torch.compiler.is_compiling():
+            # under torch.compile: no routing (below, Merge), every sample
+            # runs both paths
             return x
         keep = _hard(m) if self.high else ~_hard(m)
         return x[keep.nonzero().squeeze(1)]
@@ -136,7 +138,12 @@ class Merge(nn.Module):
         self.pair: Optional[tuple] = None
 
     def forward(self, low: torch.Tensor, high: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.routed:
+        if self.training or not self.routed or torch.compiler.is_compiling():
+            # Compiled eval merges by the mask as training does: the routed
+            # sub-batches' sizes are data-dependent (nonzero), which a
+            # compiled graph cannot hold without a graph break per block
+            # (fullgraph fails). The same outputs (m is 0 or 1; tested),
+            # without the routed compute saving: routed inference is eager's
             if self.training and self.keep:
                 self.pair = (low, high)
             m = m.reshape((-1,) + (1,) * (low.dim() - 1)).to(low.dtype)
