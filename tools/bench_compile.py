@@ -29,7 +29,9 @@ compiled with `--backend` (default inductor):
   1e-3, its fused reductions reassociate float sums); CAMP's quantized
   forward (dual_precision without activation rules): `out` and `grad` as
   for lossless policies but in float64 (`ok`: both < 1e-9; row() says why),
-  the float32 `out` printed beside.
+  the float32 `out` printed beside; `all` (dual_precision and activation
+  rules): `ok` by the gradient rule alone, its quantized forward moves the
+  float32 output as above.
 
 --timing: resnet50, batch 32, 64x64 (`--quick`: resnet18, batch 4, 32x32),
 none / 2bit / auto / psgd: median step time (forward, backward, SGD step)
@@ -296,7 +298,14 @@ def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
     if lossy(pol):
         res["grad"] = rel_total(g_c, g_b)
         res["grad_eager"] = rel_total(g_e, g_b)
-        res["ok"] = res["out"] < 1e-4 and res["grad"] <= 2 * res["grad_eager"] + 1e-3
+        res["ok"] = res["grad"] <= 2 * res["grad_eager"] + 1e-3
+        if quantized_forward(pol):
+            # `all`: the float32 output moves with the quantized forward's
+            # codes (below); that forward is judged in float64 by the camp
+            # rows, the activation packs here by the gradient's error
+            res["out_f32"] = res["out"]
+        else:
+            res["ok"] = res["ok"] and res["out"] < 1e-4
     elif quantized_forward(pol):
         # DoReFa rounds weights and activations in the forward: a value that
         # inductor's reassociated float sums or its own tanh move by one ulp
@@ -398,7 +407,9 @@ def print_table(rows, header=True):
         if r.get("nonfinite_params"):
             n, *names = r["nonfinite_params"]
             print(f"{'':41}non-finite weights after the compiled steps: {n} ({', '.join(names)}, ...)")
-        if "out_f32" in r:
+        if "out_f32" in r and "grad_eager" in r:
+            print(f"{'':41}quantized forward and activation packs: `ok` by grad against grad_eag, out not judged")
+        elif "out_f32" in r:
             print(f"{'':41}quantized forward: out and grad compared in float64; float32 out {r['out_f32']:.1e}")
         print(f"{'':41}activations: {r['activation_hooks'] or '-'}; eager statistics steps: "
               f"{r['eager_statistics_steps']}")

@@ -104,6 +104,15 @@ class Gate(nn.Module):
         return torch.softmax(F.conv2d(h, w2, self.fc.bias).flatten(1), dim=1)
 
 
+def _bernoulli(p: torch.Tensor) -> torch.Tensor:
+    """One Bernoulli(p) sample per element, as u < p with u uniform: the
+    same draws from the same generator state eager and compiled (AOT
+    decomposes torch.bernoulli into another use of the generator, so a
+    compiled RL step sampled other gates than eager's at the same seed;
+    tools/bench_compile.py compares the two)."""
+    return (torch.rand_like(p) < p).to(p.dtype)
+
+
 def _hard(m: torch.Tensor) -> torch.Tensor:
     return m > 0.5
 
@@ -204,9 +213,9 @@ class DualBlock(nn.Module):
             m = _hard(p).to(p.dtype)
         elif self.warm is not None:
             # no gradient to the gate and no log pi: the RL term skips these steps
-            m = torch.bernoulli(torch.full_like(p.detach(), float(self.warm)))
+            m = _bernoulli(torch.full_like(p.detach(), float(self.warm)))
         elif self.mode == "rl":
-            a = torch.bernoulli(p.detach().clamp(_EPS, 1 - _EPS))
+            a = _bernoulli(p.detach().clamp(_EPS, 1 - _EPS))
             self.action = a
             self.log_prob = a * torch.log(p.clamp_min(_EPS)) + (1 - a) * torch.log((1 - p).clamp_min(_EPS))
             m = a
