@@ -236,6 +236,18 @@ def test_routed_eval_equals_masked_two_branch_output(pre_gate):
     assert all(0 < u < 1 for u in usage.values()), usage  # both paths really used
     torch.testing.assert_close(routed, masked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(routed_grad.detach(), routed, rtol=1e-5, atol=1e-5)
+    # compiled eval (fullgraph): merged by the mask, not routed by the
+    # data-dependent sub-batches (which failed to compile), same outputs
+    import torch._dynamo as dynamo
+
+    try:
+        cm.compile_with("aot_eager", fullgraph=True)
+        with torch.no_grad():
+            compiled_out = cm(x)
+    finally:
+        cm.compile_with(None)
+        dynamo.reset()
+    torch.testing.assert_close(compiled_out, routed, rtol=1e-5, atol=1e-5)
 
 
 def test_routed_eval_runs_the_high_path_only_for_chosen_samples():
@@ -557,7 +569,7 @@ def test_a_block_named_by_module_path():
 
 def test_training_forward_is_one_dynamo_graph():
     """Quantizers, gate and merge are plain tensor code: torch.compile sees the
-    training forward whole (routed eval breaks at the data-dependent split)."""
+    training forward whole (compiled eval: test_routed_eval_equals_masked_two_branch_output)."""
     import torch._dynamo as dynamo
 
     _, cm = compiled(mode="rl", blocks=2)
@@ -567,3 +579,42 @@ def test_training_forward_is_one_dynamo_graph():
     finally:
         dynamo.reset()
     assert e.graph_break_count == 0 and e.graph_count == 1
+
+
+def test_inductor_training_step_equals_eager_in_float64():
+    """The compiled training step is eager's: in float64 (in float32 an ulp
+    of inductor's reassociated sums moves a value across a rounding
+    boundary and the quantized forward amplifies it), with inductor using
+    eager's RNG ops (`fallback_random`), the RL step samples the same gates
+    (gates drawn as u < p: torch.bernoulli decomposed into another use of
+    the generator under compile) and gives the same loss and gradients."""
+    import torch._dynamo as dynamo
+    from torch._inductor import config as inductor_config
+
+    _, eager = compiled(mode="rl", blocks=1, seed=4)
+    comp = copy.deepcopy(eager)
+    eager.double(), comp.double()
+    comp.compile_with("inductor", fullgraph=True)
+    x, y = torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+    out = {}
+    try:
+        for name, m in (("compiled", comp), ("eager", eager)):
+            torch.manual_seed(11)
+            with inductor_config.patch(fallback_random=True):
+                logits = m(x)
+                actions = [b.action.clone() if b.action is not None else None
+                           for b in m.controllers["dual_precision"].blocks.values()]
+                loss = F.cross_entropy(logits, y)
+                extra = m.extra_loss(logits, y)
+                (loss + extra if extra is not None else loss).backward()
+            out[name] = (logits.detach(), [p.grad.clone() for p in m.parameters()], actions)
+    finally:
+        comp.compile_with(None)
+        dynamo.reset()
+    torch.testing.assert_close(out["compiled"][0], out["eager"][0], rtol=1e-12, atol=1e-12)
+    for gc, ge in zip(out["compiled"][1], out["eager"][1]):
+        torch.testing.assert_close(gc, ge, rtol=1e-9, atol=1e-12)
+    a = out["eager"][2]
+    assert all(t is not None for t in a) and any(0 < float(t.mean()) < 1 for t in a)  # really sampled
+    for ac, ae in zip(out["compiled"][2], a):
+        assert torch.equal(ac, ae)

@@ -637,22 +637,35 @@ def test_inductor_custom_op_hooks_match_eager_gradients(name, net, kept_through_
     torch._dynamo.reset()
 
 
-def test_inductor_with_activation_hooks_warns_and_aot_eager_does_not():
-    """The open inductor defect (README, torch.compile) is said where a user
-    meets it: compiling an activation policy with inductor warns once;
-    aot_eager, whose numerics match eager, does not; nor does a policy
-    without activation rules."""
-    import warnings as w
+class _ThreeBNReLU(_ThreeBN):
+    """_ThreeBN with a ReLU after every BatchNorm: inductor's own (min-cut)
+    partitioner saves each BatchNorm's input and recomputes the ReLU in the
+    backward from that saved, quantized tensor."""
 
-    def fxc_warnings(policy, backend):
-        x, _ = _data()
-        cm = fxcompress.compile(SmallCNN(), _policy(policy), example_inputs=x[:1])
-        with w.catch_warnings(record=True) as got:
-            w.simplefilter("always")
-            cm.compile_with(backend)
-        return [str(g.message) for g in got if str(g.message).startswith("fxcompress:")]
+    def forward(self, x):
+        for c, b in zip(self.c, self.b):
+            x = F.relu(b(c(x)))
+        return self.fc(x.mean((2, 3)))
 
-    said = fxc_warnings("acgc_2bit", "inductor")
-    assert len(said) == 1 and "aot_eager" in said[0], said
-    assert fxc_warnings("acgc_2bit", "aot_eager") == []
-    assert fxc_warnings("psgd_w4", "inductor") == []
+
+@pytest.mark.parametrize("name", ["acgc_zvc8", "acgc_auto"])
+def test_inductor_saves_what_eager_saves(name, monkeypatch):
+    """Under activation hooks inductor partitions as AOT's default
+    partitioner does (compile_support._eager_saves): the backward reads
+    what the forward computed, stored as eager stores it, and recomputes
+    nothing from a quantized save. With inductor's min-cut partitioner a
+    ReLU's mask came from its quantized BatchNorm input, and compiled and
+    eager gradients differed by 0.028 (zvc8) and 0.18 (auto) of the
+    gradient's norm, with eager's own error against the uncompressed model
+    0.0026 and 0.024 (resnet18 trained to NaN at 2 bits). Now they differ
+    by 0.0018 and 0.0016: the same tensors stored by the same SaveSpecs."""
+    cm, eager, x, y = _compiled_and_eager_twin(name, "inductor", _ThreeBNReLU)
+    grads = []
+    for m in (eager, cm):
+        m.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+    assert torch.isfinite(grads[1]).all()
+    rel = float((grads[1] - grads[0]).norm() / grads[0].norm())
+    assert rel < 0.006, rel
+    torch._dynamo.reset()

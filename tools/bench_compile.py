@@ -24,7 +24,14 @@ compiled with `--backend` (default inductor):
   whole-model gradient error against the uncompressed model, compiled
   (`grad`) beside eager (`grad_eager`): quantized saves differ between the
   two (compiled saves what inductor's partitioner keeps), so the check is
-  that compiled's error is of eager's size (`ok`: <= 2x eager's + 1e-3).
+  that compiled's error is of eager's size (`ok`: <= 2x eager's + 1e-3);
+  lossless policies: `ok` when `out` < 1e-4 and `grad` < 1e-4 (inductor:
+  1e-3, its fused reductions reassociate float sums); CAMP's quantized
+  forward (dual_precision without activation rules): `out` and `grad` as
+  for lossless policies but in float64 (`ok`: both < 1e-9; row() says why),
+  the float32 `out` printed beside; `all` (dual_precision and activation
+  rules): `ok` by the gradient rule alone, its quantized forward moves the
+  float32 output as above.
 
 --timing: resnet50, batch 32, 64x64 (`--quick`: resnet18, batch 4, 32x32),
 none / 2bit / auto / psgd: median step time (forward, backward, SGD step)
@@ -59,6 +66,11 @@ import yaml  # noqa: E402
 POLICIES = sorted(glob.glob(os.path.join(ROOT, "policies", "*.yaml")))
 # (batch, image size, classes); small inputs: the table is about graphs, not speed
 MODELS = {"resnet18": (4, 32, 10), "vit_b_16": (2, 32, 10), "tiny": (4, 16, 10)}
+def quantized_forward(pol: dict) -> bool:
+    """CAMP's dual precision: DoReFa-quantized weights and activations."""
+    return any("dual_precision" in (r or {}) for r in pol.get("rules", []) or [])
+
+
 def lossy(pol: dict) -> bool:
     """Activation compression: gradients approximate by design."""
     return any("activations" in (r or {}) for r in pol.get("rules", []) or [])
@@ -286,12 +298,51 @@ def row(model: str, policy_path: str, backend: str, steps: int) -> dict:
     if lossy(pol):
         res["grad"] = rel_total(g_c, g_b)
         res["grad_eager"] = rel_total(g_e, g_b)
-        res["ok"] = res["out"] < 1e-4 and res["grad"] <= 2 * res["grad_eager"] + 1e-3
+        res["ok"] = res["grad"] <= 2 * res["grad_eager"] + 1e-3
+        if quantized_forward(pol):
+            # `all`: the float32 output moves with the quantized forward's
+            # codes (below); that forward is judged in float64 by the camp
+            # rows, the activation packs here by the gradient's error
+            res["out_f32"] = res["out"]
+        else:
+            res["ok"] = res["ok"] and res["out"] < 1e-4
+    elif quantized_forward(pol):
+        # DoReFa rounds weights and activations in the forward: a value that
+        # inductor's reassociated float sums or its own tanh move by one ulp
+        # across a rounding boundary lands on the next code, and the step
+        # grows through the layers (in float32 eager itself moves its output
+        # by 0.57 of its size under a 1e-4 relative input perturbation on
+        # resnet18 camp_w4). So the judged comparison is in float64, where
+        # an ulp is 1e-16 and no code moves: the same weights and buffers,
+        # compiled again in float64 (inductor's RNG replaced by eager's,
+        # `fallback_random`, so RL samples the same gates); out and the
+        # worst gradient as for lossless policies. float32 `out` printed.
+        res["out_f32"] = res["out"]
+        res["out"], res["grad"] = float64_diff(m, pol, x, y, comp, backend)
+        res["ok"] = res["out"] < 1e-9 and res["grad"] < 1e-9
     else:
         res["grad"] = rel_worst(g_c, g_e)
-        res["ok"] = res["out"] < 1e-4 and res["grad"] < 1e-4
+        # inductor reassociates float sums in its fused reductions (1e-4
+        # is aot_eager's, whose kernels are eager's own)
+        res["ok"] = res["out"] < 1e-4 and res["grad"] < (1e-3 if backend == "inductor" else 1e-4)
     torch._dynamo.reset()
     return res
+
+
+def float64_diff(m, pol, x, y, trained, backend) -> tuple:
+    """(out, worst gradient) differences of `trained`'s state in float64,
+    compiled with `backend` against eager (row() says why float64)."""
+    from torch._inductor import config as inductor_config
+
+    x64 = x.double()
+    eager = twin(m, pol, x, trained).double()
+    comp = twin(m, pol, x, trained).double()
+    torch._dynamo.reset()
+    comp.compile_with(backend, fullgraph=True)
+    with inductor_config.patch(fallback_random=True):
+        out_c, g_c = one_grad(comp, x64, y, 7)
+    out_e, g_e = one_grad(eager, x64, y, 7)
+    return float((out_c - out_e).abs().max()) / (float(out_e.abs().max()) or 1.0), rel_worst(g_c, g_e)
 
 
 def table_cells(a) -> list:
@@ -356,6 +407,10 @@ def print_table(rows, header=True):
         if r.get("nonfinite_params"):
             n, *names = r["nonfinite_params"]
             print(f"{'':41}non-finite weights after the compiled steps: {n} ({', '.join(names)}, ...)")
+        if "out_f32" in r and "grad_eager" in r:
+            print(f"{'':41}quantized forward and activation packs: `ok` by grad against grad_eag, out not judged")
+        elif "out_f32" in r:
+            print(f"{'':41}quantized forward: out and grad compared in float64; float32 out {r['out_f32']:.1e}")
         print(f"{'':41}activations: {r['activation_hooks'] or '-'}; eager statistics steps: "
               f"{r['eager_statistics_steps']}")
 

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -568,16 +567,28 @@ def _hook_context():
 
 def _set_pool_width(spec, node) -> None:
     """A max-pool's window index needs its input's width (eager reads it in
-    fxc_save; static under compile: read from the graph)."""
-    aten = torch.ops.aten
-    while getattr(node, "target", None) in (aten.detach.default, aten.alias.default) and node.args:
-        node = node.args[0]
-    src = node.args[0] if getattr(node, "target", None) is not None and node.args else None
-    while src is not None and getattr(src, "target", None) is not None and not hasattr(src, "meta"):
-        src = None
-    # getitem(max_pool2d_with_indices(x, ...), 1): x is the pool's input
-    if src is not None and src.args and hasattr(src.args[0], "meta") and "val" in src.args[0].meta:
-        spec.geom["in_w"] = int(src.args[0].meta["val"].shape[-1])
+    fxc_save; static under compile: read from the graph). The saved node
+    is the pool's index output, or, where inductor's joint-graph passes
+    lowered the pool to `_low_memory_max_pool_with_offsets`, the indices
+    `_low_memory_max_pool_offsets_to_indices` rebuilds from its offsets:
+    the pool node is found among the saved node's nearest inputs."""
+    frontier, seen = [node], set()
+    for _ in range(4):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            name = str(getattr(n, "target", ""))
+            if "max_pool" in name and "with" in name and n.args and isinstance(n.args[0], fx.Node):
+                val = n.args[0].meta.get("val")
+                if torch.is_tensor(val):
+                    spec.geom["in_w"] = int(val.shape[-1])
+                    return
+            nxt.extend(a for a in n.args if isinstance(a, fx.Node))
+        frontier = nxt
+    raise RuntimeError(f"fxcompress: no max-pool input width found for saved node {node.name!r} "
+                       f"({node.target}); the window index needs it")
 
 
 def uniform_settings(specs: Sequence[Any]) -> Tuple[Optional[Any], str]:
@@ -642,11 +653,6 @@ class CompiledCall:
         for m in self.specs:
             m.compiled_hooks = self.hooks is not None
         self.ledger = next((m._ledger for m in self.specs if m.first and m._ledger is not None), None)
-        if backend == "inductor" and self.hooks is not None:
-            # measured, not fixed yet (README, torch.compile): say it where the user meets it
-            warnings.warn("fxcompress: activation compression under inductor gave wrong gradients on resnet18 "
-                          "(acgc_2bit NaN, acgc_auto 40x eager's error; BENCHMARKS.md torch.compile (e)); "
-                          "backend='aot_eager' keeps eager's numerics", stacklevel=3)
         self.fn = torch.compile(gm, backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode)
         self.eager_calls = 0  # statistics steps run eager (counted for the report)
         self.kept: Dict[tuple, Dict[str, Tuple[str, int]]] = {}  # per input shapes: spec_pack's kept saves
@@ -668,7 +674,7 @@ class CompiledCall:
             global _KEPT_SINK
             outer, _KEPT_SINK = _KEPT_SINK, kept
             try:
-                with self.hooks.enter():
+                with self.hooks.enter(), _eager_saves():
                     out = self.fn(*args, **kwargs)
             finally:
                 _KEPT_SINK = outer
@@ -680,6 +686,47 @@ class CompiledCall:
                     st["kept"] += nbytes
             return out
         return self.fn(*args, **kwargs)
+
+
+def _default_partition(gm, joint_inputs, **kwargs):
+    from torch._functorch.partitioners import default_partition
+
+    kwargs.pop("compiler", None)
+    return default_partition(gm, joint_inputs, **kwargs)
+
+
+def _eager_saves():
+    """Inductor's partition of a graph under activation hooks: AOT's default
+    partitioner, which saves for the backward what the forward computed, as
+    eager does, instead of inductor's min-cut one, which saves fewer tensors
+    and recomputes the rest in the backward from them. Recomputing from a
+    quantized save is what eager never does: a ReLU's mask recomputed
+    from its quantized BatchNorm input flips wherever rounding crosses 0,
+    and resnet18 trained to NaN at 2 bits (BENCHMARKS.md, torch.compile
+    (e)). Under compression the saves min-cut spares are packed small
+    anyway. A config patch around the compiled call: the partition runs
+    while the forward compiles, inside it (other backends ignore it)."""
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+    global _PARTITIONER, EagerSaves
+    if _PARTITIONER is None:
+        # a module-level class (inductor pickles its config into cache keys),
+        # made here so that importing this module does not import inductor
+        class EagerSaves(CustomPartitionerFn):
+            def __call__(self, gm, joint_inputs, **kwargs):
+                return _default_partition(gm, joint_inputs, **kwargs)
+
+            def uuid(self):
+                return "fxcompress.default_partition.v1"
+
+        EagerSaves.__qualname__ = "EagerSaves"
+        _PARTITIONER = EagerSaves()
+    return config.patch(custom_partitioner_fn=_PARTITIONER)
+
+
+_PARTITIONER = None
+EagerSaves = None
 
 
 def _shapes_key(args, kwargs) -> tuple:

@@ -104,6 +104,15 @@ class Gate(nn.Module):
         return torch.softmax(F.conv2d(h, w2, self.fc.bias).flatten(1), dim=1)
 
 
+def _bernoulli(p: torch.Tensor) -> torch.Tensor:
+    """One Bernoulli(p) sample per element, as u < p with u uniform: the
+    same draws from the same generator state eager and compiled (AOT
+    decomposes torch.bernoulli into another use of the generator, so a
+    compiled RL step sampled other gates than eager's at the same seed;
+    tools/bench_compile.py compares the two)."""
+    return (torch.rand_like(p) < p).to(p.dtype)
+
+
 def _hard(m: torch.Tensor) -> torch.Tensor:
     return m > 0.5
 
@@ -118,7 +127,9 @@ class Route(nn.Module):
         self.routed = True
 
     def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.routed:
+        if self.training or not self.routed or torch.compiler.is_compiling():
+            # under torch.compile: no routing (below, Merge), every sample
+            # runs both paths
             return x
         keep = _hard(m) if self.high else ~_hard(m)
         return x[keep.nonzero().squeeze(1)]
@@ -136,7 +147,12 @@ class Merge(nn.Module):
         self.pair: Optional[tuple] = None
 
     def forward(self, low: torch.Tensor, high: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.routed:
+        if self.training or not self.routed or torch.compiler.is_compiling():
+            # Compiled eval merges by the mask as training does: the routed
+            # sub-batches' sizes are data-dependent (nonzero), which a
+            # compiled graph cannot hold without a graph break per block
+            # (fullgraph fails). The same outputs (m is 0 or 1; tested),
+            # without the routed compute saving: routed inference is eager's
             if self.training and self.keep:
                 self.pair = (low, high)
             m = m.reshape((-1,) + (1,) * (low.dim() - 1)).to(low.dtype)
@@ -197,9 +213,9 @@ class DualBlock(nn.Module):
             m = _hard(p).to(p.dtype)
         elif self.warm is not None:
             # no gradient to the gate and no log pi: the RL term skips these steps
-            m = torch.bernoulli(torch.full_like(p.detach(), float(self.warm)))
+            m = _bernoulli(torch.full_like(p.detach(), float(self.warm)))
         elif self.mode == "rl":
-            a = torch.bernoulli(p.detach().clamp(_EPS, 1 - _EPS))
+            a = _bernoulli(p.detach().clamp(_EPS, 1 - _EPS))
             self.action = a
             self.log_prob = a * torch.log(p.clamp_min(_EPS)) + (1 - a) * torch.log((1 - p).clamp_min(_EPS))
             m = a
