@@ -564,18 +564,7 @@ def timing_interleaved(quick: bool, backend: str, rounds: int, modes) -> dict:
     res = {k: {"step_s": statistics.median(v), "steps": len(v)} for k, v in times.items() if v}
     for k, r in res.items():
         print(f"  {k:18} step {r['step_s'] * 1e3:8.1f} ms  ({r['steps']} steps)", flush=True)
-    for kind in ("eager", "compiled"):
-        base = res.get(f"none/{kind}")
-        for mode in modes:
-            r = res.get(f"{mode}/{kind}")
-            if mode != "none" and base and r:
-                r["ratio_vs_none"] = r["step_s"] / base["step_s"]
-                print(f"  {mode}/{kind}: step {r['ratio_vs_none']:.2f}x the uncompressed one", flush=True)
-    for mode in modes:
-        e, c = res.get(f"{mode}/eager"), res.get(f"{mode}/compiled")
-        if e and c:
-            print(f"  {mode}: compiled step {c['step_s'] / e['step_s']:.2f}x eager's", flush=True)
-    return res
+    return print_ratios(res, modes, "step_s", "{}: step {:.2f}x the uncompressed one", "compiled step")
 
 
 # ------------------------------------------------------------------ op counts
@@ -677,17 +666,23 @@ def main_job(epochs: int, backend: str, extra, modes) -> dict:
             res[key] = r
             print(f"  {key:16} epoch 1 {r['epoch1_s']:8.1f} s   later epochs {r['epoch_s']:8.1f} s   "
                   f"test acc {r['test_acc']:.4f}", flush=True)
+    return print_ratios(res, modes, "epoch_s", "{}: {:.2f}x the uncompressed epoch", "compiled epoch")
+
+
+def print_ratios(res: dict, modes, key: str, vs_none: str, vs_eager: str) -> dict:
+    """Each mode's `key` against the uncompressed run of the same kind
+    (stored as ratio_vs_none) and compiled against eager, printed."""
     for kind in ("eager", "compiled"):
         base = res.get(f"none/{kind}")
         for mode in modes:
-            if mode != "none" and base and f"{mode}/{kind}" in res:
-                r = res[f"{mode}/{kind}"]
-                r["ratio_vs_none"] = r["epoch_s"] / base["epoch_s"]
-                print(f"  {mode}/{kind}: {r['ratio_vs_none']:.2f}x the uncompressed epoch", flush=True)
+            r = res.get(f"{mode}/{kind}")
+            if mode != "none" and base and r:
+                r["ratio_vs_none"] = r[key] / base[key]
+                print("  " + vs_none.format(f"{mode}/{kind}", r["ratio_vs_none"]), flush=True)
     for mode in modes:
         e, c = res.get(f"{mode}/eager"), res.get(f"{mode}/compiled")
         if e and c:
-            print(f"  {mode}: compiled epoch {c['epoch_s'] / e['epoch_s']:.2f}x eager's", flush=True)
+            print(f"  {mode}: {vs_eager} {c[key] / e[key]:.2f}x eager's", flush=True)
     return res
 
 
