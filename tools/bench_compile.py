@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_compile.py                      # table: every policy x resnet18, vit_b_16
     .venv/bin/python tools/bench_compile.py --quick              # tiny CNN, aot_eager (seconds)
     .venv/bin/python tools/bench_compile.py --timing             # resnet50 b32 64x64 step time + peak memory
+    .venv/bin/python tools/bench_compile.py --timing --interleaved  # step times in one process, interleaved
     .venv/bin/python tools/bench_compile.py --main-job --epochs 3  # ResNet-20 digits epochs, eager vs --compile
     .venv/bin/python tools/bench_compile.py --op-counts          # custom-op calls per compiled ResNet-20 step
 
@@ -523,6 +524,49 @@ def timing(quick: bool, backend: str, steps: int, modes) -> dict:
     return res
 
 
+def timing_interleaved(quick: bool, backend: str, rounds: int, modes) -> dict:
+    """Step time of every (mode, eager/compiled) in ONE process, interleaved:
+    each round runs one step of each, in a rotating order, on that round's
+    new batch (the same batch for every mode), so machine drift and
+    process-to-process differences (+-0.2 across the one-process-per-figure
+    runs above) fall on all of them alike. Median over rounds; a round in
+    which a model takes AutoQuant's statistics step (run eager) is dropped
+    for that model. Peak memory is `timing`'s (a process per figure)."""
+    from fxcompress.runtime.activations import SaveSpec
+
+    if os.environ.get("FXC_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["FXC_BENCH_THREADS"]))
+    runs = {}
+    for mode in modes:
+        for compiled in (False, True) if mode not in ROUTE_ENV else (True,):
+            old = os.environ.get("FXC_COMPILE_C_PACK")
+            if mode in ROUTE_ENV:
+                os.environ["FXC_COMPILE_C_PACK"] = ROUTE_ENV[mode]  # read when the hooks are built
+            try:
+                runs[f"{mode}/{'compiled' if compiled else 'eager'}"] = _timing_build(mode, compiled, quick, backend)
+            finally:
+                if mode in ROUTE_ENV:
+                    os.environ.pop("FXC_COMPILE_C_PACK", None) if old is None else \
+                        os.environ.__setitem__("FXC_COMPILE_C_PACK", old)
+    _, x0, y0 = _timing_model(quick)
+    gen = torch.Generator().manual_seed(5)
+    times = {k: [] for k in runs}
+    keys = list(runs)
+    for r in range(rounds):
+        x, y = torch.randn(x0.shape, generator=gen), torch.randint(0, 1000, y0.shape, generator=gen)
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            cm, opt, _, _ = runs[k]
+            stats = any(m.collect for m in cm.modules() if isinstance(m, SaveSpec))
+            t0 = time.perf_counter()
+            step(cm, opt, x, y)
+            if not stats:
+                times[k].append(time.perf_counter() - t0)
+    res = {k: {"step_s": statistics.median(v), "steps": len(v)} for k, v in times.items() if v}
+    for k, r in res.items():
+        print(f"  {k:18} step {r['step_s'] * 1e3:8.1f} ms  ({r['steps']} steps)", flush=True)
+    return print_ratios(res, modes, "step_s", "{}: step {:.2f}x the uncompressed one", "compiled step")
+
+
 # ------------------------------------------------------------------ op counts
 
 def op_counts(backend: str, policy: str = "acgc_auto.yaml", steps: int = 2) -> dict:
@@ -622,17 +666,23 @@ def main_job(epochs: int, backend: str, extra, modes) -> dict:
             res[key] = r
             print(f"  {key:16} epoch 1 {r['epoch1_s']:8.1f} s   later epochs {r['epoch_s']:8.1f} s   "
                   f"test acc {r['test_acc']:.4f}", flush=True)
+    return print_ratios(res, modes, "epoch_s", "{}: {:.2f}x the uncompressed epoch", "compiled epoch")
+
+
+def print_ratios(res: dict, modes, key: str, vs_none: str, vs_eager: str) -> dict:
+    """Each mode's `key` against the uncompressed run of the same kind
+    (stored as ratio_vs_none) and compiled against eager, printed."""
     for kind in ("eager", "compiled"):
         base = res.get(f"none/{kind}")
         for mode in modes:
-            if mode != "none" and base and f"{mode}/{kind}" in res:
-                r = res[f"{mode}/{kind}"]
-                r["ratio_vs_none"] = r["epoch_s"] / base["epoch_s"]
-                print(f"  {mode}/{kind}: {r['ratio_vs_none']:.2f}x the uncompressed epoch", flush=True)
+            r = res.get(f"{mode}/{kind}")
+            if mode != "none" and base and r:
+                r["ratio_vs_none"] = r[key] / base[key]
+                print("  " + vs_none.format(f"{mode}/{kind}", r["ratio_vs_none"]), flush=True)
     for mode in modes:
         e, c = res.get(f"{mode}/eager"), res.get(f"{mode}/compiled")
         if e and c:
-            print(f"  {mode}: compiled epoch {c['epoch_s'] / e['epoch_s']:.2f}x eager's", flush=True)
+            print(f"  {mode}: {vs_eager} {c[key] / e[key]:.2f}x eager's", flush=True)
     return res
 
 
@@ -649,6 +699,9 @@ def main(argv=None):
                          "2bit_plain / 2bit_c: compiled only, the fixed-width hooks' CPU route forced to "
                          "inductor's plain tensor code / the C kernels through fxcompress::pack_saved)")
     ap.add_argument("--timing-steps", type=int, default=10)
+    ap.add_argument("--interleaved", action="store_true",
+                    help="--timing: every mode's step time in one process, interleaved round by round "
+                         "(`--timing-steps` rounds; no memory figures)")
     ap.add_argument("--main-job", action="store_true",
                     help="time per epoch of the default ResNet-20 digits job, eager vs --compile")
     ap.add_argument("--op-counts", action="store_true",
@@ -692,7 +745,10 @@ def main(argv=None):
         if bad:
             print(f"bench_compile: --timing-modes {' '.join(bad)}: want among {' '.join(TIMING_MODES)}", file=sys.stderr)
             return 2
-        res = timing(a.quick, a.backend, 3 if a.quick else a.timing_steps, modes)
+        if a.threads:
+            os.environ["FXC_BENCH_THREADS"] = str(a.threads)
+        run = timing_interleaved if a.interleaved else timing
+        res = run(a.quick, a.backend, 3 if a.quick else a.timing_steps, modes)
         if a.json:
             print(json.dumps(res, indent=1))
         return 0
