@@ -70,3 +70,10 @@ def test_big_models_get_a_worker_of_their_own(zoo):
     names = zoo.models_smallest_first(["vit_h_14", "resnet18", "squeezenet1_1", "mobilenet_v3_small"])
     assert names[0] == "squeezenet1_1" and names[-1] == "vit_h_14"
     assert zoo.chunks(names, 2) == [["squeezenet1_1", "mobilenet_v3_small"], ["resnet18"], ["vit_h_14"]]
+
+
+def test_missing_policy_file_is_exit_2_naming_it(zoo, tmp_path, capsys):
+    missing = str(tmp_path / "nope.yaml")
+    assert zoo.main(["--only", "resnet18", "--policies", missing, "--results", str(tmp_path / "z.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.yaml" in err and "not found" in err and "Traceback" not in err

@@ -395,8 +395,14 @@ def main(argv=None) -> int:
 
     policies = args.policies or policy_files()
     graph_policies, comm = [], []
+    from fxcompress.errors import BadInput
+
     for p in policies:
-        (comm if communication_only(p) else graph_policies).append(p)
+        try:
+            (comm if communication_only(p) else graph_policies).append(p)
+        except BadInput as e:  # a missing or malformed policy: say which, exit 2
+            print(f"zoo: {e}", file=sys.stderr)
+            return 2
     results = args.results
     tmp = None
     if results is None:  # no file asked for: a throwaway one, so the driver works the same way
