@@ -536,18 +536,15 @@ def timing_interleaved(quick: bool, backend: str, rounds: int, modes) -> dict:
 
     if os.environ.get("FXC_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["FXC_BENCH_THREADS"]))
+    from unittest import mock
+
     runs = {}
     for mode in modes:
+        # the route is read when the hooks are built (as `_child` sets it for its process)
+        route = {"FXC_COMPILE_C_PACK": ROUTE_ENV[mode]} if mode in ROUTE_ENV else {}
         for compiled in (False, True) if mode not in ROUTE_ENV else (True,):
-            old = os.environ.get("FXC_COMPILE_C_PACK")
-            if mode in ROUTE_ENV:
-                os.environ["FXC_COMPILE_C_PACK"] = ROUTE_ENV[mode]  # read when the hooks are built
-            try:
+            with mock.patch.dict(os.environ, route):
                 runs[f"{mode}/{'compiled' if compiled else 'eager'}"] = _timing_build(mode, compiled, quick, backend)
-            finally:
-                if mode in ROUTE_ENV:
-                    os.environ.pop("FXC_COMPILE_C_PACK", None) if old is None else \
-                        os.environ.__setitem__("FXC_COMPILE_C_PACK", old)
     _, x0, y0 = _timing_model(quick)
     gen = torch.Generator().manual_seed(5)
     times = {k: [] for k in runs}

@@ -36,6 +36,8 @@ sys.path.insert(0, HERE)
 
 import torchvision.models as tvm  # noqa: E402
 
+from fxcompress.errors import BadInput  # noqa: E402
+
 STATUSES = ("ok", "n/a", "error", "timeout", "memory")
 NOTES_V = 2  # the notes' wording: --backfill-notes redoes records of an older one
 
@@ -125,7 +127,7 @@ def run_pair(name: str, policy: str) -> dict:
     import torch
     import torch.nn.functional as F
     import fxcompress
-    from fxcompress.errors import BadInput, PolicyError, TraceError
+    from fxcompress.errors import PolicyError, TraceError
     from identity_all import config_for  # same small inputs as the identity check
 
     kwargs, size = config_for(name)
@@ -395,8 +397,6 @@ def main(argv=None) -> int:
 
     policies = args.policies or policy_files()
     graph_policies, comm = [], []
-    from fxcompress.errors import BadInput
-
     for p in policies:
         try:
             (comm if communication_only(p) else graph_policies).append(p)

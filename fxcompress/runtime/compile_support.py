@@ -688,13 +688,6 @@ class CompiledCall:
         return self.fn(*args, **kwargs)
 
 
-def _default_partition(gm, joint_inputs, **kwargs):
-    from torch._functorch.partitioners import default_partition
-
-    kwargs.pop("compiler", None)
-    return default_partition(gm, joint_inputs, **kwargs)
-
-
 def _eager_saves():
     """Inductor's partition of a graph under activation hooks: AOT's default
     partitioner, which saves for the backward what the forward computed, as
@@ -707,26 +700,10 @@ def _eager_saves():
     anyway. A config patch around the compiled call: the partition runs
     while the forward compiles, inside it (other backends ignore it)."""
     from torch._inductor import config
-    from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-    global _PARTITIONER, EagerSaves
-    if _PARTITIONER is None:
-        # a module-level class (inductor pickles its config into cache keys),
-        # made here so that importing this module does not import inductor
-        class EagerSaves(CustomPartitionerFn):
-            def __call__(self, gm, joint_inputs, **kwargs):
-                return _default_partition(gm, joint_inputs, **kwargs)
+    from .eager_partition import PARTITIONER
 
-            def uuid(self):
-                return "fxcompress.default_partition.v1"
-
-        EagerSaves.__qualname__ = "EagerSaves"
-        _PARTITIONER = EagerSaves()
-    return config.patch(custom_partitioner_fn=_PARTITIONER)
-
-
-_PARTITIONER = None
-EagerSaves = None
+    return config.patch(custom_partitioner_fn=PARTITIONER)
 
 
 def _shapes_key(args, kwargs) -> tuple:

@@ -113,6 +113,17 @@ def _bernoulli(p: torch.Tensor) -> torch.Tensor:
     return (torch.rand_like(p) < p).to(p.dtype)
 
 
+def _merged(mod: nn.Module) -> bool:
+    """Whether Route/Merge combine the two paths by the mask instead of
+    routing sub-batches: in training, when routing is off, and under
+    torch.compile, where the routed sub-batches' sizes are data-dependent
+    (nonzero), which a compiled graph cannot hold without a graph break per
+    block (fullgraph failed). Compiled eval gives the same outputs (m is 0
+    or 1; tested) without the routed compute saving: routed inference is
+    eager's."""
+    return mod.training or not mod.routed or torch.compiler.is_compiling()
+
+
 def _hard(m: torch.Tensor) -> torch.Tensor:
     return m > 0.5
 
@@ -127,9 +138,7 @@ class Route(nn.Module):
         self.routed = True
 
     def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.routed or torch.compiler.is_compiling():
-            # under torch.compile: no routing (below, Merge), every sample
-            # runs both paths
+        if _merged(self):
             return x
         keep = _hard(m) if self.high else ~_hard(m)
         return x[keep.nonzero().squeeze(1)]
@@ -147,12 +156,7 @@ class Merge(nn.Module):
         self.pair: Optional[tuple] = None
 
     def forward(self, low: torch.Tensor, high: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.routed or torch.compiler.is_compiling():
-            # Compiled eval merges by the mask as training does: the routed
-            # sub-batches' sizes are data-dependent (nonzero), which a
-            # compiled graph cannot hold without a graph break per block
-            # (fullgraph fails). The same outputs (m is 0 or 1; tested),
-            # without the routed compute saving: routed inference is eager's
+        if _merged(self):
             if self.training and self.keep:
                 self.pair = (low, high)
             m = m.reshape((-1,) + (1,) * (low.dim() - 1)).to(low.dtype)
