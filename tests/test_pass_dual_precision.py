@@ -147,6 +147,36 @@ def test_straight_through_gradients():
     assert y.grad.tolist() == [0.0, 1.0, 0.0] and p.alpha.grad.item() == 1.0  # PACT: d/dalpha = 1 above the clip
 
 
+def test_k_bit_weight_keeps_only_the_weight_for_backward():
+    """The k-bit chain is recomputed in the backward (eager training): same
+    values and gradients as the plain chain, and nothing weight-sized saved
+    but what the consumer keeps."""
+    from fxcompress.quantizers.dorefa import _k_bit_weight
+
+    w = torch.randn(64, 32, requires_grad=True)
+    g = torch.randn(64, 32)
+    saved = []
+
+    def pack(t):
+        if t.numel() == w.numel() and t.data_ptr() != w.data_ptr():
+            saved.append(t)  # weight-sized and not w itself: memory the backward holds on to
+        return t
+
+    def run(fn):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            q = fn(w, 4)
+        grad, = torch.autograd.grad((q * g).sum(), w)
+        return q.detach(), grad, len(saved)
+
+    q_plain, g_plain, saved_plain = run(_k_bit_weight)
+    q_ckpt, g_ckpt, saved_ckpt = run(quantize_weight)
+    assert torch.equal(q_plain, q_ckpt) and torch.allclose(g_plain, g_ckpt, rtol=0, atol=1e-6)
+    assert g_plain.abs().sum() > 0  # the max's gradient and tanh's make it more than a copy of g
+    assert saved_plain >= 2  # tanh(w), |tanh(w)| at least
+    assert saved_ckpt == 0
+
+
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", [1, 4])
 def test_activation_quantizer_inference_path_gives_the_training_values(bits, signed):

@@ -118,6 +118,9 @@ def parse_args(argv=None):
                    help="--timing: fraction of samples on the high path (comma-separated: one line each)")
     p.add_argument("--timing-batch", type=int, default=256)
     p.add_argument("--timing-reps", type=int, default=20)
+    p.add_argument("--gate-bits", type=int, default=4,
+                   help="bits of the gate's 3x3 conv (policy gate_bits; the gate's BOPs count in the energy)")
+    p.add_argument("--gate-channels", type=int, default=8, help="width of the gate's 3x3 conv (policy gate_channels)")
     p.add_argument("--pre-gate", action="store_true",
                    help="the gate reads the block input, so the low path is routed too (training and --timing)")
     args = p.parse_args(argv)
@@ -127,14 +130,19 @@ def parse_args(argv=None):
     return args
 
 
-def camp_policy(mode, **settings):
-    """policies/camp_*.yaml as dicts (the same rules), settings overridden."""
+def camp_policy(mode, gate=None, **settings):
+    """policies/camp_*.yaml as dicts (the same rules), settings overridden;
+    `gate` (an args namespace) sets the dual blocks' gate_bits and gate_channels."""
     import yaml
 
     name = {"fixed": "camp_w4.yaml", "sp": "camp_sp.yaml", "rl": "camp_rl.yaml"}[mode]
     with open(os.path.join(ROOT, "policies", name)) as f:
         pol = yaml.safe_load(f)
     pol["settings"]["dual_precision"].update(settings)
+    if gate is not None:
+        for rule in pol["rules"]:
+            if "low_bits" in rule.get("dual_precision", {}):
+                rule["dual_precision"].update(gate_bits=gate.gate_bits, gate_channels=gate.gate_channels)
     return pol
 
 
@@ -257,9 +265,12 @@ def cached(args, seed, what, keys, make):
 
     if what != "w4" and getattr(args, "kd", 0.0):
         keys = keys + ("kd", "kd_t")
+    if what != "w4" and (getattr(args, "gate_bits", 4), getattr(args, "gate_channels", 8)) != (4, 8):
+        keys = keys + ("gate_bits", "gate_channels")
     ident = json.dumps({k: getattr(args, k) for k in keys} | {"seed": seed, "what": what}, sort_keys=True)
     path = os.path.join(args.cache, f"{what}_s{seed}_{hashlib.sha1(ident.encode()).hexdigest()[:12]}.pt")
-    if os.path.exists(path):  # (--kd adds its keys only when on, so older caches stay valid)
+    # (--kd and the gate flags add their keys only when set, so older caches stay valid)
+    if os.path.exists(path):
         return torch.load(path, weights_only=True)
     state = make()
     os.makedirs(args.cache, exist_ok=True)
@@ -300,7 +311,7 @@ def run_seed(seed, data, args, alphas, energies=()):
         res["w4c"] = evaluate(w4c, data)
     sp = None
     if "sp" not in skip or args.rl_from == "sp":
-        sp = fxcompress.compile(build(args, ch, seed), camp_policy("sp", pre_gate=args.pre_gate), ex)
+        sp = fxcompress.compile(build(args, ch, seed), camp_policy("sp", args, pre_gate=args.pre_gate), ex)
         sp.load_state_dict(w4.state_dict(), strict=False)  # gates new; low norms from the 4-bit norms
         sp = train(sp, data, args, seed, args.camp_epochs, args.camp_lr)
         res["sp"] = evaluate(sp, data)
@@ -308,7 +319,7 @@ def run_seed(seed, data, args, alphas, energies=()):
     teacher = w4 if args.kd else None  # --kd: the CAMP stages distil from the frozen 4-bit model
     if args.warmup_epochs:
         warm = fxcompress.compile(build(args, ch, seed), camp_policy(
-            "rl", pre_gate=args.pre_gate, warmup_epochs=args.warmup_epochs, warmup_high=args.warmup_high,
+            "rl", args, pre_gate=args.pre_gate, warmup_epochs=args.warmup_epochs, warmup_high=args.warmup_high,
             distill=args.distill), ex)
         warm.load_state_dict(start, strict=False)
 
@@ -323,7 +334,7 @@ def run_seed(seed, data, args, alphas, energies=()):
     res["rl"] = {}
     res["rl_train_usage"] = {}
     for a in alphas:
-        rl = fxcompress.compile(build(args, ch, seed), camp_policy("rl", alpha=a, w_rl=args.w_rl, pre_gate=args.pre_gate,
+        rl = fxcompress.compile(build(args, ch, seed), camp_policy("rl", args, alpha=a, w_rl=args.w_rl, pre_gate=args.pre_gate,
                                                                   rl_baseline=args.rl_baseline,
                                                                   distill=args.distill), ex)
         rl.load_state_dict(start, strict=False)
@@ -333,7 +344,7 @@ def run_seed(seed, data, args, alphas, energies=()):
     res["spe"] = {}
     res["spe_train_usage"] = {}
     for e in energies:
-        spe = fxcompress.compile(build(args, ch, seed), camp_policy("sp", energy=e[0], energy_target=e[1],
+        spe = fxcompress.compile(build(args, ch, seed), camp_policy("sp", args, energy=e[0], energy_target=e[1],
                                                                    pre_gate=args.pre_gate, distill=args.distill), ex)
         spe.load_state_dict(start, strict=False)
         spe = train(spe, data, args, seed, args.camp_epochs, args.camp_lr, teacher)
@@ -432,7 +443,7 @@ def calibrate(model, x, usage):
 
 def timing(args, data, usage_target):
     torch.manual_seed(0)
-    model = fxcompress.compile(build(args, data["xtr"].shape[1], 0), camp_policy("sp", pre_gate=args.pre_gate),
+    model = fxcompress.compile(build(args, data["xtr"].shape[1], 0), camp_policy("sp", args, pre_gate=args.pre_gate),
                                data["xte"][:2])
     x = data["xtr"][:args.timing_batch]
     ctl = model.controllers["dual_precision"]

@@ -13,11 +13,22 @@ code (no autograd.Function, no Python state), so torch.compile traces it.
 The gradient of everything around the rounding (tanh, the max, the clamp)
 is the true one, as in DoReFa; the 1-bit weight passes its gradient straight
 through to w (the scale mean|w| is detached, as the paper does).
+
+Memory: autograd would keep three weight-sized tensors of the k-bit chain
+(tanh(w), its absolute value for the max, and the normalised weight) until
+the backward, for every quantized layer and path: on the largest models
+that is more than the weights, their gradients and momentum together. In
+eager training the chain runs under a non-reentrant checkpoint instead, so
+only w (a parameter, in memory anyway) is kept and the chain is recomputed
+in the backward; the values and gradients are the same (tested). Under
+torch.compile the plain code is traced and the partitioner decides what to
+save.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 def round_st(x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +43,12 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
         scale = w.detach().abs().mean()
         q = torch.where(w >= 0, scale, -scale)
         return w + (q - w).detach()
+    if w.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return checkpoint(_k_bit_weight, w, bits, use_reentrant=False, preserve_rng_state=False)
+    return _k_bit_weight(w, bits)
+
+
+def _k_bit_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     n = float(2 ** bits - 1)
     t = torch.tanh(w)
     t = t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5
