@@ -27,6 +27,7 @@ def test_worker_appends_one_line_per_pair_and_names_a_method_that_applies_nowher
     zoo.worker(["squeezenet1_1"], [pol("camp_sp")], res)
     (r,) = zoo.read_results(res)
     assert (r["model"], r["policy"], r["status"]) == ("squeezenet1_1", "camp_sp", "ok")
+    assert 0.05 < r["worker_peak_rss_gb"] < 24  # the worker measured its own resident memory (GiB)
     assert r["transform_s"] >= 0 and r["input"] == 64
     # squeezenet has no residual add: CAMP's block rule (optional) reaches no node, and the record says so
     assert len(r["notes"]) == 1 and r["notes"][0].startswith("dual_precision applies to no node")

@@ -24,6 +24,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -189,8 +190,10 @@ def worker(names, policies, results: str) -> int:
                 r = run_pair(name, p)
             except Exception as e:  # one pair must not hide the others: record the class and go on
                 r = {"status": "error", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:240]}
+            # the worker's peak resident memory so far: the pair's own when it ran first in its worker
+            peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
             r = {"model": name, "policy": short_name(p), **r, "wall_s": round(time.perf_counter() - t0, 2),
-                 "code": code}
+                 "code": code, "worker_peak_rss_gb": round(peak_gb, 2)}
             append_result(results, r)
     return 0
 
