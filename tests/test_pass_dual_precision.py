@@ -182,7 +182,7 @@ def test_k_bit_weight_keeps_only_the_weight_for_backward():
 def test_activation_quantizer_inference_path_gives_the_training_values(bits, signed):
     """Without autograd the activation quantizer skips the straight-through
     arithmetic (fewer passes in routed inference); same grid values."""
-    x = torch.randn(1000) * 1.5
+    x = torch.cat([torch.randn(1000) * 1.5, torch.tensor([0.5, -0.5, 0.0, 1.0, -1.0, 0.25, 0.75])])  # ties too
     trained = quantize_activation(x.clone().requires_grad_(), bits, signed).detach()
     with torch.no_grad():
         infer = quantize_activation(x.clone().requires_grad_(), bits, signed)

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import BadInput
+from ..kernels.binary_conv import binary_conv2d
 from ..runtime.activations import SaveSpec, fxc_save
 from ..runtime.activations_config import ActivationsConfig, ActivationsSettings
 from ..runtime.autoquant import AutoQuantController
@@ -43,7 +44,7 @@ _BN = (nn.modules.batchnorm._BatchNorm,)
 _POOL_SHAPE = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                nn.AdaptiveAvgPool3d)
 _FN_RULES = {
-    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", F.linear: "linear",
+    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", F.linear: "linear", binary_conv2d: "conv",
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "hardtanh", F.hardtanh: "hardtanh",
     F.max_pool2d: "maxpool", F.avg_pool2d: "shape", F.adaptive_avg_pool2d: "shape",
     F.avg_pool1d: "shape", F.adaptive_avg_pool1d: "shape", F.batch_norm: "bn",

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from ..kernels.binary_conv import binary_conv2d
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan import Plan
     from ..runtime.controller import Controller
@@ -98,8 +100,9 @@ def add_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
 #: conv/linear module classes and the functional call each becomes when a
 #: pass routes its weight through an inserted node
 MODULE_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.Linear: F.linear}
-#: functional calls whose second argument is a weight
-WEIGHT_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d)
+#: functional calls whose second argument is a weight (binary_conv2d: the
+#: dual-precision pass's 1-bit path, torch.conv2d but for CPU inference)
+WEIGHT_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d, binary_conv2d)
 
 
 def param_of(gm: fx.GraphModule, target: str) -> Optional[nn.Parameter]:

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from ..bops import FULL, CostModel, LayerCost, node_macs
 from ..config import ConfigError, check_range
 from ..errors import BadInput
+from ..kernels.binary_conv import binary_conv2d
 from ..quantizers.dorefa import ActQuant, WeightQuant
 from ..quantizers.pact import PactQuant
 from ..runtime.dual_precision import DualBlock, DualPrecisionController, Gate, fill_low_norms
@@ -460,8 +461,10 @@ class DualPrecisionPass(Pass):
             return PactQuant(bits, cfg.pact_alpha, signed)
         return ActQuant(bits, signed)
 
-    def _layer_call(self, node: fx.Node, x: fx.Node, aq_target: str, wq_target: str, name: str) -> fx.Node:
-        """F.conv*/F.linear(aq(x), wq(weight), bias, ...) for module node `node`."""
+    def _layer_call(self, node: fx.Node, x: fx.Node, aq_target: str, wq_target: str, name: str,
+                    binary: bool = False) -> fx.Node:
+        """F.conv*/F.linear(aq(x), wq(weight), bias, ...) for module node `node`;
+        `binary`: a 2-d conv becomes binary_conv2d (kernels/binary_conv.py)."""
         gm = self._gm
         m = gm.get_submodule(node.target)
         g = gm.graph
@@ -470,6 +473,8 @@ class DualPrecisionPass(Pass):
         qw = g.create_node("call_module", wq_target, (w,), name=name + "_w")
         bias = g.get_attr(f"{node.target}.bias") if m.bias is not None else None
         fn = _LAYERS[type(m)]
+        if binary and fn is F.conv2d:
+            fn = binary_conv2d
         args = (qa, qw, bias) if fn is F.linear else (qa, qw, bias, m.stride, m.padding, m.dilation, m.groups)
         new = g.create_node("call_function", fn, args, name=name)
         new.meta = dict(node.meta)
@@ -524,8 +529,12 @@ class DualPrecisionPass(Pass):
             if n in r.layers:
                 src = n.args[0] if n.args else n.kwargs["input"]
                 key = f"{path}_a_{_key(n.target)}"
-                block.quant[key] = self._act_quant(cfg, bits, not self._nonneg(src))
-                env[n] = self._layer_call(n, env.get(src, src), f"{bname}.quant.{key}", f"{bname}.quant.{wq}", name)
+                signed = not self._nonneg(src)
+                block.quant[key] = self._act_quant(cfg, bits, signed)
+                # a DoReFa 1-bit input on 1-bit weights: {0, 1} x {-s, s}, a popcount in CPU inference
+                binary = bits == 1 and cfg.quantizer == "dorefa" and not signed
+                env[n] = self._layer_call(n, env.get(src, src), f"{bname}.quant.{key}", f"{bname}.quant.{wq}", name,
+                                          binary)
                 self._inherit(n, env[n])
                 continue
             target = n.target

@@ -63,6 +63,10 @@ def quantize_activation(x: torch.Tensor, bits: int, signed: bool = False) -> tor
         # inference: no straight-through arithmetic (its add and subtract are
         # two more passes over the tensor) and one new tensor, rounded in
         # place; the values are the grid's exactly
+        if bits == 1 and not signed:
+            # round(clamp(x, 0, 1)) is 1 exactly where x > 1/2 (round half to even): one pass, not four
+            # (a NaN gives 0 here, NaN on the training path)
+            return (x > 0.5).to(x.dtype)
         if signed:
             return torch.clamp(x, -1, 1).add_(1).mul_(0.5).mul_(n).round_().mul_(2).div_(n).sub_(1)
         return torch.clamp(x, 0, 1).mul_(n).round_().div_(n)
