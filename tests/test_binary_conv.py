@@ -71,3 +71,16 @@ def test_camp_eval_is_the_same_with_the_kernel_and_without(monkeypatch):
         ref = model(x)
     assert len(calls) == 6  # 3 blocks x 2 convs, each on bits (the second forward never asks for the kernel)
     assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_tool_checks_and_prints(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_binary_conv.py")
+    spec = importlib.util.spec_from_file_location("bench_binary_conv", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--batch", "2", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 / bits" in out and len([ln for ln in out.splitlines() if ln.rstrip().endswith("x")]) == 5

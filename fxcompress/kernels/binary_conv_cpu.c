@@ -84,61 +84,69 @@ static inline void four_outputs(const uint64_t* rows, int tile, const uint64_t* 
 #endif
 
 /* x: [N, C, H, W] float (nonzero = 1); wsign: [CO, C, KH, KW] float (> 0 =
- * the +s sign); out: [N, CO, OH, OW] float. Returns 0, or -1 when out of memory. */
+ * the +s sign); out: [N, CO, OH, OW] float. Returns 0; -1 when out of
+ * memory, -2 for a receptive field over RW_MAX words (the caller then takes
+ * torch.conv2d).
+ *
+ * Per sample (the threads split the batch): its bits per pixel (a buffer that
+ * stays in cache), then for every input row and output column the KW taps'
+ * bits side by side ("tap rows", KW * C bits), then each receptive field as
+ * KH tap rows side by side: KH shifted copies per output instead of KH * KW. */
 int fxc_bconv2d(const float* x, const float* wsign, float* out, float s, int64_t N, int64_t C, int64_t H,
                 int64_t W, int64_t CO, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                 int64_t OH, int64_t OW) {
     const int64_t CW = (C + 63) >> 6;        /* words per pixel */
-    const int64_t K = KH * KW;
-    const int64_t RW = (K * C + 63) >> 6;    /* words per receptive field */
+    const int64_t TB = KW * C;               /* bits per tap row */
+    const int64_t TW = (TB + 63) >> 6;
+    const int64_t RW = (KH * TB + 63) >> 6;  /* words per receptive field: row bit r = (ky * KW + kx) * C + c */
     const int T = bconv_threads;
-    uint64_t* xp = calloc((size_t)(N * H * W * CW), sizeof(uint64_t));
+    enum { TILE = 8 };
+    if (RW > RW_MAX) return -2;
     uint64_t* wb = calloc((size_t)(CO * RW), sizeof(uint64_t));
-    if (!xp || !wb) {
-        free(xp);
-        free(wb);
-        return -1;
-    }
-    /* the input's bits, per pixel over channels */
-#pragma omp parallel for num_threads(T) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        uint64_t* xn = xp + n * H * W * CW;
-        for (int64_t c = 0; c < C; ++c) {
-            const float* xc = x + (n * C + c) * H * W;
-            const int sh = (int)(c & 63);
-            const int64_t cw = c >> 6;
-            /* branch-free: the bits are as random as the data */
-            for (int64_t p = 0; p < H * W; ++p) xn[p * CW + cw] |= (uint64_t)(xc[p] != 0.0f) << sh;
-        }
-    }
-    /* the weights' sign bits, in the row order */
+    if (!wb) return -1;
     for (int64_t o = 0; o < CO; ++o)
         for (int64_t c = 0; c < C; ++c)
-            for (int64_t k = 0; k < K; ++k)
-                if (wsign[(o * C + c) * K + k] > 0.0f) {
+            for (int64_t k = 0; k < KH * KW; ++k)
+                if (wsign[(o * C + c) * KH * KW + k] > 0.0f) {
                     int64_t r = k * C + c;
                     wb[o * RW + (r >> 6)] |= (uint64_t)1 << (r & 63);
                 }
-    enum { TILE = 8 };
-    if (RW > RW_MAX) {
-        free(xp);
-        free(wb);
-        return -2; /* a receptive field over RW_MAX * 64 bits: the caller takes torch.conv2d */
-    }
     int failed = 0;
 #pragma omp parallel num_threads(T)
     {
+        uint64_t* px = malloc(sizeof(uint64_t) * (size_t)(H * W * CW));
+        uint64_t* taps = malloc(sizeof(uint64_t) * (size_t)(H * OW * TW));
         uint64_t* rows = malloc(sizeof(uint64_t) * (size_t)(TILE * RW));
-        if (!rows) {
+        if (!px || !taps || !rows) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static) collapse(2)
-        for (int64_t n = 0; n < N; ++n)
-            for (int64_t oy = 0; oy < OH; ++oy) {
-                if (!rows) continue;
-                const uint64_t* xn = xp + n * H * W * CW;
-                float* on = out + n * CO * OH * OW + oy * OW;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            if (!px || !taps || !rows) continue;
+            /* the sample's bits per pixel over channels, branch-free (the bits are as random as the data) */
+            memset(px, 0, sizeof(uint64_t) * (size_t)(H * W * CW));
+            for (int64_t c = 0; c < C; ++c) {
+                const float* xc = x + (n * C + c) * H * W;
+                const int b = (int)(c & 63);
+                uint64_t* pc = px + (c >> 6);
+                if (CW == 1) /* unit stride: the compiler vectorizes it */
+                    for (int64_t p = 0; p < H * W; ++p) px[p] |= (uint64_t)(xc[p] != 0.0f) << b;
+                else
+                    for (int64_t p = 0; p < H * W; ++p) pc[p * CW] |= (uint64_t)(xc[p] != 0.0f) << b;
+            }
+            /* tap rows: pixels ox*sw - pw + kx of input row iy, side by side */
+            memset(taps, 0, sizeof(uint64_t) * (size_t)(H * OW * TW));
+            for (int64_t iy = 0; iy < H; ++iy)
+                for (int64_t ox = 0; ox < OW; ++ox) {
+                    uint64_t* tr = taps + (iy * OW + ox) * TW;
+                    for (int64_t kx = 0; kx < KW; ++kx) {
+                        int64_t ix = ox * sw - pw + kx;
+                        if (ix >= 0 && ix < W) or_bits(tr, kx * C, px + (iy * W + ix) * CW, C);
+                    }
+                }
+            float* on = out + n * CO * OH * OW;
+            for (int64_t oy = 0; oy < OH; ++oy)
                 for (int64_t ox0 = 0; ox0 < OW; ox0 += TILE) {
                     int t_n = (int)(OW - ox0 < TILE ? OW - ox0 : TILE);
                     int cnt[TILE];
@@ -146,26 +154,20 @@ int fxc_bconv2d(const float* x, const float* wsign, float* out, float s, int64_t
                     for (int t = 0; t < t_n; ++t) {
                         uint64_t row[RW_MAX];
                         memset(row, 0, sizeof(uint64_t) * (size_t)RW);
-                        int64_t ox = ox0 + t;
                         for (int64_t ky = 0; ky < KH; ++ky) {
                             int64_t iy = oy * sh - ph + ky;
-                            if (iy < 0 || iy >= H) continue;
-                            for (int64_t kx = 0; kx < KW; ++kx) {
-                                int64_t ix = ox * sw - pw + kx;
-                                if (ix < 0 || ix >= W) continue;
-                                or_bits(row, (ky * KW + kx) * C, xn + (iy * W + ix) * CW, C);
-                            }
+                            if (iy >= 0 && iy < H) or_bits(row, ky * TB, taps + (iy * OW + ox0 + t) * TW, TB);
                         }
                         int c1 = 0;
                         for (int64_t j = 0; j < RW; ++j) {
                             c1 += __builtin_popcountll(row[j]);
-                            rows[j * TILE + t] = row[j];  /* transposed: a vector holds four pixels' word j */
+                            rows[j * TILE + t] = row[j]; /* transposed: a vector holds four pixels' word j */
                         }
                         cnt[t] = c1;
                     }
                     for (int64_t o = 0; o < CO; ++o) {
                         const uint64_t* wo = wb + o * RW;
-                        float* oo = on + o * OH * OW + ox0;
+                        float* oo = on + (o * OH + oy) * OW + ox0;
                         int t = 0;
 #ifdef __AVX2__
                         for (; t + 4 <= t_n; t += 4) four_outputs(rows + t, TILE, wo, RW, cnt + t, s, oo + t);
@@ -177,10 +179,11 @@ int fxc_bconv2d(const float* x, const float* wsign, float* out, float s, int64_t
                         }
                     }
                 }
-            }
+        }
+        free(px);
+        free(taps);
         free(rows);
     }
-    free(xp);
     free(wb);
     return failed ? -1 : 0;
 }
