@@ -402,12 +402,14 @@ def plot(results, summary, path, split="test"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colors = plt.get_cmap("tab20").colors  # a colour per row: ten default colours repeat past ten rows
+    markers = "osD^v<>ph*"
     for i, r in enumerate(summary):
         if r["name"] == "FP":
             continue  # 3-6x the 4-bit energy: off the scale of the figure; in the table
-        ax.errorbar(r["energy"], r["acc"], xerr=r["energy_sd"], yerr=r["acc_sd"], fmt="o", color=f"C{i}",
-                    label=r["name"], capsize=3)
+        ax.errorbar(r["energy"], r["acc"], xerr=r["energy_sd"], yerr=r["acc_sd"], fmt=markers[i % len(markers)],
+                    color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=r["name"], capsize=3)
     fp = next((r for r in summary if r["name"] == "FP"), None)
     if fp is not None:
         ax.axhline(fp["acc"], ls="--", color="grey", label=f"FP ({fp['energy']:.1f}x energy)")
@@ -420,7 +422,7 @@ def plot(results, summary, path, split="test"):
     ax.set(xlabel="energy (BOPs) relative to the all-4-bit network", ylabel=f"{split} accuracy (%)",
            title=f"CAMP on digits ({len(results)} seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside, not over, the points
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
