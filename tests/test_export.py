@@ -434,8 +434,11 @@ def test_save_spec_functions_come_from_the_allow_list_only():
 
     assert resolve_function("torch.nn.functional.conv2d") is torch.nn.functional.conv2d
     assert resolve_function("operator.add") is __import__("operator").add
+    from fxcompress.kernels.binary_conv import binary_conv2d
+    assert resolve_function("fxcompress.kernels.binary_conv.binary_conv2d") is binary_conv2d  # CAMP's 1-bit conv
     for bad in ["os.system", "builtins.eval", "torch.nn.Module", "torch._C._nn.gelu", "torch.load.__call__",
-                "subprocess.run", "eval", "torch.Tensor"]:
+                "subprocess.run", "eval", "torch.Tensor", "fxcompress.kernels.binary_conv.load_library",
+                "fxcompress.kernels.binary_conv.os"]:
         with pytest.raises(BadInput, match="is not allowed|is not a function"):
             resolve_function(bad)
     with pytest.raises(BadInput, match="'os.system' is not allowed"):
