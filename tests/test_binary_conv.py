@@ -21,6 +21,7 @@ def _inputs(n, c, h, co, k, seed=0):
     (3, 16, 8, 16, 3, 1, 1),     # the CIFAR ResNet's first stage
     (2, 70, 9, 20, 3, 2, 1),     # channels over one 64-bit word, stride 2
     (2, 130, 6, 7, 3, 1, 1),     # a receptive field of 1170 bits
+    (1, 512, 4, 8, 3, 1, 1),     # 72 words: the vector sum runs in chunks of 31
     (4, 3, 7, 5, 3, 2, 0),       # no padding; 7-column tails (vector of four, then single)
     (2, 32, 6, 64, 1, 2, 0),     # a 1x1 stride-2 shortcut
 ])
@@ -46,6 +47,8 @@ def test_gradient_mode_and_other_shapes_take_torch_conv():
     with torch.no_grad():
         bias = torch.randn(4)
         assert torch.equal(binary_conv2d(x, w, bias, 1, 1), F.conv2d(x, w, bias, 1, 1))  # a bias: not the kernel's
+        wide_x, wide_w = _inputs(1, 1100, 4, 3, 3)  # 9900 bits a field: over the kernel's 9216
+        assert torch.equal(binary_conv2d(wide_x, wide_w, None, 1, 1), F.conv2d(wide_x, wide_w, None, 1, 1))
 
 
 def test_camp_eval_is_the_same_with_the_kernel_and_without(monkeypatch):

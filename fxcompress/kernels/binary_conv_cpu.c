@@ -21,8 +21,8 @@
 
 static int bconv_threads = 1;
 
-/* receptive fields up to 64 words: 4096 bits, e.g. 3x3 over 455 channels */
-#define RW_MAX 64
+/* receptive fields up to 144 words: 9216 bits, 3x3 over 1024 channels (a wider one: torch.conv2d) */
+#define RW_MAX 144
 
 void fxc_bconv_set_threads(int n) { bconv_threads = n > 0 ? n : 1; }
 
