@@ -59,3 +59,24 @@ def test_train_without_kd_never_runs_the_teacher():
     x, data, teacher, args = _setup(kd=0.0)
     rc.train(nn.Linear(6, 3), data, args, seed=0, epochs=2, lr=0.1, teacher=teacher)
     assert teacher.calls == 0
+
+
+def test_from_json_pools_runs_that_differ_only_in_seeds(tmp_path, capsys):
+    """--from-json A B: one table over both files' seeds; files from other settings are refused (exit 2)."""
+    import json
+
+    def run(path, seeds, **args):
+        base = {"alphas": "", "energies": "2:0.7", "val": 0.0, "depth": 8, "epochs": 1}
+        row = {"w4": [95.0, 1.0, None, None], "spe": {"2.0:0.7": [94.0, 0.68, 0.5, {}]}}
+        with open(path, "w") as f:
+            json.dump({"args": {**base, **args}, "seeds": [{"seed": s, **row} for s in seeds]}, f)
+        return str(path)
+
+    a, b = run(tmp_path / "a.json", [0, 1]), run(tmp_path / "b.json", [2])
+    assert rc.main(["--from-json", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "seeds [0, 1, 2]" in out and "(3 seeds, mean" in out
+    c = run(tmp_path / "c.json", [3], depth=14)
+    assert rc.main(["--from-json", a, c]) == 2
+    assert "other depth" in capsys.readouterr().err
+    assert rc.main(["--from-json", a, a]) == 2  # the same seeds twice

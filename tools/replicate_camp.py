@@ -112,7 +112,9 @@ def parse_args(argv=None):
                    "energies 2:0.7, no RL, no fp/1-bit/sp rows (overrides those flags)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write the energy-accuracy plot here")
-    p.add_argument("--from-json", help="no training: the table (and --png) from the seeds a saved --json holds")
+    p.add_argument("--from-json", nargs="+",
+                   help="no training: the table (and --png) from the seeds saved --json files hold (several files: "
+                   "runs with the same settings and different seeds, pooled)")
     p.add_argument("--timing", action="store_true", help="only the routed-inference timing")
     p.add_argument("--usage", default="0.5",
                    help="--timing: fraction of samples on the high path (comma-separated: one line each)")
@@ -279,6 +281,10 @@ def cached(args, seed, what, keys, make):
     return state
 
 
+#: the settings that make a result: --from-json pools files only where all of them agree
+POOLED_SAME = ("depth", "width", "upscale", "batch_size", "lr", "camp_lr", "weight_decay", "epochs", "camp_epochs",
+               "alphas", "energies", "w_rl", "rl_from", "warmup_epochs", "warmup_lr", "warmup_high", "rl_baseline",
+               "distill", "kd", "kd_t", "val", "pre_gate", "gate_bits", "gate_channels")
 W4_KEYS = ("depth", "width", "upscale", "batch_size", "lr", "weight_decay", "epochs", "val")
 WARM_KEYS = W4_KEYS + ("camp_lr", "rl_from", "warmup_epochs", "warmup_lr", "warmup_high", "distill",
                        "pre_gate")
@@ -501,12 +507,24 @@ def main(argv=None):
                 json.dump({"args": vars(args), "timing": out if len(out) > 1 else out[0]}, f, indent=2)
         return 0
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        results, saved_args = saved["seeds"], saved["args"]
+        saved = []
+        for path in args.from_json:
+            with open(path) as f:
+                saved.append(json.load(f))
+        saved_args = saved[0]["args"]
+        for path, other in zip(args.from_json[1:], saved[1:]):
+            differ = [k for k in POOLED_SAME if other["args"].get(k) != saved_args.get(k)]
+            if differ:
+                print(f"--from-json: {path} was run with other {', '.join(differ)} than {args.from_json[0]}: "
+                      "only runs that differ in their seeds pool", file=sys.stderr)
+                return 2
+        results = sorted((r for one in saved for r in one["seeds"]), key=lambda r: r["seed"])
+        if len({r["seed"] for r in results}) != len(results):
+            print("--from-json: a seed appears in two files", file=sys.stderr)
+            return 2
         alphas = floats(saved_args["alphas"])
         energies = energy_settings(saved_args.get("energies", ""))
-        print(f"{args.from_json}: seeds {[r['seed'] for r in results]} of a run with " +
+        print(f"{', '.join(args.from_json)}: seeds {[r['seed'] for r in results]} of a run with " +
               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved_args.items()
                        if k in ("seeds", "depth", "upscale", "epochs", "camp_epochs", "alphas", "w_rl", "rl_from", "warmup_epochs",
                                 "warmup_high", "warmup_lr", "rl_baseline", "distill", "kd", "kd_t", "energies", "val")))
