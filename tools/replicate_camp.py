@@ -409,13 +409,14 @@ def plot(results, summary, path, split="test"):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    colors = plt.get_cmap("tab20").colors  # a colour per row: ten default colours repeat past ten rows
+    # a colour per row (ten default colours repeat past ten rows): tab20's dark shades, then its light ones
+    colors = plt.get_cmap("tab20").colors
     markers = "osD^v<>ph*"
     for i, r in enumerate(summary):
         if r["name"] == "FP":
             continue  # 3-6x the 4-bit energy: off the scale of the figure; in the table
         ax.errorbar(r["energy"], r["acc"], xerr=r["energy_sd"], yerr=r["acc_sd"], fmt=markers[i % len(markers)],
-                    color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=r["name"], capsize=3)
+                    color=colors[(2 * i + (i >= 10)) % 20], label=r["name"], capsize=3)
     fp = next((r for r in summary if r["name"] == "FP"), None)
     if fp is not None:
         ax.axhline(fp["acc"], ls="--", color="grey", label=f"FP ({fp['energy']:.1f}x energy)")
